@@ -1,0 +1,32 @@
+# fls-compress developer entry points. Everything runs in a pinned virtual environment cached
+# outside the clone (see scripts/ensure_venv.sh), so a fresh checkout needs only `make demo` / `make test`.
+SHELL := /bin/bash
+VENV := $(shell scripts/ensure_venv.sh)
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+export PYTHONHASHSEED := 0
+
+SAMPLES := sample_models/mnist_autoencoder.onnx sample_models/mnist_cnn.onnx
+
+.PHONY: demo test samples bench clean
+
+samples: $(SAMPLES)
+
+$(SAMPLES) &: sample_models/build_samples.py
+	$(PY) sample_models/build_samples.py --out sample_models
+
+demo: samples
+	mkdir -p build/demo
+	$(PY) -m cli prune sample_models/mnist_autoencoder.onnx --sparsity 0.9 \
+		--data sample_models/mnist_autoencoder_calib.npz \
+		--eval-data sample_models/mnist_autoencoder_test.npz \
+		-o build/demo/mnist_autoencoder_fls90.onnx --report build/demo/report.json
+
+test:
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: samples
+	$(PY) benchmarks/run_all.py --out benchmarks/results
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,1 @@
+"""Command-line interface of fls-compress (a thin Typer layer over :mod:`fls_compress`)."""

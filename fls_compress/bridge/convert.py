@@ -1,0 +1,340 @@
+"""Convert an ONNX model to a trainable torch module with a verified initializer-name map.
+
+The torch module exists only to compute gradients/curvature; results go back into the original
+ONNX graph by initializer name. onnx2torch does not keep those names, absorbs Conv/Gemm weights into
+``nn.Conv*``/``nn.Linear`` (Gemm: transposed when ``transB=0``, scaled by ``alpha``) and stores
+every other constant - including MatMul weights - as a buffer, one separate copy per use. This
+module therefore
+
+1. prepares a copy of the graph (:mod:`.prep`) and installs newer-opset converters (:mod:`.compat`),
+2. refuses, up front and in one line, graphs with operators onnx2torch cannot convert,
+3. converts, and rewrites the fx output so ``forward`` returns outputs in ONNX output order,
+4. maps every prunable initializer to exactly ONE ``nn.Parameter`` - promoting buffers and tying
+   every copy of a shared initializer to the same object - and freezes everything else,
+5. checks that each mapped parameter, mapped back with :meth:`PrunableWeight.to_onnx`, equals the
+   ONNX initializer.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx2torch
+import torch
+from onnx import defs, helper, numpy_helper
+from onnx2torch.node_converters.registry import get_converter
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from torch import fx, nn
+
+from fls_compress.bridge.compat import install_compat
+from fls_compress.bridge.prep import prepare_for_torch
+from fls_compress.bridge.weights import PrunableWeight
+from fls_compress.errors import InvalidDataError, UnsupportedModelError
+from fls_compress.io.onnx_model import SUPPORTED_PRUNABLE_OPS, PrunableSite, prunable_initializers
+
+_LOG = logging.getLogger(__name__)
+
+#: Control-flow ops: onnx2torch converts none of them (their bodies are subgraphs).
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+#: (transpose, scale) of a torch tensor relative to its ONNX initializer.
+_Relation = tuple[bool, float]
+_IDENTITY: _Relation = (False, 1.0)
+
+
+@dataclass
+class TorchBridge:
+    """A converted model plus the link from ONNX initializer names to torch parameters.
+
+    ``input_names``/``output_names`` are the ONNX graph inputs (initializers excluded) and outputs;
+    ``weights`` holds one :class:`PrunableWeight` per prunable initializer, in graph order.
+    """
+
+    module: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    weights: dict[str, PrunableWeight] = field(default_factory=dict)
+
+    def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run the module on named inputs; outputs come back as a list in ONNX output order."""
+        missing = [n for n in self.input_names if n not in feeds]
+        unknown = sorted(set(feeds) - set(self.input_names))
+        if missing or unknown:
+            raise InvalidDataError(
+                f"model inputs are {self.input_names}; missing {missing}, unexpected {unknown}"
+            )
+        return list(self.module(*(feeds[n] for n in self.input_names)))
+
+    def parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """ONNX initializer name -> the trainable parameter standing for it."""
+        return {name: weight.parameter for name, weight in self.weights.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-flight
+# ------------------------------------------------------------------------------------------------
+def _normalize_domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def _since_version(op_type: str, domain: str, opset: int) -> int:
+    try:
+        return int(defs.get_schema(op_type, max_inclusive_version=opset, domain=domain).since_version)
+    except defs.SchemaError:
+        return opset
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """Operators with no onnx2torch converter (compat included), e.g. ``["LSTM (opset 14)"]``.
+
+    Every node is checked, subgraph bodies included; If/Loop/Scan are always unsupported. Entries
+    are unique, in graph order, formatted ``"<op> (opset <since_version>)"`` with ``<domain>::``
+    prepended outside the default domain.
+    """
+    install_compat()
+    opsets = {_normalize_domain(o.domain): int(o.version) for o in model.opset_import}
+    found: dict[str, None] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = _normalize_domain(node.domain)
+            opset = opsets.get(domain)
+            version = _since_version(node.op_type, domain, opset) if opset is not None else 0
+            label = f"{node.op_type} (opset {version})" if not domain else f"{domain}::{node.op_type} (opset {version})"
+            if node.op_type in _CONTROL_FLOW or opset is None:
+                found[label] = None
+            else:
+                try:
+                    get_converter(operation_type=node.op_type, version=opset, domain=domain)
+                except NotImplementedError:
+                    found[label] = None
+            for sub in _subgraphs(node):
+                visit(sub)
+
+    visit(model.graph)
+    return list(found)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversion
+# ------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _rewrite_outputs(
+    module: fx.GraphModule, graph: OnnxGraph, input_names: list[str], output_names: list[str]
+) -> None:
+    """Make the fx graph return a tuple with exactly the ONNX outputs, in ONNX order.
+
+    onnx2torch returns a bare tensor for one output and the whole tuple of a multi-output node
+    (deduplicated); this picks each named value instead.
+    """
+    fx_graph = module.graph
+    by_target = {n.target: n for n in fx_graph.nodes if n.op == "call_module"}
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    values: dict[str, fx.Node] = dict(zip(input_names, placeholders))
+    output_node = next(n for n in fx_graph.nodes if n.op == "output")
+    picked: list[fx.Node] = []
+    with fx_graph.inserting_before(output_node):
+        for name in output_names:
+            if name in values:
+                picked.append(values[name])
+                continue
+            try:
+                onnx_node, index = graph.value_as_node_output(name)
+            except KeyError as exc:
+                raise UnsupportedModelError(f"graph output {name!r} is not computed by any node") from exc
+            fx_node = by_target[onnx_node.unique_name]
+            if len(onnx_node.output_values) > 1:
+                fx_node = fx_graph.call_function(operator.getitem, (fx_node, index))
+            picked.append(fx_node)
+    output_node.args = (tuple(picked),)
+    fx_graph.lint()
+    module.recompile()
+
+
+@dataclass
+class _Use:
+    """One place in the converted module that holds a copy of an initializer."""
+
+    owner: nn.Module
+    attr: str
+    relation: _Relation
+
+
+def _value_args(fx_node: fx.Node, module: nn.Module) -> list[tuple[str, object]]:
+    """(ONNX value name, fx argument) pairs of a converted node.
+
+    onnx2torch passes the non-empty ``onnx_mapping.inputs`` positionally, moving those after the
+    first omitted optional input into kwargs (in order), so flattening args+kwargs realigns them.
+    """
+    values = [v for v in module.onnx_mapping.inputs if v != ""]
+    flat = list(fx_node.args) + list(fx_node.kwargs.values())
+    return list(zip(values, flat))
+
+
+def _uses_of(
+    name: str, gm: fx.GraphModule, graph: OnnxGraph, fx_by_target: dict[str, fx.Node]
+) -> list[_Use]:
+    """Every copy of initializer ``name`` held by the converted module."""
+    uses: list[_Use] = []
+    for unique_name, onnx_node in graph.nodes.items():
+        if name not in onnx_node.input_values:
+            continue
+        module = gm.get_submodule(unique_name)
+        # asymmetric padding: onnx2torch wraps the layer as Sequential(pad, conv)
+        layer = module[-1] if isinstance(module, nn.Sequential) else module
+        positions = [i for i, v in enumerate(onnx_node.input_values) if v == name]
+        if isinstance(layer, nn.modules.conv._ConvNd) and onnx_node.operation_type == "Conv" and positions == [1]:
+            uses.append(_Use(layer, "weight", _IDENTITY))
+            continue
+        if isinstance(module, nn.Linear) and onnx_node.operation_type == "Gemm" and positions == [1]:
+            trans_b = onnx_node.attributes.get("transB", 0) != 0
+            uses.append(_Use(module, "weight", (not trans_b, float(onnx_node.attributes.get("alpha", 1.0)))))
+            continue
+        attrs = [
+            arg.target
+            for value, arg in _value_args(fx_by_target[unique_name], module)
+            if value == name and isinstance(arg, fx.Node) and arg.op == "get_attr"
+        ]
+        if len(attrs) != len(positions):
+            raise UnsupportedModelError(
+                f"initializer {name!r} is also read by {onnx_node.operation_type} node {onnx_node.name!r} "
+                "through a private copy, so it cannot be tied to one trainable tensor"
+            )
+        for target in attrs:
+            owner_path, _, attr = str(target).rpartition(".")
+            uses.append(_Use(gm.get_submodule(owner_path), attr, _IDENTITY))
+    return uses
+
+
+def _first_consumer(site: PrunableSite, graph: OnnxGraph) -> OnnxNode:
+    for onnx_node in graph.nodes.values():
+        inputs = onnx_node.input_values
+        if onnx_node.operation_type == site.op_type and len(inputs) > site.input_index:
+            if inputs[site.input_index] == site.name:
+                return onnx_node
+    raise UnsupportedModelError(f"no {site.op_type} node reads initializer {site.name!r} after preparation")
+
+
+def _tie(name: str, uses: list[_Use]) -> nn.Parameter:
+    """One Parameter for all ``uses`` (they must agree on layout); buffers are promoted in place."""
+    relations = {use.relation for use in uses}
+    if len(relations) != 1:
+        raise UnsupportedModelError(
+            f"initializer {name!r} is used in incompatible layouts (e.g. by Gemm and MatMul); cannot tie it"
+        )
+    first = getattr(uses[0].owner, uses[0].attr)
+    param = first if isinstance(first, nn.Parameter) else nn.Parameter(first.detach())
+    for use in uses:
+        current = getattr(use.owner, use.attr)
+        if current is param:
+            continue
+        if isinstance(current, nn.Parameter):
+            setattr(use.owner, use.attr, param)
+        else:
+            delattr(use.owner, use.attr)
+            use.owner.register_parameter(use.attr, param)
+    return param
+
+
+def _build_weights(
+    original: onnx.ModelProto, sites: list[PrunableSite], gm: fx.GraphModule, graph: OnnxGraph
+) -> dict[str, PrunableWeight]:
+    fx_by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    inits = {t.name: t for t in original.graph.initializer}
+    weights: dict[str, PrunableWeight] = {}
+    for site in sites:
+        uses = _uses_of(site.name, gm, graph, fx_by_target)
+        if not uses:
+            raise UnsupportedModelError(f"initializer {site.name!r} has no counterpart in the converted module")
+        param = _tie(site.name, uses)
+        transpose, scale = uses[0].relation
+        if site.op_type == "MatMul":
+            matrix_transpose = site.input_index == 1  # X @ W keeps W as [in, out]
+        elif site.op_type == "Gemm" and not isinstance(uses[0].owner, nn.Linear):
+            # B kept verbatim as a buffer (e.g. transA=1): [in, out] unless transB=1
+            matrix_transpose = _first_consumer(site, graph).attributes.get("transB", 0) == 0
+        else:
+            matrix_transpose = False
+        weights[site.name] = PrunableWeight(
+            name=site.name,
+            op_type=site.op_type,
+            parameter=param,
+            onnx_shape=site.shape,
+            onnx_dtype=np.dtype(helper.tensor_dtype_to_np_dtype(inits[site.name].data_type)),
+            transpose=transpose,
+            scale=scale,
+            matrix_transpose=matrix_transpose,
+            consumers=site.node_names,
+        )
+    return weights
+
+
+def _verify_weights(original: onnx.ModelProto, weights: dict[str, PrunableWeight]) -> None:
+    inits = {t.name: t for t in original.graph.initializer}
+    for name, weight in weights.items():
+        expected = numpy_helper.to_array(inits[name])
+        got = weight.to_onnx()
+        if got.shape != expected.shape or not np.allclose(
+            got.astype(np.float64), expected.astype(np.float64), rtol=1e-6, atol=0.0
+        ):
+            raise UnsupportedModelError(f"torch tensor mapped to initializer {name!r} does not reproduce it")
+
+
+def convert_to_torch(
+    model: onnx.ModelProto, *, prunable_ops: tuple[str, ...] = SUPPORTED_PRUNABLE_OPS
+) -> TorchBridge:
+    """Convert ``model`` (left unmodified) into a :class:`TorchBridge`.
+
+    Raises :class:`UnsupportedModelError` (one line) when operators cannot be converted, when
+    onnx2torch fails, or when a prunable initializer cannot be mapped to one verified parameter.
+    """
+    sites = prunable_initializers(model, prunable_ops)
+    prepared = prepare_for_torch(model)
+    install_compat()
+    missing = unsupported_ops(prepared)
+    if missing:
+        raise UnsupportedModelError(f"unsupported operators for conversion: {', '.join(missing)}")
+    try:
+        gm = onnx2torch.convert(prepared, attach_onnx_mapping=True)
+    except Exception as exc:  # noqa: BLE001 - onnx2torch signals unsupported features with many types
+        raise UnsupportedModelError(f"onnx2torch cannot convert the model: {_one_line(exc)}") from exc
+    gm.eval()
+    gm.float()
+
+    initializer_names = {t.name for t in prepared.graph.initializer}
+    input_names = [vi.name for vi in prepared.graph.input if vi.name not in initializer_names]
+    output_names = [vi.name for vi in model.graph.output]
+    graph = OnnxGraph(prepared.graph)
+    _rewrite_outputs(gm, graph, input_names, output_names)
+
+    weights = _build_weights(model, sites, gm, graph)
+    for param in gm.parameters():
+        param.requires_grad_(False)
+    for weight in weights.values():
+        weight.parameter.requires_grad_(True)
+    _verify_weights(model, weights)
+    _LOG.info(
+        "converted model: %d prunable weights (%d elements)",
+        len(weights),
+        sum(w.numel for w in weights.values()),
+    )
+    return TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights)

@@ -1,0 +1,236 @@
+"""Semantics-preserving graph clean-ups that let onnx2torch convert real-world exports.
+
+onnx2torch reads Conv/Gemm/BN weights only from ``graph.initializer``, cannot read sparse
+initializers, has no ``auto_pad=SAME_*`` support and treats an empty optional input as a dynamic
+value. Each pass below rewrites one of these patterns into an equivalent form. The passes only ever
+run on a *copy* used for conversion; the original model, into which pruned weights are written back,
+is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fls_compress.io.onnx_model import densify_sparse_initializers
+
+_LOG = logging.getLogger(__name__)
+
+_SCALAR_CONSTANT_ATTRS: dict[str, type] = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
+
+_SAME_PAD_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
+
+
+def _is_onnx_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _copy_and_apply(model: onnx.ModelProto, rewrite: Callable[[onnx.GraphProto], int]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    rewrite(copy.graph)
+    return copy
+
+
+def _iter_graph_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _iter_graph_nodes(sub)
+
+
+# ------------------------------------------------------------------------------------------------
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    graph_outputs = {vi.name for vi in graph.output}
+    existing = {t.name for t in graph.initializer}
+    keep: list[onnx.NodeProto] = []
+    moved = 0
+    for node in graph.node:
+        tensor = None
+        if node.op_type == "Constant" and _is_onnx_domain(node) and len(node.attribute) == 1:
+            out = node.output[0]
+            attr = node.attribute[0]
+            if out not in graph_outputs and out not in existing:
+                if attr.name == "value":
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(attr.t)
+                    tensor.name = out
+                elif attr.name in _SCALAR_CONSTANT_ATTRS:
+                    value = helper.get_attribute_value(attr)
+                    tensor = numpy_helper.from_array(np.asarray(value, dtype=_SCALAR_CONSTANT_ATTRS[attr.name]), out)
+        if tensor is None:
+            keep.append(node)
+            continue
+        graph.initializer.append(tensor)
+        existing.add(tensor.name)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with top-level ``Constant`` nodes (tensor/float/int values) as initializers.
+
+    Constants that are graph outputs, or whose name already is an initializer, are left alone.
+    """
+    return _copy_and_apply(model, _constants_to_initializers)
+
+
+# ------------------------------------------------------------------------------------------------
+def _fold_identity_of_initializers(graph: onnx.GraphProto) -> int:
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {vi.name for vi in graph.output}
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and _is_onnx_domain(node) and node.input:
+            src = alias.get(node.input[0], node.input[0])
+            if src in inits:
+                alias[node.output[0]] = src
+    if not alias:
+        return 0
+    for node in _iter_graph_nodes(graph):
+        for i, value in enumerate(node.input):
+            if value in alias:
+                node.input[i] = alias[value]
+    keep = [
+        node
+        for node in graph.node
+        if not (node.op_type == "Identity" and node.output and node.output[0] in alias)
+        or node.output[0] in graph_outputs
+    ]
+    folded = len(graph.node) - len(keep)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+def fold_identity_of_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` where consumers of ``Identity(initializer)`` read the initializer directly.
+
+    The Identity nodes are removed, except those producing a graph output.
+    """
+    return _copy_and_apply(model, _fold_identity_of_initializers)
+
+
+# ------------------------------------------------------------------------------------------------
+def _kernel_shape(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[int] | None:
+    for attr in node.attribute:
+        if attr.name == "kernel_shape":
+            return list(attr.ints)
+    if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+        return [int(d) for d in inits[node.input[1]].dims[2:]]
+    return None
+
+
+def _explicit_same_pads(graph: onnx.GraphProto) -> int:
+    inits = {t.name: t for t in graph.initializer}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type not in _SAME_PAD_OPS or not _is_onnx_domain(node):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        kernel = _kernel_shape(node, inits)
+        if kernel is None:
+            continue
+        strides = list(attrs["strides"].ints) if "strides" in attrs else []
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else []
+        if any(s != 1 for s in strides) or any(d != 1 for d in dilations):
+            continue  # strided SAME depends on the input size; onnxruntime rejects dilated SAME
+        totals = [k - 1 for k in kernel]
+        if mode == "SAME_UPPER":
+            begins = [t // 2 for t in totals]
+        else:
+            begins = [t - t // 2 for t in totals]
+        ends = [t - b for t, b in zip(totals, begins)]
+        node.attribute.remove(attrs["auto_pad"])
+        if "pads" in attrs:
+            node.attribute.remove(attrs["pads"])
+        node.attribute.append(helper.make_attribute("pads", begins + ends))
+        rewritten += 1
+    return rewritten
+
+
+def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` where stride-1 ``auto_pad=SAME_UPPER/SAME_LOWER`` becomes explicit ``pads``.
+
+    Total padding per axis is ``kernel - 1``; the odd extra element goes at the end for SAME_UPPER
+    and at the beginning for SAME_LOWER. Strided SAME (padding depends on the input size) and dilated
+    SAME (which onnxruntime, the verification reference, refuses to run) are left alone.
+    """
+    return _copy_and_apply(model, _explicit_same_pads)
+
+
+# ------------------------------------------------------------------------------------------------
+def _strip_trailing_empty_inputs(graph: onnx.GraphProto) -> int:
+    stripped = 0
+    for node in graph.node:
+        while len(node.input) and node.input[-1] == "":
+            node.input.pop()
+            stripped += 1
+    return stripped
+
+
+def strip_trailing_empty_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` without trailing ``''`` (omitted optional) node inputs, e.g. ``Clip(x, m, '')``."""
+    return _copy_and_apply(model, _strip_trailing_empty_inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+def _drop_redundant_allowzero(graph: onnx.GraphProto) -> int:
+    inits = {t.name: t for t in graph.initializer}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or not _is_onnx_domain(node) or len(node.input) < 2:
+            continue
+        allowzero = next((a for a in node.attribute if a.name == "allowzero"), None)
+        shape = inits.get(node.input[1])
+        if allowzero is None or allowzero.i != 1 or shape is None:
+            continue
+        if np.all(numpy_helper.to_array(shape) != 0):
+            node.attribute.remove(allowzero)
+            dropped += 1
+    return dropped
+
+
+def drop_redundant_allowzero(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` without ``allowzero=1`` on Reshapes whose constant shape holds no 0.
+
+    ``allowzero`` only changes what a 0 in ``shape`` means, so without zeros it is a no-op; onnx2torch
+    refuses the attribute (Reshape-14, as written by exporters at opset 18).
+    """
+    return _copy_and_apply(model, _drop_redundant_allowzero)
+
+
+# ------------------------------------------------------------------------------------------------
+def prepare_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with every clean-up applied, ready for ``onnx2torch.convert``."""
+    prepared = densify_sparse_initializers(model)
+    graph = prepared.graph
+    counts = {
+        "constants->initializers": _constants_to_initializers(graph),
+        "identity folds": _fold_identity_of_initializers(graph),
+        "allowzero dropped": _drop_redundant_allowzero(graph),
+        "SAME pads": _explicit_same_pads(graph),
+        "empty inputs": _strip_trailing_empty_inputs(graph),
+    }
+    _LOG.debug("prepared model for torch: %s", counts)
+    return prepared

@@ -1,0 +1,399 @@
+"""Block-wise empirical-Fisher inverse by Woodbury updates: WoodFisher / oBERT, and the "iEF surgeon".
+
+Papers
+------
+* WoodFisher: Singh & Alistarh, "WoodFisher: Efficient Second-Order Approximation for Neural Network
+  Compression", NeurIPS 2020.
+* oBERT: Kurtic et al., "The Optimal BERT Surgeon: Scalable and Accurate Second-Order Pruning for
+  Large Language Models", EMNLP 2022 (block size B = 50, m = 1024 gradients).
+* iEF: Wu, Yu, Zhang, Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
+  Descent", NeurIPS 2024 (arXiv 2406.06420), eq. 14 and App. D.2.3 eq. 45 (iEF inside WoodFisher).
+
+Math (team memo ``baselines_ief.md`` sections 2.1 and 7.8)
+------------------------------------------------------------
+With m per-example vectors g_i (masked, so pruned coordinates carry nothing) the damped empirical
+Fisher is
+
+    F_hat = lambda I + (1/m) sum_i g_i g_i^T,
+
+restricted to a block-diagonal form: every prunable weight's (out, in) matrix view is flattened
+row-major and cut into consecutive blocks of ``block_size`` coordinates (the last one zero-padded; the
+layout of :class:`~fls_compress.curvature.fishleg.BlockQ`). Each block's inverse starts at I / lambda
+and absorbs the gradients by Woodbury: the rank-1 (Sherman-Morrison) step of the memo
+
+    v = F^-1 g,     F^-1 <- F^-1 - v v^T / (m + g^T v)
+
+is applied ``chunk_size`` gradients at a time in its exact rank-c form (same result, c times fewer
+passes over the B x B blocks):
+
+    V = F^-1 G^T,   F^-1 <- F^-1 - V (m I_c + G V)^-1 V^T        (G: c x B slice of the gradients).
+
+``chunk_size=1`` is literally the memo's rank-1 recursion. All blocks of all weights are stored as one
+batched tensor (n_blocks, B, B) and updated together (no Python loop over blocks).
+
+Damping lambda is absolute when given, else ``relative_damping * mean diag((1/m) sum g g^T)`` over
+the surviving coordinates. The relative value needs every gradient before the recursion can start;
+gradients are kept in memory when m * d is small, otherwise they are recomputed in a second pass
+(the torch generator is rewound so sampled labels are identical) - the Woodbury work, O(m d B),
+dominates the extra backward passes.
+
+OBS quantities: diag(F^-1) for rho_q = w_q^2 / (2 [F^-1]_qq), F^-1 z for the decoupled update, and
+:meth:`BlockWoodburyEstimator.block_exact_update`, the exact group-OBS update inside each block,
+delta_b = -Q_b[:, P_b] (Q_b[P_b, P_b])^-1 theta_{P_b} (memo section 1, WoodFisher/oBERT block form).
+
+iEF surgeon (memo 7.8)
+----------------------
+With ``ief=True`` each gradient g_i is replaced by g~_i = J_i^T u_i, u_i = r_i / ||r_i||, where
+r_i = d l_i / d z_i is the gradient of the example's NLL with respect to the model output (for
+softmax cross-entropy r = p - e_y). g~_i is obtained by back-propagating the unit residual u_i from the
+output (never by dividing a parameter gradient by a tiny number); ||r_i|| is clamped at 1e-12. Since
+OBS is invariant to a global rescaling of the curvature, what changes is the per-sample reweighting
+1 / ||r_i||^2 relative to the EF. Damping must be relative (the iEF scale differs from the EF's).
+
+Labels: the EF uses the TRUE labels (``labels="true"``). Calibration data without labels (and no
+``targets_from_input``) falls back to labels sampled from the model, with a logged warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import InvalidOptionError
+from .base import FitStats, InverseFisherEstimator
+from .problem import Batch, FisherProblem
+
+log = logging.getLogger(__name__)
+
+#: ||r|| below this is clamped (memo 7.8: "clamp ||r|| >= 1e-12").
+RESIDUAL_FLOOR = 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-example vectors (EF and iEF), shared with M-FAC
+# ------------------------------------------------------------------------------------------------
+def resolve_labels(problem: FisherProblem, method: str) -> str:
+    """``"true"`` when the calibration data has labels (or reconstruction targets), else ``"sampled"``."""
+    if problem.labels is None and problem.targets_from_input is None:
+        log.warning(
+            "%s: the calibration data has no labels; using labels sampled from the model instead of true "
+            "labels (the curvature becomes a Monte-Carlo Fisher, not the empirical Fisher)",
+            method,
+        )
+        return "sampled"
+    return "true"
+
+
+def ief_vectors(
+    problem: FisherProblem, batch: Batch, *, labels: str = "true"
+) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """Yield ``(g~_i, ||r_i||^2)`` per example: g~_i = J_i^T (r_i / ||r_i||), masked.
+
+    r_i = d l_i / d z_i is the gradient of the example's NLL (``problem.likelihood.nll`` on a batch of
+    one) with respect to the model output; the parameter vector is one vector-Jacobian product of the
+    output with the unit residual, so no parameter gradient is ever divided by a small number.
+    """
+    params = problem.params
+    names = problem.names
+    for i in range(batch.size):
+        sub = Batch(
+            {k: v[i : i + 1] for k, v in batch.inputs.items()},
+            None if batch.labels is None else batch.labels[i : i + 1],
+        )
+        out = problem.output(sub)
+        if labels == "sampled":
+            target = problem.likelihood.sample(out, problem.generator)
+        else:
+            if sub.labels is None:
+                raise ValueError("true labels requested but the calibration data has none")
+            target = sub.labels
+        loss = problem.likelihood.nll(out, target)
+        (resid,) = torch.autograd.grad(loss, out, retain_graph=True)
+        sq = float((resid.detach().double() ** 2).sum())
+        unit = resid.detach() / max(math.sqrt(sq), RESIDUAL_FLOOR)
+        grads = torch.autograd.grad(out, params, grad_outputs=unit, allow_unused=True)
+        yield (
+            {
+                n: (torch.zeros_like(p) if g is None else g.detach()) * problem.masks[n]
+                for n, p, g in zip(names, params, grads)
+            },
+            sq,
+        )
+
+
+def per_example_vectors(
+    problem: FisherProblem, num: int, *, ief: bool, labels: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``num`` calibration examples' EF gradients (or iEF vectors), masked, in data order."""
+    for batch in problem.iter_batches(num):
+        if ief:
+            for vec, _ in ief_vectors(problem, batch, labels=labels):
+                yield vec
+        else:
+            for grads in problem.per_example_gradients(batch, labels=labels):
+                yield {n: g.detach() for n, g in grads.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Block layout (identical to BlockQ: row-major (out, in) matrix view, last block zero-padded)
+# ------------------------------------------------------------------------------------------------
+class BlockLayout:
+    """Where each weight's blocks sit in the stacked (n_blocks, B, B) tensor."""
+
+    def __init__(self, problem: FisherProblem, block_size: int):
+        self.block = int(block_size)
+        self.names = problem.names
+        self.numel: dict[str, int] = {}
+        self.offset: dict[str, int] = {}  # first block index of each weight
+        self.nblocks: dict[str, int] = {}
+        off = 0
+        for n, w in problem.weights.items():
+            self.numel[n] = w.numel
+            self.nblocks[n] = math.ceil(w.numel / self.block)
+            self.offset[n] = off
+            off += self.nblocks[n]
+        self.total_blocks = off
+
+    def to_blocks(self, problem: FisherProblem, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Parameter-shaped tensor -> (nblocks, B) rows of its row-major matrix view."""
+        flat = problem.weights[name].to_matrix(tensor).reshape(-1)
+        pad = self.nblocks[name] * self.block - flat.numel()
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        return flat.reshape(-1, self.block)
+
+    def from_blocks(self, problem: FisherProblem, name: str, blocks: torch.Tensor) -> torch.Tensor:
+        w = problem.weights[name]
+        mat = blocks.reshape(-1)[: self.numel[name]].reshape(w.matrix_shape)
+        return w.from_matrix(mat)
+
+    def flatten(self, problem: FisherProblem, vec: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """A dict of parameter-shaped tensors -> one (total_blocks, B) tensor."""
+        return torch.cat([self.to_blocks(problem, n, vec[n].to(dtype)) for n in self.names])
+
+
+class _VectorSource:
+    """m per-example vectors in block layout: stored when small, else replayed (generator rewound)."""
+
+    def __init__(self, problem: FisherProblem, layout: BlockLayout, num: int, *, ief: bool, labels: str,
+                 dtype: torch.dtype, max_stored_floats: float, keep: bool):
+        self.problem, self.layout, self.num = problem, layout, num
+        self.ief, self.labels, self.dtype = ief, labels, dtype
+        self.gen_state = problem.generator.get_state()
+        self.stored: list[torch.Tensor] | None = None
+        width = layout.total_blocks * layout.block
+        self.keep = keep and num * width <= max_stored_floats
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.stored is not None:
+            yield from self.stored
+            return
+        if self.passes:
+            self.problem.generator.set_state(self.gen_state)
+        self.passes += 1
+        kept: list[torch.Tensor] = []
+        for vec in per_example_vectors(self.problem, self.num, ief=self.ief, labels=self.labels):
+            flat = self.layout.flatten(self.problem, vec, self.dtype)
+            if self.keep:
+                kept.append(flat)
+            yield flat
+        if self.keep:
+            self.stored = kept
+
+
+def _auto_dtype(floats: int, dtype: torch.dtype | None, limit: float = 2.5e7) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if floats <= limit else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+class BlockWoodburyEstimator(InverseFisherEstimator):
+    """oBERT / WoodFisher block-diagonal empirical-Fisher inverse (``ief=True``: the iEF surgeon).
+
+    Parameters
+    ----------
+    num_grads:
+        m, the number of per-example vectors (capped at the calibration-set size).
+    block_size:
+        B, the Fisher block size (oBERT: 50).
+    damping / relative_damping:
+        lambda absolute, or ``relative_damping`` x mean diag of the undamped estimate when ``damping`` is None.
+    ief:
+        Use the improved-empirical-Fisher vectors g / ||r|| (memo 7.8) instead of the gradients.
+    chunk_size:
+        Gradients absorbed per (exact) rank-c Woodbury update; 1 gives the rank-1 recursion.
+    dtype:
+        Storage dtype of the inverse blocks; ``None`` picks float64 up to 2.5e7 floats, else float32.
+    max_stored_floats:
+        With relative damping, keep the m vectors in memory only when m * d is at most this; otherwise
+        recompute them in a second pass.
+    jitter:
+        Relative diagonal jitter of the batched Cholesky solves in :meth:`block_exact_update`.
+    """
+
+    def __init__(
+        self,
+        num_grads: int = 256,
+        block_size: int = 50,
+        damping: float | None = None,
+        relative_damping: float = 0.1,
+        *,
+        ief: bool = False,
+        chunk_size: int = 32,
+        dtype: torch.dtype | None = None,
+        max_stored_floats: float = 2e8,
+        jitter: float = 1e-10,
+    ):
+        if num_grads < 1 or block_size < 1 or chunk_size < 1:
+            raise InvalidOptionError("num_grads, block_size and chunk_size must be >= 1")
+        if damping is not None and not damping > 0:
+            raise InvalidOptionError(f"damping must be > 0, got {damping}")
+        if not relative_damping > 0:
+            raise InvalidOptionError(f"relative damping must be > 0, got {relative_damping}")
+        self.num_grads = int(num_grads)
+        self.block_size = int(block_size)
+        self.damping = damping
+        self.relative_damping = float(relative_damping)
+        self.ief = bool(ief)
+        self.chunk_size = int(chunk_size)
+        self.dtype = dtype
+        self.max_stored_floats = float(max_stored_floats)
+        self.jitter = float(jitter)
+        self.name = "ief" if ief else "obert"
+        self.lam: float = float("nan")
+        self.m: int = 0
+        self.finv: torch.Tensor | None = None  # (total_blocks, B, B)
+        self.layout: BlockLayout | None = None
+        self._problem: FisherProblem | None = None
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, problem: FisherProblem) -> FitStats:
+        t0 = time.perf_counter()
+        self._problem = problem
+        labels = resolve_labels(problem, self.name)
+        layout = BlockLayout(problem, self.block_size)
+        self.layout = layout
+        B = layout.block
+        dtype = _auto_dtype(layout.total_blocks * B * B, self.dtype)
+        m = min(self.num_grads, problem.num_samples)
+        if m < self.num_grads:
+            log.info("%s: only %d calibration samples, using m=%d gradients", self.name, m, m)
+        self.m = m
+        source = _VectorSource(problem, layout, m, ief=self.ief, labels=labels, dtype=dtype,
+                               max_stored_floats=self.max_stored_floats, keep=self.damping is None)
+        if self.damping is not None:
+            lam = float(self.damping)
+        else:
+            alive = sum(int(problem.masks[n].sum()) for n in layout.names)
+            sq = 0.0
+            for g in source:
+                sq += float((g.double() ** 2).sum())
+            mean_diag = sq / (m * max(alive, 1))
+            lam = self.relative_damping * mean_diag
+            if not lam > 0:
+                log.warning("%s: the empirical Fisher is zero; damping falls back to %g", self.name, self.relative_damping)
+                lam = self.relative_damping
+        self.lam = lam
+        nb = layout.total_blocks
+        eye = torch.eye(B, dtype=dtype)
+        finv = (eye / lam).expand(nb, B, B).clone()
+        eye_c = torch.eye(self.chunk_size, dtype=dtype)
+        chunk: list[torch.Tensor] = []
+
+        def absorb(vectors: list[torch.Tensor]) -> None:
+            c = len(vectors)
+            g = torch.stack(vectors, dim=2)  # (nb, B, c) = G^T per block
+            v = torch.bmm(finv, g)  # F^-1 G^T
+            s = torch.bmm(g.transpose(1, 2), v) + m * eye_c[:c, :c]
+            chol = torch.linalg.cholesky(s)
+            x = torch.cholesky_solve(v.transpose(1, 2), chol)  # S^-1 V^T
+            finv.sub_(torch.bmm(v, x))
+
+        for g in source:
+            chunk.append(g)
+            if len(chunk) == self.chunk_size:
+                absorb(chunk)
+                chunk = []
+        if chunk:
+            absorb(chunk)
+        self.finv = 0.5 * (finv + finv.transpose(1, 2))
+        stats = FitStats(steps=m, seconds=time.perf_counter() - t0, samples=m)
+        stats.extra["gamma"] = lam
+        stats.extra["num_grads"] = float(m)
+        stats.extra["aux_floats"] = float(self.finv.numel())
+        stats.extra["gradient_passes"] = float(max(source.passes, 1))
+        log.info("%s: %d blocks of %d, m=%d, lambda=%.3e, %.1fs", self.name, nb, B, m, lam, stats.seconds)
+        return stats
+
+    # ---------------------------------------------------------------- products
+    def _blocks_of(self, name: str) -> torch.Tensor:
+        assert self.finv is not None and self.layout is not None, "fit() first"
+        off = self.layout.offset[name]
+        return self.finv[off : off + self.layout.nblocks[name]]
+
+    def block_matrices(self, name: str) -> torch.Tensor:
+        """The (nblocks, B, B) inverse blocks of one weight (row-major matrix-view layout)."""
+        return self._blocks_of(name)
+
+    def diag(self, name: str) -> torch.Tensor:
+        problem = self._problem
+        assert problem is not None and self.layout is not None
+        d = self._blocks_of(name).diagonal(dim1=1, dim2=2)
+        out = self.layout.from_blocks(problem, name, d).to(problem.weights[name].parameter.dtype)
+        return out.clamp_min(1e-12 * float(out.max().clamp_min(1e-30)))
+
+    def matvec(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        problem = self._problem
+        assert problem is not None and self.layout is not None
+        q = self._blocks_of(name)
+        zb = self.layout.to_blocks(problem, name, z.detach().to(q.dtype))
+        y = torch.bmm(q, zb.unsqueeze(-1)).squeeze(-1)
+        out = self.layout.from_blocks(problem, name, y).to(z.dtype)
+        return out * problem.masks[name]
+
+    def block_exact_update(self, name: str, weight: torch.Tensor, prune: torch.Tensor) -> torch.Tensor | None:
+        """Exact group OBS inside every block: delta_b = -Q_b[:, P_b] (Q_b[P_b, P_b])^-1 theta_{P_b}.
+
+        Vectorised over blocks: A_b = Q_b restricted to P_b on P_b x P_b and the identity elsewhere
+        (SPD), x_b = A_b^-1 (theta_b * 1_P) is (Q_PP)^-1 theta_P on P_b and 0 off it, delta_b = -Q_b x_b.
+        Solved in float64 by a batched Cholesky with a small relative diagonal jitter; blocks without
+        pruned coordinates give delta = 0. Pruned coordinates land exactly on -theta.
+        """
+        problem = self._problem
+        assert problem is not None and self.layout is not None
+        q = self._blocks_of(name).double()
+        theta = self.layout.to_blocks(problem, name, weight.detach().double())
+        p = self.layout.to_blocks(problem, name, prune.to(torch.float64)) > 0.5
+        rows = p.any(dim=1)
+        delta = torch.zeros_like(theta)
+        if bool(rows.any()):
+            qs, ps, ts = q[rows], p[rows], theta[rows]
+            pp = (ps.unsqueeze(2) & ps.unsqueeze(1)).double()
+            scale = qs.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp_min(1e-300)
+            eye = torch.eye(q.shape[-1], dtype=torch.float64)
+            a = qs * pp + torch.diag_embed((~ps).double()) + self.jitter * scale[:, None, None] * eye * pp
+            rhs = (ts * ps.double()).unsqueeze(-1)
+            chol, info = torch.linalg.cholesky_ex(a)
+            if bool((info != 0).any()):
+                bad = info != 0
+                a[bad] = a[bad] + 1e-6 * scale[bad][:, None, None] * eye * pp[bad]
+                chol = torch.linalg.cholesky(a)
+            x = torch.cholesky_solve(rhs, chol)
+            delta[rows] = -torch.bmm(qs, x).squeeze(-1)
+        out = self.layout.from_blocks(problem, name, delta).to(weight.dtype)
+        return out
+
+    def dense_block(self, name: str) -> torch.Tensor:
+        """Explicit Q over the parameter's row-major flattening (tests; small layers only)."""
+        problem = self._problem
+        assert problem is not None
+        w = problem.weights[name]
+        eye = torch.eye(w.numel, dtype=torch.float64)
+        cols = [self.matvec(name, eye[i].reshape(w.parameter.shape).to(torch.float64)).reshape(-1) for i in range(w.numel)]
+        return torch.stack(cols, 1)

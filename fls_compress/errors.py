@@ -1,0 +1,44 @@
+"""Error types raised by fls-compress.
+
+Every failure a user can cause (bad file, bad data, bad option, unsupported graph) is raised as a
+subclass of :class:`FlsError`. The CLI turns these into a single ``error: ...`` line on stderr and a
+non-zero exit code; anything else is a bug and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class FlsError(Exception):
+    """Base class of user-facing errors. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class InvalidModelError(FlsError):
+    """The model file is missing, unreadable, corrupt or fails the ONNX checker."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(FlsError):
+    """The graph uses operators or structures that cannot be converted or compressed."""
+
+    exit_code = 4
+
+
+class InvalidDataError(FlsError):
+    """Calibration/verification data has the wrong names, shapes or dtypes, or holds NaN/Inf."""
+
+    exit_code = 5
+
+
+class InvalidOptionError(FlsError):
+    """A command-line or API option is out of range or inconsistent with the model."""
+
+    exit_code = 2
+
+
+class VerificationError(FlsError):
+    """The compressed model failed verification against the original (see the report)."""
+
+    exit_code = 6

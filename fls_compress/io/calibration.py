@@ -1,0 +1,548 @@
+"""Calibration / evaluation data: loading, strict validation against the ONNX graph, batching.
+
+The Fisher information that drives pruning is estimated from model inputs, so data that does not
+match the graph must fail early, with a message a user can act on, instead of deep inside
+onnxruntime or torch. :func:`load_calibration` accepts
+
+* a ``.npz`` file: one array per graph input, keyed by input name (all with the same leading
+  sample count), plus an optional ``labels`` array;
+* a ``.npy`` file: the batch for a single-input model;
+* a directory of ``.npz`` files (each one sample or one batch, keyed like the single file) or of
+  ``.npy`` files (named after the inputs, e.g. ``input.npy``, or, for a single-input model, any
+  names, read in sorted order, each one sample or one batch); ``labels.npy`` holds the labels;
+* ``None``: synthetic standard-normal inputs built from the graph's input shapes (a rough Fisher only).
+
+Conventions: axis 0 of every array is the sample axis and every array has the graph input's rank
+(a directory file may also drop axis 0 to hold a single sample). Static dimensions must match;
+dynamic ones (``dim_param`` or unknown) are free. A model whose leading dimension is a static ``1``
+is treated as taking one sample at a time: any number of samples is accepted and
+:meth:`CalibrationData.batches` never yields more than one. Float data is cast to the input's float
+type (float64 -> float32 silently); integer data feeds integer inputs only; float data for integer
+inputs is refused. Every problem is an :class:`~fls_compress.errors.InvalidDataError` with a
+one-line message naming the file, the input and what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from fls_compress.errors import InvalidDataError, InvalidOptionError
+
+logger = logging.getLogger(__name__)
+
+LABELS_KEY = "labels"
+"""Array name that holds labels in a ``.npz`` file (unless a graph input has that name)."""
+
+Dim = int | str | None
+"""A graph dimension: a static size, a symbolic name (``dim_param``) or ``None`` (unknown)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one graph input expects: name, numpy dtype and shape (``None`` when the rank is unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def one_sample_at_a_time(self) -> bool:
+        """``True`` when the leading dimension is a static 1 (the model takes one sample per call)."""
+        return bool(self.shape) and self.shape[0] == 1
+
+    def describe_shape(self) -> str:
+        """The expected shape as users read it, e.g. ``(N, 784)``; dynamic dims by name or ``?``."""
+        if self.shape is None:
+            return "(any shape)"
+        parts = [str(d) if d is not None else "?" for d in self.shape]
+        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs of ``model``'s graph (``graph.input`` minus initializers), in graph order.
+
+    Raises :class:`InvalidDataError` for inputs that cannot be fed from numpy arrays (non-tensor or
+    string inputs).
+    """
+    graph = model.graph
+    constant = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    specs = []
+    for value_info in graph.input:
+        if value_info.name in constant:
+            continue
+        if value_info.type.WhichOneof("value") != "tensor_type":
+            raise InvalidDataError(f"model input '{value_info.name}' is not a tensor; it cannot be fed from arrays")
+        tensor_type = value_info.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.STRING:
+            raise InvalidDataError(f"model input '{value_info.name}' holds strings; string inputs are not supported")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape: tuple[Dim, ...] | None = None
+        if tensor_type.HasField("shape"):
+            dims: list[Dim] = []
+            for dim in tensor_type.shape.dim:
+                if dim.HasField("dim_value"):
+                    dims.append(int(dim.dim_value))
+                elif dim.HasField("dim_param"):
+                    dims.append(dim.dim_param)
+                else:
+                    dims.append(None)
+            shape = tuple(dims)
+        specs.append(InputSpec(value_info.name, dtype, shape))
+    return specs
+
+
+def output_classes(model: onnx.ModelProto) -> int | None:
+    """Number of classes of a classifier-shaped first output ``[N, C]`` with static ``C > 1``, else ``None``."""
+    if not model.graph.output:
+        return None
+    tensor_type = model.graph.output[0].type.tensor_type
+    if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 2:
+        return None
+    last = tensor_type.shape.dim[1]
+    if last.HasField("dim_value") and last.dim_value > 1:
+        return int(last.dim_value)
+    return None
+
+
+@dataclass
+class CalibrationData:
+    """Validated model inputs (and optional labels), one row per sample along axis 0.
+
+    Attributes
+    ----------
+    inputs:
+        One array per graph input, keyed by input name, already in the input's dtype.
+    labels:
+        ``int64`` class labels ``[num_samples]`` or ``None``.
+    synthetic:
+        ``True`` when the inputs were generated (no real data was given).
+    source:
+        Where the data came from (a path, or ``"synthetic"``), for reports and messages.
+    max_batch:
+        Largest batch the model accepts (``1`` for a static leading dimension of 1), or ``None``.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    synthetic: bool
+    source: str
+    max_batch: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples (the common leading dimension of every input)."""
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def take(self, indices: np.ndarray) -> CalibrationData:
+        """The samples at ``indices`` (in that order) as a new :class:`CalibrationData`."""
+        return CalibrationData(
+            inputs={name: arr[indices] for name, arr in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[indices],
+            synthetic=self.synthetic,
+            source=self.source,
+            max_batch=self.max_batch,
+        )
+
+    def subset(self, n: int) -> CalibrationData:
+        """The first ``n`` samples (all of them when ``n`` exceeds the sample count)."""
+        if n < 1:
+            raise InvalidOptionError(f"subset size must be at least 1, got {n}")
+        return self.take(np.arange(min(n, self.num_samples)))
+
+    def split(self, holdout_fraction: float, seed: int = 0) -> tuple[CalibrationData, CalibrationData]:
+        """Randomly split into ``(calibration, holdout)``, e.g. to verify on samples the Fisher never saw.
+
+        The holdout gets ``round(holdout_fraction * num_samples)`` samples, clamped so both parts keep
+        at least one. The permutation comes from ``numpy.random.default_rng(seed)``.
+        """
+        if not 0.0 < holdout_fraction < 1.0:
+            raise InvalidOptionError(f"holdout fraction must be between 0 and 1 (exclusive), got {holdout_fraction}")
+        n = self.num_samples
+        if n < 2:
+            raise InvalidDataError(f"{self.source}: {n} sample(s) cannot be split into calibration and holdout sets")
+        n_holdout = min(max(round(holdout_fraction * n), 1), n - 1)
+        order = np.random.default_rng(seed).permutation(n)
+        return self.take(np.sort(order[n_holdout:])), self.take(np.sort(order[:n_holdout]))
+
+    def _batch_indices(self, batch_size: int, shuffle: bool, seed: int) -> Iterator[np.ndarray]:
+        if batch_size < 1:
+            raise InvalidOptionError(f"batch size must be at least 1, got {batch_size}")
+        if self.max_batch is not None:
+            batch_size = min(batch_size, self.max_batch)
+        n = self.num_samples
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield ``{input name: array}`` batches of at most ``batch_size`` samples (last one may be smaller).
+
+        ``batch_size`` is capped by :attr:`max_batch`. With ``shuffle`` the order is a permutation
+        drawn from ``numpy.random.default_rng(seed)``; otherwise samples come in stored order.
+        """
+        for index in self._batch_indices(batch_size, shuffle, seed):
+            yield {name: arr[index] for name, arr in self.inputs.items()}
+
+    def labeled_batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Like :meth:`batches`, but yield ``(inputs, labels)`` pairs (labels ``None`` when absent)."""
+        for index in self._batch_indices(batch_size, shuffle, seed):
+            inputs = {name: arr[index] for name, arr in self.inputs.items()}
+            yield inputs, (None if self.labels is None else self.labels[index])
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading files
+# ------------------------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of a ``.npz`` file, with file-format problems turned into :class:`InvalidDataError`."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
+        raise InvalidDataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise InvalidDataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from exc
+    if not arrays:
+        raise InvalidDataError(f"{path}: the .npz file contains no arrays")
+    return arrays
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """One ``.npy`` array, with file-format problems turned into :class:`InvalidDataError`."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
+        raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
+    except (OSError, EOFError) as exc:
+        raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
+    if not isinstance(array, np.ndarray):
+        raise InvalidDataError(f"{path}: expected a .npy array, found a .npz archive")
+    return array
+
+
+def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
+    """Give single-sample arrays (rank one below the input's) a leading sample axis of length 1."""
+    result = {}
+    for name, arr in arrays.items():
+        spec = specs.get(name)
+        if spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1:
+            arr = arr[np.newaxis]
+        result[name] = arr
+    return result
+
+
+def _concatenate_parts(parts: list[tuple[str, dict[str, np.ndarray]]], where: str) -> dict[str, np.ndarray]:
+    """Join per-file arrays along axis 0; every file must name the same arrays."""
+    first_file, first = parts[0]
+    names = set(first)
+    merged: dict[str, list[np.ndarray]] = {name: [] for name in first}
+    for file_name, arrays in parts:
+        if set(arrays) != names:
+            raise InvalidDataError(
+                f"{where}: {file_name} holds arrays {sorted(arrays)} but {first_file} holds {sorted(names)}"
+            )
+        for name, arr in arrays.items():
+            merged[name].append(arr)
+    result = {}
+    for name, pieces in merged.items():
+        tails = {p.shape[1:] for p in pieces}
+        if len({p.ndim for p in pieces}) > 1 or len(tails) > 1:
+            shapes = ", ".join(str(p.shape) for p in pieces[:3])
+            raise InvalidDataError(f"{where}: files disagree on the shape of '{name}' ({shapes}, ...)")
+        result[name] = np.concatenate(pieces, axis=0)
+    return result
+
+
+def _read_directory(path: Path, specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
+    """Arrays from a directory of ``.npz`` or ``.npy`` files (see the module docstring for the layout)."""
+    npz_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".npz")
+    npy_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".npy")
+    label_files = [p for p in npy_files if p.stem == LABELS_KEY and LABELS_KEY not in specs]
+    npy_files = [p for p in npy_files if p not in label_files]
+    if not npz_files and not npy_files:
+        raise InvalidDataError(f"{path}: directory contains no .npz or .npy files")
+    if npz_files and npy_files:
+        raise InvalidDataError(f"{path}: directory mixes .npz and .npy files; use one kind")
+
+    if npz_files:
+        parts = [(p.name, _add_sample_axis(_read_npz(p), specs)) for p in npz_files]
+        arrays = _concatenate_parts(parts, str(path))
+    elif all(p.stem in specs for p in npy_files):
+        # One file per input, each holding that input's whole batch.
+        arrays = {p.stem: _read_npy(p) for p in npy_files}
+    elif len(specs) == 1:
+        (name,) = specs
+        parts = [(p.name, _add_sample_axis({name: _read_npy(p)}, specs)) for p in npy_files]
+        arrays = _concatenate_parts(parts, str(path))
+    else:
+        stray = next(p.name for p in npy_files if p.stem not in specs)
+        raise InvalidDataError(
+            f"{path}: {stray} is not named after a model input ({', '.join(repr(s) for s in specs)}); "
+            "for a multi-input model name each .npy file after its input or use .npz files"
+        )
+    if label_files:
+        if LABELS_KEY in arrays:
+            raise InvalidDataError(f"{path}: labels are given both in labels.npy and inside the .npz files")
+        arrays[LABELS_KEY] = _read_npy(label_files[0])
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+def _convert_dtype(where: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
+    """Cast ``arr`` to the input's dtype where that is lossless in kind, refuse it otherwise."""
+    want = spec.dtype
+    have = arr.dtype
+    if have == want:
+        return arr
+    if want.kind == "f":
+        if have.kind == "f":
+            return arr.astype(want)
+        raise InvalidDataError(
+            f"{where}: input '{spec.name}' is {have} data but the model expects {want}; "
+            "convert it to float (integer pixel values usually also need scaling)"
+        )
+    if want.kind in "iu":
+        if have.kind in "iu":
+            info = np.iinfo(want)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise InvalidDataError(f"{where}: input '{spec.name}' has values outside the range of {want}")
+            return arr.astype(want)
+        raise InvalidDataError(f"{where}: input '{spec.name}' is {have} data but the model expects integer {want}")
+    if want.kind == "b":
+        raise InvalidDataError(f"{where}: input '{spec.name}' is {have} data but the model expects bool")
+    raise InvalidDataError(f"{where}: input '{spec.name}' has model type {want}, which is not supported")
+
+
+def _check_shape(where: str, spec: InputSpec, arr: np.ndarray) -> None:
+    """Rank and static dimensions must match; a static leading 1 accepts any sample count."""
+    if spec.shape is None:
+        return
+    if len(spec.shape) == 0:
+        raise InvalidDataError(f"{where}: input '{spec.name}' is a scalar (rank 0); scalar inputs have no sample axis")
+    if arr.ndim != len(spec.shape):
+        raise InvalidDataError(
+            f"{where}: input '{spec.name}' has shape {arr.shape} (rank {arr.ndim}); "
+            f"the model expects {spec.describe_shape()} (rank {len(spec.shape)})"
+        )
+    for axis, (want, have) in enumerate(zip(spec.shape, arr.shape)):
+        if axis == 0 and spec.one_sample_at_a_time:
+            continue
+        if isinstance(want, int) and want != have:
+            raise InvalidDataError(
+                f"{where}: input '{spec.name}' has shape {arr.shape}; the model expects {spec.describe_shape()}"
+            )
+
+
+def _check_finite(where: str, name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind != "f":
+        return
+    n_nan = int(np.count_nonzero(np.isnan(arr)))
+    n_inf = int(np.count_nonzero(np.isinf(arr)))
+    if n_nan or n_inf:
+        found = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+        raise InvalidDataError(f"{where}: input '{name}' contains {found} value(s); clean the data first")
+
+
+def _check_labels(where: str, labels: np.ndarray, n_samples: int, n_classes: int | None) -> np.ndarray:
+    """Labels must be a 1-D integer array with one entry per sample, inside ``[0, n_classes)``."""
+    if labels.ndim != 1:
+        raise InvalidDataError(f"{where}: labels have shape {labels.shape}; expected a 1-D array of class indices")
+    if labels.dtype.kind not in "iu":
+        raise InvalidDataError(f"{where}: labels are {labels.dtype}; expected integer class indices")
+    if len(labels) != n_samples:
+        raise InvalidDataError(f"{where}: there are {len(labels)} labels for {n_samples} samples")
+    if labels.size and labels.min() < 0:
+        raise InvalidDataError(f"{where}: labels contain negative value {int(labels.min())}")
+    if n_classes is not None and labels.size and labels.max() >= n_classes:
+        raise InvalidDataError(
+            f"{where}: label {int(labels.max())} is out of range; the model has {n_classes} classes (0..{n_classes - 1})"
+        )
+    return labels.astype(np.int64)
+
+
+def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, where: str) -> dict[str, np.ndarray]:
+    """Check ``arrays`` (input name -> batch) against ``model``'s graph inputs.
+
+    Returns the inputs cast to the graph dtypes, in graph order. ``where`` names the data source in
+    error messages.
+    """
+    specs = {spec.name: spec for spec in graph_input_specs(model)}
+    if not specs:
+        raise InvalidDataError(f"{where}: the model has no inputs to feed")
+    unknown = sorted(set(arrays) - set(specs))
+    if unknown:
+        raise InvalidDataError(
+            f"{where}: array '{unknown[0]}' is not a model input (inputs: {', '.join(repr(s) for s in specs)})"
+        )
+    missing = [name for name in specs if name not in arrays]
+    if missing:
+        raise InvalidDataError(
+            f"{where}: input '{missing[0]}' is missing (the model needs {', '.join(repr(s) for s in specs)})"
+        )
+
+    inputs: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        arr = np.asarray(arrays[name])
+        if arr.dtype.kind not in "biuf":
+            raise InvalidDataError(f"{where}: input '{name}' has unsupported dtype {arr.dtype}")
+        _check_shape(where, spec, arr)
+        if arr.ndim == 0:
+            raise InvalidDataError(f"{where}: input '{name}' is a scalar; expected a batch with a sample axis")
+        arr = _convert_dtype(where, spec, arr)
+        _check_finite(where, name, arr)
+        inputs[name] = np.ascontiguousarray(arr)
+    first = next(iter(inputs))
+    for name, arr in inputs.items():
+        if arr.shape[0] != inputs[first].shape[0]:
+            raise InvalidDataError(
+                f"{where}: input '{first}' has {inputs[first].shape[0]} samples but input '{name}' has {arr.shape[0]}"
+            )
+    if inputs[first].shape[0] == 0:
+        raise InvalidDataError(f"{where}: the data holds 0 samples")
+    return inputs
+
+
+def _synthetic(model: onnx.ModelProto, num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Standard-normal inputs with the graph's shapes; only the leading (batch) dim may be dynamic."""
+    if num_samples < 1:
+        raise InvalidOptionError(f"number of synthetic samples must be at least 1, got {num_samples}")
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in graph_input_specs(model):
+        if spec.dtype.kind != "f":
+            raise InvalidDataError(
+                f"input '{spec.name}' is {spec.dtype}; synthetic data can only be generated for float inputs, pass --data"
+            )
+        if not spec.shape:
+            raise InvalidDataError(
+                f"input '{spec.name}' has no usable shape in the model; synthetic data needs one, pass --data"
+            )
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if axis == 0 and (not isinstance(dim, int) or dim == 1):
+                shape.append(num_samples)
+            elif isinstance(dim, int):
+                shape.append(dim)
+            else:
+                label = f"'{dim}'" if isinstance(dim, str) else "of unknown size"
+                raise InvalidDataError(
+                    f"input '{spec.name}' has dynamic dimension {label} at axis {axis}; "
+                    "synthetic data cannot choose its size, pass --data"
+                )
+        arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return arrays
+
+
+def _max_batch(model: onnx.ModelProto) -> int | None:
+    return 1 if any(spec.one_sample_at_a_time for spec in graph_input_specs(model)) else None
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    """Read a labels file: a ``.npy`` array, or a ``.npz`` with a ``labels`` array (or a single array)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidDataError(f"{p}: labels file does not exist")
+    if p.suffix == ".npy":
+        return _read_npy(p)
+    if p.suffix == ".npz":
+        arrays = _read_npz(p)
+        if LABELS_KEY in arrays:
+            return arrays[LABELS_KEY]
+        if len(arrays) == 1:
+            return next(iter(arrays.values()))
+        raise InvalidDataError(f"{p}: holds several arrays but none named '{LABELS_KEY}'")
+    raise InvalidDataError(f"{p}: unsupported labels file type '{p.suffix}' (expected .npy or .npz)")
+
+
+def load_calibration(
+    source: str | Path | None,
+    model: onnx.ModelProto,
+    *,
+    num_synthetic: int = 256,
+    seed: int = 0,
+    labels_path: str | Path | None = None,
+) -> CalibrationData:
+    """Load and validate calibration data for ``model`` (see the module docstring for the formats).
+
+    Parameters
+    ----------
+    source:
+        A ``.npz`` / ``.npy`` file, a directory of them, or ``None`` for synthetic data.
+    model:
+        The ONNX model the data must feed.
+    num_synthetic:
+        Batch size of the synthetic data (only used when ``source`` is ``None``).
+    seed:
+        Seed of the synthetic data generator.
+    labels_path:
+        Optional separate labels file (``.npy`` or ``.npz``); it overrides labels stored with the data.
+    """
+    if source is None:
+        if labels_path is not None:
+            raise InvalidDataError(f"{labels_path}: labels were given without calibration data")
+        logger.warning(
+            "no calibration data given: using %d synthetic standard-normal samples; "
+            "the Fisher estimate (and thus pruning quality) will only be rough",
+            num_synthetic,
+        )
+        inputs = _synthetic(model, num_synthetic, seed)
+        return CalibrationData(inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model))
+
+    path = Path(source)
+    where = str(path)
+    specs = {spec.name: spec for spec in graph_input_specs(model)}
+    if not path.exists():
+        raise InvalidDataError(f"{where}: data file or directory does not exist")
+    if path.is_dir():
+        arrays = _read_directory(path, specs)
+    elif path.suffix == ".npz":
+        arrays = _read_npz(path)
+    elif path.suffix == ".npy":
+        if len(specs) != 1:
+            raise InvalidDataError(
+                f"{where}: a .npy file can only feed a single-input model; this model has inputs "
+                f"{', '.join(repr(s) for s in specs)}, use a .npz keyed by input name"
+            )
+        arrays = {next(iter(specs)): _read_npy(path)}
+    else:
+        raise InvalidDataError(f"{where}: unsupported data file type '{path.suffix}' (expected .npz, .npy or a directory)")
+
+    labels = arrays.pop(LABELS_KEY, None) if LABELS_KEY not in specs else None
+    labels_where = where
+    if labels_path is not None:
+        if labels is not None:
+            logger.warning("labels in %s are replaced by those in %s", where, labels_path)
+        labels = load_labels(labels_path)
+        labels_where = str(labels_path)
+    inputs = validate_inputs(arrays, model, where=where)
+    if labels is not None:
+        n_samples = next(iter(inputs.values())).shape[0]
+        labels = _check_labels(labels_where, np.asarray(labels), n_samples, output_classes(model))
+    data = CalibrationData(inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model))
+    logger.info(
+        "loaded %d calibration samples from %s%s", data.num_samples, where, " with labels" if labels is not None else ""
+    )
+    return data

@@ -1,0 +1,397 @@
+"""Reading, inspecting, rewriting and saving ONNX models.
+
+The tool never re-exports a model: the pruned weights are written back into the *original*
+``ModelProto`` (same nodes, names, opsets, metadata), so everything the exporter produced that torch
+does not understand survives untouched. This module owns every direct manipulation of tensors in a
+``ModelProto``:
+
+* :func:`load_onnx` - load and validate a file (external data included), user errors as
+  :class:`~fls_compress.errors.InvalidModelError`;
+* :func:`prunable_initializers` - which initializers are weights of Conv/Gemm/MatMul;
+* :func:`write_back` - a deep copy with some initializers replaced, optionally stored as
+  spec-conformant ``sparse_initializer`` when that is smaller;
+* :func:`save_onnx_atomic` - write-to-temp then ``os.replace``, so a crash never leaves half a file;
+* helpers that read tensors (dense or sparse), densify sparse initializers (onnx2torch cannot read
+  them), measure sparsity and size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fls_compress.errors import InvalidModelError, InvalidOptionError
+
+_LOG = logging.getLogger(__name__)
+
+#: Operators whose weight initializers can be pruned.
+SUPPORTED_PRUNABLE_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+
+#: Float element types a prunable weight may have (integer / quantized tensors are never pruned).
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
+
+#: Protobuf cannot serialize messages of 2 GiB or more; above this size tensors go to external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+#: TensorProto fields that hold the payload; cleared before a replacement payload is merged in.
+_DATA_FIELDS = (
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+    "raw_data",
+    "external_data",
+    "data_location",
+)
+
+
+@dataclass(frozen=True)
+class PrunableSite:
+    """One prunable initializer of the top-level graph.
+
+    ``input_index`` is the position at which the first prunable consumer reads the weight (1 for
+    Conv/Gemm; 0 or 1 for MatMul, i.e. ``W @ X`` or ``X @ W``); ``node_names`` lists every prunable
+    consumer (unnamed nodes are called ``<op_type>_<index in graph.node>``).
+    """
+
+    name: str
+    op_type: str
+    node_names: tuple[str, ...]
+    shape: tuple[int, ...]
+    input_index: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and saving
+# ------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    """First non-empty line of an exception message (checker messages span many lines)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load ``path`` (with its external data) and run ``onnx.checker.check_model`` on it.
+
+    Every failure a user can cause (missing path, directory, unreadable, not a protobuf, checker
+    failure) is raised as :class:`InvalidModelError` with a one-line message naming the file. The
+    file is only read.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InvalidModelError(f"model file not found: {p}")
+    if p.is_dir():
+        raise InvalidModelError(f"model path is a directory, not an ONNX file: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as exc:  # noqa: BLE001 - protobuf/OS/onnx raise many unrelated types
+        raise InvalidModelError(f"cannot read ONNX model {p}: {_one_line(exc)}") from exc
+    try:
+        # The path form also validates external-data references and works above 2 GiB.
+        onnx.checker.check_model(str(p))
+    except Exception as exc:  # noqa: BLE001 - ValidationError, and C++ errors on garbage input
+        raise InvalidModelError(f"invalid ONNX model {p}: {_one_line(exc)}") from exc
+    _LOG.debug("loaded %s (%d nodes, %d initializers)", p, len(model.graph.node), len(model.graph.initializer))
+    return model
+
+
+def ensure_distinct_paths(inp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Refuse to write the output over the input model (:class:`InvalidOptionError`)."""
+    src, dst = Path(inp), Path(out)
+    same = src.resolve() == dst.resolve()
+    if not same and src.exists() and dst.exists():
+        same = os.path.samefile(src, dst)
+    if same:
+        raise InvalidOptionError(f"output path {dst} is the input model; choose another output path")
+
+
+def save_onnx_atomic(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data_threshold: int = _PROTOBUF_LIMIT,
+) -> None:
+    """Write ``model`` to ``path`` atomically (temp file in the same directory, then ``os.replace``).
+
+    Parent directories are created. Models whose serialized size reaches ``external_data_threshold``
+    (default: the 2 GiB protobuf limit) are saved with their tensors in ``<name>.data`` next to the
+    file; both files are first written into a temporary directory and then moved into place.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if model_size_bytes(model) < external_data_threshold:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(model.SerializeToString())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+
+    data_name = f"{out.name}.data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        external = onnx.ModelProto()
+        external.CopyFrom(model)
+        onnx.save_model(
+            external,
+            str(tmp_dir / out.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        os.replace(tmp_dir / data_name, out.parent / data_name)
+        os.replace(tmp_dir / out.name, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inspection
+# ------------------------------------------------------------------------------------------------
+def _identity_sources(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, str]:
+    """Map each output of an ``Identity`` chain rooted at an initializer to that initializer."""
+    sources: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
+            src = sources.get(node.input[0], node.input[0])
+            if src in initializer_names:
+                sources[node.output[0]] = src
+    return sources
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def prunable_initializers(
+    model: onnx.ModelProto, ops: tuple[str, ...] | list[str] = SUPPORTED_PRUNABLE_OPS
+) -> list[PrunableSite]:
+    """The float weight initializers consumed by the given ops, in graph order.
+
+    * Conv: input 1 (the kernel);
+    * Gemm: input 1 (B) when it is a rank-2 initializer;
+    * MatMul: a rank-2 initializer at input 1 (``X @ W``) or input 0 (``W @ X``) whose other operand
+      is an activation (two constant operands are a constant-folding leftover, not a layer).
+
+    Biases, norms and integer/quantized tensors are never returned. A weight read through
+    ``Identity(initializer)`` is reported under the initializer's own name. Only the top-level graph
+    is searched.
+    """
+    unknown = sorted(set(ops) - set(SUPPORTED_PRUNABLE_OPS))
+    if unknown:
+        raise InvalidOptionError(
+            f"cannot prune operator(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED_PRUNABLE_OPS)}"
+        )
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    sources = _identity_sources(graph, set(inits))
+
+    def resolve(value: str) -> str:
+        return sources.get(value, value)
+
+    def float_init(value: str, rank: int | None = None) -> TensorProto | None:
+        tensor = inits.get(resolve(value))
+        if tensor is None or tensor.data_type not in _FLOAT_TYPES:
+            return None
+        if rank is not None and len(tensor.dims) != rank:
+            return None
+        return tensor
+
+    found: dict[str, tuple[str, list[str], tuple[int, ...], int]] = {}
+    for index, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+            continue
+        hit: tuple[TensorProto, int] | None = None
+        if node.op_type == "Conv" and len(node.input) > 1:
+            tensor = float_init(node.input[1])
+            hit = (tensor, 1) if tensor is not None else None
+        elif node.op_type == "Gemm" and len(node.input) > 1:
+            tensor = float_init(node.input[1], rank=2)
+            hit = (tensor, 1) if tensor is not None else None
+        elif node.op_type == "MatMul" and len(node.input) == 2:
+            left, right = float_init(node.input[0], rank=2), float_init(node.input[1], rank=2)
+            left_const = resolve(node.input[0]) in inits
+            right_const = resolve(node.input[1]) in inits
+            if right is not None and not left_const:
+                hit = (right, 1)
+            elif left is not None and not right_const:
+                hit = (left, 0)
+        if hit is None:
+            continue
+        tensor, position = hit
+        entry = found.setdefault(tensor.name, (node.op_type, [], tuple(int(d) for d in tensor.dims), position))
+        entry[1].append(_node_label(node, index))
+    return [
+        PrunableSite(name=name, op_type=op, node_names=tuple(nodes), shape=shape, input_index=pos)
+        for name, (op, nodes, shape, pos) in found.items()
+    ]
+
+
+def _sparse_to_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """Dense array of a sparse tensor (linear ``[NNZ]`` or coordinate ``[NNZ, rank]`` indices)."""
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(dims, dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def read_initializer_arrays(model: onnx.ModelProto, base_dir: str = "") -> dict[str, np.ndarray]:
+    """Every top-level initializer as a numpy array, sparse initializers densified.
+
+    ``base_dir`` is only needed for a model whose external data was not loaded.
+    """
+    arrays = {t.name: numpy_helper.to_array(t, base_dir) for t in model.graph.initializer}
+    for sparse in model.graph.sparse_initializer:
+        arrays[sparse.values.name] = _sparse_to_array(sparse)
+    return arrays
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``sparse_initializer`` entries are ordinary dense initializers."""
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    for sparse in dense.graph.sparse_initializer:
+        dense.graph.initializer.append(numpy_helper.from_array(_sparse_to_array(sparse), sparse.values.name))
+    del dense.graph.sparse_initializer[:]
+    return dense
+
+
+def weight_sparsity(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """Fraction of exact zeros in each named initializer, as stored in the model (dense or sparse)."""
+    dense = {t.name: t for t in model.graph.initializer}
+    sparse = {t.values.name: t for t in model.graph.sparse_initializer}
+    result: dict[str, float] = {}
+    for name in names:
+        if name in dense:
+            arr = numpy_helper.to_array(dense[name])
+        elif name in sparse:
+            arr = _sparse_to_array(sparse[name])
+        else:
+            raise ValueError(f"no initializer named {name!r} in the model")
+        result[name] = float(np.count_nonzero(arr == 0)) / arr.size if arr.size else 0.0
+    return result
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model`` in bytes (external data counts only once it is loaded inline)."""
+    return int(model.ByteSize())
+
+
+def sparse_bytes_saved(model: onnx.ModelProto) -> int:
+    """Bytes the model's ``sparse_initializer`` entries save against storing them dense."""
+    saved = 0
+    for sparse in model.graph.sparse_initializer:
+        dense = numpy_helper.from_array(_sparse_to_array(sparse), sparse.values.name)
+        dense.doc_string = sparse.values.doc_string
+        saved += dense.ByteSize() - sparse.ByteSize()
+    return saved
+
+
+# ------------------------------------------------------------------------------------------------
+# Write-back
+# ------------------------------------------------------------------------------------------------
+def _to_sparse(dense: onnx.TensorProto, arr: np.ndarray) -> onnx.SparseTensorProto:
+    """Spec-conformant sparse form of ``dense`` (holding ``arr``): values carry its name and doc
+    string, indices are ascending int64 linear offsets."""
+    flat = arr.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    values = numpy_helper.from_array(np.ascontiguousarray(flat[idx]), dense.name)
+    values.doc_string = dense.doc_string
+    indices = numpy_helper.from_array(idx)
+    return helper.make_sparse_tensor(values, indices, list(arr.shape))
+
+
+def write_back(
+    original: onnx.ModelProto, arrays: dict[str, np.ndarray], *, sparse: bool = False
+) -> onnx.ModelProto:
+    """A deep copy of ``original`` with the named initializers' data replaced by ``arrays``.
+
+    Each array must have exactly the initializer's dtype and shape (``ValueError`` otherwise). The
+    tensor keeps its name, doc string and metadata; only its payload changes, written inline even if
+    the original used external data. Nodes, graph inputs/outputs, opsets, IR version, producer and
+    metadata are untouched.
+
+    With ``sparse=True`` each replaced tensor is moved to ``graph.sparse_initializer`` (int64 linear
+    indices, as the ONNX checker requires) when that is strictly smaller than the dense tensor and
+    the tensor is not also listed as a graph input. :func:`sparse_bytes_saved` reports the saving.
+    Initializers already stored sparse in ``original`` are replaced the same way.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    graph = model.graph
+    dense_index = {t.name: i for i, t in enumerate(graph.initializer)}
+    sparse_index = {t.values.name: i for i, t in enumerate(graph.sparse_initializer)}
+    graph_inputs = {vi.name for vi in graph.input}
+
+    to_sparsify: list[tuple[str, np.ndarray]] = []
+    drop_sparse: set[int] = set()
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        if name in dense_index:
+            target = graph.initializer[dense_index[name]]
+            want_shape = tuple(int(d) for d in target.dims)
+        elif name in sparse_index:
+            target = graph.sparse_initializer[sparse_index[name]].values
+            want_shape = tuple(int(d) for d in graph.sparse_initializer[sparse_index[name]].dims)
+        else:
+            raise ValueError(f"no initializer named {name!r} in the model")
+        want_dtype = helper.tensor_dtype_to_np_dtype(target.data_type)
+        if arr.dtype != want_dtype:
+            raise ValueError(f"initializer {name!r}: dtype {arr.dtype} does not match the model's {want_dtype}")
+        if arr.shape != want_shape:
+            raise ValueError(f"initializer {name!r}: shape {arr.shape} does not match the model's {want_shape}")
+
+        if name in sparse_index:
+            # Re-materialize as a dense initializer; it may be sparsified again below.
+            drop_sparse.add(sparse_index[name])
+            dense = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+            dense.doc_string = target.doc_string
+            graph.initializer.append(dense)
+            dense_index[name] = len(graph.initializer) - 1
+        else:
+            payload = numpy_helper.from_array(np.ascontiguousarray(arr))
+            payload.ClearField("dims")
+            payload.ClearField("data_type")
+            for field_name in _DATA_FIELDS:
+                target.ClearField(field_name)
+            target.MergeFrom(payload)
+        if sparse and name not in graph_inputs:
+            to_sparsify.append((name, arr))
+
+    for i in sorted(drop_sparse, reverse=True):
+        del graph.sparse_initializer[i]
+
+    moved: set[str] = set()
+    for name, arr in to_sparsify:
+        dense = graph.initializer[dense_index[name]]
+        candidate = _to_sparse(dense, arr)
+        if candidate.ByteSize() < dense.ByteSize():
+            graph.sparse_initializer.append(candidate)
+            moved.add(name)
+    if moved:
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name in moved:
+                del graph.initializer[i]
+        _LOG.info("stored %d initializer(s) as sparse_initializer", len(moved))
+    return model

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny torch models wrapped as FisherProblems (exact references are affordable)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fls_compress.bridge.weights import PrunableWeight
+from fls_compress.curvature.likelihoods import make_likelihood
+from fls_compress.curvature.problem import FisherProblem
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tiny_mlp_problem(
+    likelihood: str = "categorical", seed: int = 0, n: int = 256, batch_size: int = 64, sizes=(6, 5, 4)
+) -> tuple[FisherProblem, nn.Module]:
+    """A 6-5-4 tanh MLP on Gaussian inputs, both weight matrices prunable (biases frozen)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    net = nn.Sequential(*layers).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    weights = {}
+    for i, layer in enumerate(net):
+        if isinstance(layer, nn.Linear):
+            layer.weight.requires_grad_(True)
+            weights[f"W{i}"] = PrunableWeight(f"W{i}", "Gemm", layer.weight, tuple(layer.weight.shape))
+    x = np.random.default_rng(seed).normal(size=(n, sizes[0])).astype(np.float32)
+    labels = None
+    if likelihood == "categorical":
+        with torch.no_grad():
+            labels = net(torch.from_numpy(x)).argmax(-1).numpy()
+    problem = FisherProblem(
+        forward=lambda feeds: [net(feeds["x"])],
+        weights=weights,
+        inputs={"x": x},
+        likelihood=make_likelihood(likelihood),
+        labels=labels,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    return problem, net
+
+
+@pytest.fixture
+def tiny_problem():
+    return tiny_mlp_problem()

@@ -1,0 +1,344 @@
+"""Loading and strict validation of calibration data (fls_compress.io.calibration).
+
+Models are built directly with onnx.helper so the tests are fast and the graph inputs are exactly
+what each test needs; every error is checked for its type, its text and for being one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fls_compress.errors import InvalidDataError, InvalidOptionError
+from fls_compress.io.calibration import CalibrationData, graph_input_specs, load_calibration
+
+FEATURES = 8
+CLASSES = 5
+
+
+def make_model(inputs: list[tuple[str, int, list]], n_classes: int = CLASSES) -> onnx.ModelProto:
+    """A graph that feeds each input through ReduceSum-free ops into a [N, n_classes] output.
+
+    Each float input of shape [N, FEATURES] goes through MatMul with its own weight; integer inputs
+    are Cast to float first. The outputs are summed into "logits" [N, n_classes].
+    """
+    rng = np.random.default_rng(0)
+    nodes, inits, partial = [], [], []
+    for i, (name, elem_type, shape) in enumerate(inputs):
+        source = name
+        if elem_type != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [name], [f"{name}_f"], to=TensorProto.FLOAT))
+            source = f"{name}_f"
+        last = shape[-1]
+        weight = rng.standard_normal((last, n_classes)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [source, f"W{i}"], [f"p{i}"]))
+        partial.append(f"p{i}")
+    if len(partial) == 1:
+        nodes.append(helper.make_node("Identity", partial, ["logits"]))
+    else:
+        nodes.append(helper.make_node("Sum", partial, ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "calib_test",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return make_model([("input", TensorProto.FLOAT, ["N", FEATURES])])
+
+
+@pytest.fixture(scope="module")
+def two_input_model() -> onnx.ModelProto:
+    return make_model([("a", TensorProto.FLOAT, ["N", FEATURES]), ("b", TensorProto.FLOAT, ["N", 3])])
+
+
+def data(n: int = 10, features: int = FEATURES, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, features)).astype(np.float32)
+
+
+def load_error(source, model, **kwargs) -> str:
+    """Load ``source`` expecting InvalidDataError; return its (checked single-line) message."""
+    with pytest.raises(InvalidDataError) as info:
+        load_calibration(source, model, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message and message
+    return message
+
+
+# ------------------------------------------------------------------------------------------------
+# Valid data
+# ------------------------------------------------------------------------------------------------
+def test_npz_with_labels_is_loaded_and_float64_cast(tmp_path: Path, model: onnx.ModelProto) -> None:
+    x = data(12).astype(np.float64)
+    labels = np.arange(12) % CLASSES
+    np.savez(tmp_path / "calib.npz", input=x, labels=labels)
+    calib = load_calibration(tmp_path / "calib.npz", model)
+    assert calib.num_samples == 12
+    assert calib.inputs["input"].dtype == np.float32
+    np.testing.assert_array_equal(calib.inputs["input"], x.astype(np.float32))
+    assert calib.labels.dtype == np.int64
+    np.testing.assert_array_equal(calib.labels, labels)
+    assert calib.synthetic is False
+    assert calib.source.endswith("calib.npz")
+
+
+def test_single_npy_for_single_input_model(tmp_path: Path, model: onnx.ModelProto) -> None:
+    x = data(7)
+    np.save(tmp_path / "x.npy", x)
+    calib = load_calibration(str(tmp_path / "x.npy"), model)
+    np.testing.assert_array_equal(calib.inputs["input"], x)
+    assert calib.labels is None
+
+
+def test_npy_is_refused_for_multi_input_model(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
+    np.save(tmp_path / "x.npy", data(4))
+    message = load_error(tmp_path / "x.npy", two_input_model)
+    assert "single-input model" in message and "'a', 'b'" in message
+
+
+def test_directory_of_per_sample_npy_in_sorted_order(tmp_path: Path, model: onnx.ModelProto) -> None:
+    x = data(3)
+    # One sample per file (rank one below the input's); sorted order is 000, 001, 002.
+    for i in (2, 0, 1):
+        np.save(tmp_path / f"{i:03d}.npy", x[i])
+    np.save(tmp_path / "labels.npy", np.array([4, 0, 2]))
+    calib = load_calibration(tmp_path, model)
+    np.testing.assert_array_equal(calib.inputs["input"], x)
+    np.testing.assert_array_equal(calib.labels, [4, 0, 2])
+
+
+def test_directory_of_npz_batches_and_samples(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.random((5, FEATURES)).astype(np.float32), rng.random((5, 3)).astype(np.float32)
+    np.savez(tmp_path / "part0.npz", a=a[:4], b=b[:4])  # a batch of 4
+    np.savez(tmp_path / "part1.npz", a=a[4], b=b[4])  # a single sample
+    calib = load_calibration(tmp_path, two_input_model)
+    np.testing.assert_array_equal(calib.inputs["a"], a)
+    np.testing.assert_array_equal(calib.inputs["b"], b)
+
+
+def test_directory_of_input_named_npy(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
+    np.save(tmp_path / "a.npy", data(6))
+    np.save(tmp_path / "b.npy", data(6, 3))
+    calib = load_calibration(tmp_path, two_input_model)
+    assert calib.num_samples == 6 and list(calib.inputs) == ["a", "b"]
+
+
+def test_separate_labels_file_overrides(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(4), labels=np.array([0, 0, 0, 0]))
+    np.save(tmp_path / "y.npy", np.array([1, 2, 3, 4]))
+    calib = load_calibration(tmp_path / "calib.npz", model, labels_path=tmp_path / "y.npy")
+    np.testing.assert_array_equal(calib.labels, [1, 2, 3, 4])
+
+
+def test_integer_data_for_integer_input(tmp_path: Path) -> None:
+    model = make_model([("ids", TensorProto.INT64, ["N", 4])])
+    np.savez(tmp_path / "ids.npz", ids=np.arange(8, dtype=np.int32).reshape(2, 4))
+    calib = load_calibration(tmp_path / "ids.npz", model)
+    assert calib.inputs["ids"].dtype == np.int64
+
+
+def test_static_leading_one_accepts_any_count_and_batches_singly(tmp_path: Path) -> None:
+    model = make_model([("input", TensorProto.FLOAT, [1, FEATURES])])
+    np.savez(tmp_path / "calib.npz", input=data(5))
+    calib = load_calibration(tmp_path / "calib.npz", model)
+    assert calib.num_samples == 5 and calib.max_batch == 1
+    assert [b["input"].shape for b in calib.batches(64)] == [(1, FEATURES)] * 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad data
+# ------------------------------------------------------------------------------------------------
+def test_wrong_shape(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(10, FEATURES + 1))
+    message = load_error(tmp_path / "calib.npz", model)
+    assert message.endswith(f"calib.npz: input 'input' has shape (10, {FEATURES + 1}); the model expects (N, {FEATURES})")
+
+
+def test_wrong_rank(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(10).reshape(10, 2, FEATURES // 2))
+    message = load_error(tmp_path / "calib.npz", model)
+    assert "input 'input' has shape (10, 2, 4) (rank 3)" in message and "expects (N, 8) (rank 2)" in message
+
+
+def test_missing_input(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", a=data(4))
+    message = load_error(tmp_path / "calib.npz", two_input_model)
+    assert "calib.npz: input 'b' is missing" in message
+
+
+def test_extra_array(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(4), mask=data(4))
+    message = load_error(tmp_path / "calib.npz", model)
+    assert "array 'mask' is not a model input" in message
+
+
+@pytest.mark.parametrize(("bad", "word"), [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+def test_non_finite_values(tmp_path: Path, model: onnx.ModelProto, bad: float, word: str) -> None:
+    x = data(4)
+    x[1, 2] = bad
+    x[3, 0] = bad
+    np.savez(tmp_path / "calib.npz", input=x)
+    message = load_error(tmp_path / "calib.npz", model)
+    assert f"input 'input' contains 2 {word} value(s)" in message
+
+
+def test_integer_data_for_float_input(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=np.zeros((4, FEATURES), dtype=np.uint8))
+    message = load_error(tmp_path / "calib.npz", model)
+    assert "input 'input' is uint8 data but the model expects float32" in message
+
+
+def test_float_data_for_integer_input(tmp_path: Path) -> None:
+    model = make_model([("ids", TensorProto.INT64, ["N", 4])])
+    np.savez(tmp_path / "ids.npz", ids=np.zeros((2, 4)))
+    message = load_error(tmp_path / "ids.npz", model)
+    assert "input 'ids' is float64 data but the model expects integer int64" in message
+
+
+def test_labels_wrong_length(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(10), labels=np.zeros(9, dtype=np.int64))
+    assert "there are 9 labels for 10 samples" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_labels_out_of_range_and_float(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(3), labels=np.array([0, CLASSES, 1]))
+    assert f"label {CLASSES} is out of range; the model has {CLASSES} classes" in load_error(
+        tmp_path / "calib.npz", model
+    )
+    np.savez(tmp_path / "calib.npz", input=data(3), labels=np.array([0.0, 1.0, 1.0]))
+    assert "labels are float64; expected integer class indices" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_separate_labels_file_errors_name_that_file(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=data(4))
+    np.save(tmp_path / "y.npy", np.zeros((4, 2), dtype=np.int64))
+    message = load_error(tmp_path / "calib.npz", model, labels_path=tmp_path / "y.npy")
+    assert message.startswith(str(tmp_path / "y.npy")) and "labels have shape (4, 2)" in message
+
+
+def test_inconsistent_sample_counts(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", a=data(4), b=data(5, 3))
+    assert "input 'a' has 4 samples but input 'b' has 5" in load_error(tmp_path / "calib.npz", two_input_model)
+
+
+def test_empty_npz(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "empty.npz")
+    assert "empty.npz: the .npz file contains no arrays" in load_error(tmp_path / "empty.npz", model)
+
+
+def test_zero_samples(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=np.zeros((0, FEATURES), dtype=np.float32))
+    assert "the data holds 0 samples" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_corrupt_npz(tmp_path: Path, model: onnx.ModelProto) -> None:
+    (tmp_path / "calib.npz").write_bytes(b"PK\x03\x04 this is not really a zip archive")
+    assert "calib.npz: not a readable .npz file" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_pickled_object_array(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.savez(tmp_path / "calib.npz", input=np.array([{"a": 1}], dtype=object))
+    assert "object arrays" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_directory_without_usable_files(tmp_path: Path, model: onnx.ModelProto) -> None:
+    (tmp_path / "notes.txt").write_text("nothing to see")
+    assert "directory contains no .npz or .npy files" in load_error(tmp_path, model)
+
+
+def test_directory_with_disagreeing_files(tmp_path: Path, model: onnx.ModelProto) -> None:
+    np.save(tmp_path / "0.npy", data(2))
+    np.save(tmp_path / "1.npy", data(2, FEATURES + 1))
+    assert "files disagree on the shape of 'input'" in load_error(tmp_path, model)
+
+
+def test_missing_path_and_unknown_suffix(tmp_path: Path, model: onnx.ModelProto) -> None:
+    assert "does not exist" in load_error(tmp_path / "nope.npz", model)
+    (tmp_path / "data.csv").write_text("1,2,3")
+    assert "unsupported data file type '.csv'" in load_error(tmp_path / "data.csv", model)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic data
+# ------------------------------------------------------------------------------------------------
+def test_synthetic_data_follows_graph_and_warns(model: onnx.ModelProto, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fls_compress.io.calibration"):
+        calib = load_calibration(None, model, num_synthetic=300, seed=3)
+    assert calib.synthetic and calib.labels is None and calib.source == "synthetic"
+    x = calib.inputs["input"]
+    assert x.shape == (300, FEATURES) and x.dtype == np.float32
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1.0) < 0.1
+    assert any("synthetic" in r.getMessage() and "rough" in r.getMessage() for r in caplog.records)
+    again = load_calibration(None, model, num_synthetic=300, seed=3)
+    np.testing.assert_array_equal(again.inputs["input"], x)
+
+
+def test_synthetic_refuses_dynamic_non_batch_dims_and_integers() -> None:
+    dynamic = make_model([("input", TensorProto.FLOAT, ["N", "L", FEATURES])])
+    with pytest.raises(InvalidDataError, match="dynamic dimension 'L' at axis 1"):
+        load_calibration(None, dynamic)
+    ids = make_model([("ids", TensorProto.INT64, ["N", 4])])
+    with pytest.raises(InvalidDataError, match="only be generated for float inputs"):
+        load_calibration(None, ids)
+
+
+def test_graph_input_specs_skip_initializers() -> None:
+    model = make_model([("input", TensorProto.FLOAT, ["N", FEATURES])])
+    model.graph.input.append(helper.make_tensor_value_info("W0", TensorProto.FLOAT, [FEATURES, CLASSES]))
+    assert [s.name for s in graph_input_specs(model)] == ["input"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CalibrationData helpers
+# ------------------------------------------------------------------------------------------------
+def make_calib(n: int = 10) -> CalibrationData:
+    x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    return CalibrationData({"input": x}, np.arange(n, dtype=np.int64), synthetic=False, source="mem")
+
+
+def test_split_is_disjoint_complete_and_seeded() -> None:
+    calib = make_calib(10)
+    first, holdout = calib.split(0.3, seed=1)
+    assert (first.num_samples, holdout.num_samples) == (7, 3)
+    together = np.sort(np.concatenate([first.labels, holdout.labels]))
+    np.testing.assert_array_equal(together, np.arange(10))
+    # Inputs stay aligned with labels.
+    np.testing.assert_array_equal(holdout.inputs["input"][:, 0], holdout.labels * 2)
+    again, _ = calib.split(0.3, seed=1)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert calib.split(0.01)[1].num_samples == 1  # never empty
+    with pytest.raises(InvalidOptionError, match="between 0 and 1"):
+        calib.split(1.0)
+
+
+def test_batches_cover_all_samples() -> None:
+    calib = make_calib(10)
+    sizes = [b["input"].shape[0] for b in calib.batches(4)]
+    assert sizes == [4, 4, 2]
+    shuffled = [lab for _, labels in calib.labeled_batches(3, shuffle=True, seed=5) for lab in labels]
+    assert sorted(shuffled) == list(range(10)) and shuffled != list(range(10))
+    replay = [lab for _, labels in calib.labeled_batches(3, shuffle=True, seed=5) for lab in labels]
+    assert replay == shuffled
+    with pytest.raises(InvalidOptionError):
+        next(calib.batches(0))
+
+
+def test_subset_takes_prefix() -> None:
+    calib = make_calib(10)
+    np.testing.assert_array_equal(calib.subset(3).labels, [0, 1, 2])
+    assert calib.subset(50).num_samples == 10
