@@ -172,7 +172,9 @@ def verify_models(
 ) -> dict[str, Any]:
     """Run ``original`` and ``compressed`` with onnxruntime on ``data`` and compare their outputs.
 
-    Models may be protos or paths (loaded and checked with :func:`load_onnx`). Returns a JSON-ready
+    Models may be protos or paths (loaded and checked with :func:`load_onnx`). Samples are fed in
+    batches of ``batch_size`` (one at a time when the graph's leading dimension is a static 1, see
+    :mod:`fls_compress.io.calibration`). Returns a JSON-ready
     dict (see the module docstring for the metrics)::
 
         {"task": ..., "num_samples": ..., "synthetic_data": ..., "data_source": ...,

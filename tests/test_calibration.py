@@ -22,10 +22,10 @@ CLASSES = 5
 
 
 def make_model(inputs: list[tuple[str, int, list]], n_classes: int = CLASSES) -> onnx.ModelProto:
-    """A graph that feeds each input through ReduceSum-free ops into a [N, n_classes] output.
+    """A graph mapping every input to a [N, n_classes] "logits" output.
 
-    Each float input of shape [N, FEATURES] goes through MatMul with its own weight; integer inputs
-    are Cast to float first. The outputs are summed into "logits" [N, n_classes].
+    Each input goes through MatMul with its own weight (integer inputs are Cast to float first);
+    the products are summed into "logits".
     """
     rng = np.random.default_rng(0)
     nodes, inits, partial = [], [], []
@@ -124,9 +124,10 @@ def test_directory_of_per_sample_npy_in_sorted_order(tmp_path: Path, model: onnx
 def test_directory_of_npz_batches_and_samples(tmp_path: Path, two_input_model: onnx.ModelProto) -> None:
     rng = np.random.default_rng(1)
     a, b = rng.random((5, FEATURES)).astype(np.float32), rng.random((5, 3)).astype(np.float32)
-    np.savez(tmp_path / "part0.npz", a=a[:4], b=b[:4])  # a batch of 4
-    np.savez(tmp_path / "part1.npz", a=a[4], b=b[4])  # a single sample
+    np.savez(tmp_path / "part1.npz", a=a[4], b=b[4], labels=np.int64(3))  # a single sample
+    np.savez(tmp_path / "part0.npz", a=a[:4], b=b[:4], labels=np.arange(4))  # a batch of 4
     calib = load_calibration(tmp_path, two_input_model)
+    np.testing.assert_array_equal(calib.labels, [0, 1, 2, 3, 3])
     np.testing.assert_array_equal(calib.inputs["a"], a)
     np.testing.assert_array_equal(calib.inputs["b"], b)
 
@@ -166,7 +167,8 @@ def test_static_leading_one_accepts_any_count_and_batches_singly(tmp_path: Path)
 def test_wrong_shape(tmp_path: Path, model: onnx.ModelProto) -> None:
     np.savez(tmp_path / "calib.npz", input=data(10, FEATURES + 1))
     message = load_error(tmp_path / "calib.npz", model)
-    assert message.endswith(f"calib.npz: input 'input' has shape (10, {FEATURES + 1}); the model expects (N, {FEATURES})")
+    expected = f"calib.npz: input 'input' has shape (10, {FEATURES + 1}); the model expects (N, {FEATURES})"
+    assert message.endswith(expected)
 
 
 def test_wrong_rank(tmp_path: Path, model: onnx.ModelProto) -> None:
@@ -249,6 +251,16 @@ def test_zero_samples(tmp_path: Path, model: onnx.ModelProto) -> None:
 def test_corrupt_npz(tmp_path: Path, model: onnx.ModelProto) -> None:
     (tmp_path / "calib.npz").write_bytes(b"PK\x03\x04 this is not really a zip archive")
     assert "calib.npz: not a readable .npz file" in load_error(tmp_path / "calib.npz", model)
+
+
+def test_garbage_files_are_not_mistaken_for_pickles(tmp_path: Path, model: onnx.ModelProto) -> None:
+    (tmp_path / "calib.npz").write_bytes(b"\x00garbage" * 10)
+    assert "calib.npz: not a readable .npz file (unrecognised file header)" in load_error(tmp_path / "calib.npz", model)
+    (tmp_path / "x.npy").write_bytes(b"\x00garbage" * 10)
+    assert "x.npy: not a readable .npy file" in load_error(tmp_path / "x.npy", model)
+    np.save(tmp_path / "x.npy", data(2))
+    (tmp_path / "x.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:150])  # truncated
+    assert "x.npy: not a readable .npy file" in load_error(tmp_path / "x.npy", model)
 
 
 def test_pickled_object_array(tmp_path: Path, model: onnx.ModelProto) -> None:

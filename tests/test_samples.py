@@ -28,6 +28,16 @@ from sample_models.build_samples import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Train on one thread, as the build script does: tiny batches gain nothing from two, and OpenMP
+    spin-waiting makes them many times slower when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     X, y = load_mnist5k()

@@ -311,17 +311,40 @@ class FishLegEstimator(InverseFisherEstimator):
         optimizer.step()
         return aux / norm
 
+    def _param_groups(self) -> list[dict]:
+        """Adam groups with the learning rate scaled by 1/sqrt(dim) for the d x d factors.
+
+        Adam moves every coordinate by ~lr per step, so a d x d factor moves by ~lr sqrt(d) in spectral
+        norm; without the scaling, large layers (d ~ 1000) blow Q up within a few steps.
+        """
+        groups = []
+        for q in self.modules.values():
+            for p in q.parameters():
+                dim = p.shape[-1] if p.dim() >= 2 else 1
+                groups.append({"params": [p], "lr": self.config.lr / math.sqrt(dim)})
+        return groups
+
     def _optimise(self, problem: FisherProblem, steps: int, stats: FitStats) -> FitStats:
+        """Adam on the auxiliary loss with a linear lr decay; reverts to the starting lambda if the
+        auxiliary loss ended higher than it started (divergence guard, FLS memo pitfall 13)."""
         if steps == 0:
             return stats
-        params = [p for m in self.modules.values() for p in m.parameters()]
-        opt = torch.optim.Adam(params, lr=self.config.lr)
+        start_state = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in self.modules.items()}
+        opt = torch.optim.Adam(self._param_groups())
         final = self.config.final_lr_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - (1.0 - final) * k / max(steps - 1, 1))
         t0 = time.perf_counter()
+        history = []
         for _ in range(steps):
-            stats.history.append(self.aux_step(problem, opt))
+            history.append(self.aux_step(problem, opt))
             sched.step()
+        window = max(1, min(10, steps // 4))
+        if steps >= 4 and sum(history[-window:]) / window > sum(history[:window]) / window:
+            log.warning("FishLeg auxiliary loss rose during the fit (%.4g -> %.4g); keeping the previous Q", history[0], history[-1])
+            for n, q in self.modules.items():
+                q.load_state_dict(start_state[n])
+            stats.extra["reverted"] = 1.0
+        stats.history.extend(history)
         stats.steps += steps
         stats.samples += steps * min(self.config.aux_batch, problem.num_samples)
         stats.seconds += time.perf_counter() - t0

@@ -210,8 +210,28 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty zip
+
+
+def _check_magic(path: Path, magics: tuple[bytes, ...], kind: str) -> None:
+    """Refuse files that do not start like a ``.npy`` / ``.npz`` file.
+
+    Without this, :func:`numpy.load` treats any unknown content as a pickle and reports "pickled
+    data", which would be a misleading message for a truncated or mislabelled file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(max(len(m) for m in magics))
+    except OSError as exc:
+        raise InvalidDataError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+    if not any(head.startswith(m) for m in magics):
+        raise InvalidDataError(f"{path}: not a readable {kind} file (unrecognised file header)")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a ``.npz`` file, with file-format problems turned into :class:`InvalidDataError`."""
+    _check_magic(path, _ZIP_MAGICS, ".npz")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -228,6 +248,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _read_npy(path: Path) -> np.ndarray:
     """One ``.npy`` array, with file-format problems turned into :class:`InvalidDataError`."""
+    _check_magic(path, (_NPY_MAGIC,), ".npy")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -236,18 +257,18 @@ def _read_npy(path: Path) -> np.ndarray:
         raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
     except (OSError, EOFError) as exc:
         raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
-    if not isinstance(array, np.ndarray):
-        raise InvalidDataError(f"{path}: expected a .npy array, found a .npz archive")
     return array
 
 
 def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
-    """Give single-sample arrays (rank one below the input's) a leading sample axis of length 1."""
+    """Give single-sample arrays (rank one below the input's, or a scalar label) a sample axis of length 1."""
     result = {}
     for name, arr in arrays.items():
         spec = specs.get(name)
         if spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1:
             arr = arr[np.newaxis]
+        elif spec is None and name == LABELS_KEY and arr.ndim == 0:
+            arr = arr.reshape(1)
         result[name] = arr
     return result
 
@@ -266,6 +287,9 @@ def _concatenate_parts(parts: list[tuple[str, dict[str, np.ndarray]]], where: st
             merged[name].append(arr)
     result = {}
     for name, pieces in merged.items():
+        scalar = next((file for (file, _), p in zip(parts, pieces) if p.ndim == 0), None)
+        if scalar is not None:
+            raise InvalidDataError(f"{where}: '{name}' in {scalar} is a scalar; expected one sample or a batch")
         tails = {p.shape[1:] for p in pieces}
         if len({p.ndim for p in pieces}) > 1 or len(tails) > 1:
             shapes = ", ".join(str(p.shape) for p in pieces[:3])
@@ -378,7 +402,8 @@ def _check_labels(where: str, labels: np.ndarray, n_samples: int, n_classes: int
         raise InvalidDataError(f"{where}: labels contain negative value {int(labels.min())}")
     if n_classes is not None and labels.size and labels.max() >= n_classes:
         raise InvalidDataError(
-            f"{where}: label {int(labels.max())} is out of range; the model has {n_classes} classes (0..{n_classes - 1})"
+            f"{where}: label {int(labels.max())} is out of range; "
+            f"the model has {n_classes} classes (0..{n_classes - 1})"
         )
     return labels.astype(np.int64)
 
@@ -434,7 +459,8 @@ def _synthetic(model: onnx.ModelProto, num_samples: int, seed: int) -> dict[str,
     for spec in graph_input_specs(model):
         if spec.dtype.kind != "f":
             raise InvalidDataError(
-                f"input '{spec.name}' is {spec.dtype}; synthetic data can only be generated for float inputs, pass --data"
+                f"input '{spec.name}' is {spec.dtype}; "
+                "synthetic data can only be generated for float inputs, pass --data"
             )
         if not spec.shape:
             raise InvalidDataError(
@@ -494,7 +520,8 @@ def load_calibration(
     model:
         The ONNX model the data must feed.
     num_synthetic:
-        Batch size of the synthetic data (only used when ``source`` is ``None``).
+        Number of synthetic samples (only used when ``source`` is ``None``; a graph whose leading
+        dimension is a static size other than 1 gets exactly that many).
     seed:
         Seed of the synthetic data generator.
     labels_path:
@@ -528,7 +555,9 @@ def load_calibration(
             )
         arrays = {next(iter(specs)): _read_npy(path)}
     else:
-        raise InvalidDataError(f"{where}: unsupported data file type '{path.suffix}' (expected .npz, .npy or a directory)")
+        raise InvalidDataError(
+            f"{where}: unsupported data file type '{path.suffix}' (expected .npz, .npy or a directory)"
+        )
 
     labels = arrays.pop(LABELS_KEY, None) if LABELS_KEY not in specs else None
     labels_where = where

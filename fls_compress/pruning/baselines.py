@@ -37,26 +37,48 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..curvature.empirical_fisher import BlockWoodburyEstimator
 from ..curvature.mfac import MFACEstimator
 from ..curvature.problem import FisherProblem
 from . import registry
-from .base import ProgressFn, PruneResult, Pruner, SparsitySpec
-from .layerwise import SparseGPTPruner, WandaPruner
+from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
+from .layerwise import SparseGPTPruner, WandaPruner, allocate_counts
 from .magnitude import MagnitudePruner
 from .obs import OBSPruner
 from .registry import MethodOptions
+from .selection import select_global
 
 
 class LayerMagnitudePruner(MagnitudePruner):
-    """Magnitude pruning with uniform per-layer sparsity whatever the spec's scope."""
+    """Magnitude pruning with uniform per-layer sparsity whatever the spec's scope.
+
+    Every layer gets the target fraction up to one weight; the per-layer counts are split by largest
+    remainder so that the overall count is exactly round(s * total) (per-layer rounding alone can miss
+    it by up to half a weight per layer). N:M specs are delegated to :class:`MagnitudePruner`.
+    """
 
     name = "magnitude-layer"
 
     def prune(self, problem: FisherProblem, spec: SparsitySpec, progress: ProgressFn | None = None) -> PruneResult:
-        layer_spec = spec if spec.scope == "layer" else dataclasses.replace(spec, scope="layer")
-        result = super().prune(problem, layer_spec, progress)
-        result.method = self.name
+        if spec.nm is not None:
+            result = super().prune(problem, dataclasses.replace(spec, scope="layer"), progress)
+            result.method = self.name
+            return result
+        result = PruneResult(self.name, problem.masks)
+        for target in spec.schedule():
+            sizes = [problem.masks[n].numel() for n in problem.names]
+            counts = allocate_counts(int(round(target * sum(sizes))), sizes)
+            for n, k, size in zip(problem.names, counts, sizes):
+                mask = problem.masks[n]
+                score = torch.where(mask, problem.weights[n].parameter.detach().abs(), torch.full_like(mask, float("inf"), dtype=problem.weights[n].parameter.dtype))
+                newly = select_global({n: score}, {n: mask}, k / size)[n]
+                problem.masks[n] = mask & ~newly
+            problem.apply_masks()
+            result.steps.append(PruneStep(target, problem.sparsity()))
+            if progress:
+                progress(f"{self.name}: sparsity {problem.sparsity():.3f}")
         return result
 
 

@@ -10,8 +10,8 @@ min over W' of ||W X^T - W' X^T||_F^2, separable over output rows with the commo
 H = 2 X^T X / n (n = number of rows of X).
 
 * **SparseGPT** (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
-  One-Shot", ICML 2023; memo 4.3). Damping H += percdamp * mean(diag H) I; dead inputs (H_jj = 0) get
-  H_jj = 1. With U the upper Cholesky factor of H^-1 (H^-1 = U^T U), the OBS quantities of column i
+  One-Shot", ICML 2023; memo 4.3). Damping H += percdamp * mean(diag H) I (dead inputs, H_jj = 0, are left at
+  0 before damping - see :func:`_inverse_cholesky_upper`). With U the upper Cholesky factor of H^-1 (H^-1 = U^T U), the OBS quantities of column i
   after columns < i are fixed are rows of U: saliency w_ri^2 / U_ii^2 and update
   err_r = (w_ri - q_ri) / U_ii, W[r, i:] -= err_r U[i, i:]. Columns are swept in lazy blocks of
   ``blocksize`` (128): updates inside a block touch only the block, then W[:, i2:] -= E U[i1:i2, i2:]
@@ -414,7 +414,7 @@ class LayerStats:
 # ------------------------------------------------------------------------------------------------
 # The two algorithms on one matrix
 # ------------------------------------------------------------------------------------------------
-def _allocate(total: int, sizes: list[int]) -> list[int]:
+def allocate_counts(total: int, sizes: list[int]) -> list[int]:
     """Split ``total`` over parts proportionally to ``sizes`` (largest remainder, exact sum)."""
     s = sum(sizes)
     if s == 0:
@@ -433,13 +433,20 @@ def _allocate(total: int, sizes: list[int]) -> list[int]:
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper U with U^T U = (H + damp I)^-1; dead inputs get H_jj = 1; damping grows on failure."""
+    """Upper U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); grows on failure.
+
+    Dead inputs (H_jj = 0) keep H_jj = 0, so after damping their weights cost w^2 * damp: they are
+    pruned first (nearly free on the calibration data) and never move other weights. (SparseGPT sets
+    H_jj = 1 and zeroes those weights; an absolute 1 can make dead inputs look MORE important than live
+    ones when activations are small, and zeroing them would change the model off the calibration set.)
+    """
     h = h.clone()
     diag = h.diagonal()
-    dead = diag <= 0
-    diag[dead] = 1.0
+    mean = float(diag.clamp_min(0).mean())
+    if not mean > 0:
+        mean = 1.0
     eye = torch.eye(h.shape[0], dtype=h.dtype)
-    damp = percdamp * float(diag.mean())
+    damp = max(percdamp * mean, 1e-10 * mean)
     for _ in range(8):
         chol, info = torch.linalg.cholesky_ex(h + damp * eye)
         if int(info) == 0:
@@ -447,7 +454,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
             upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info2) == 0:
                 return upper
-        damp = max(damp * 10.0, 1e-8 * float(diag.mean()) + 1e-12)
+        damp = damp * 10.0
         log.debug("SparseGPT: Cholesky failed, damping raised to %.3e", damp)
     raise UnsupportedModelError("SparseGPT: the layer Hessian could not be factorised")
 
@@ -538,7 +545,7 @@ def wanda_prune_matrix(
     else:
         if prune_count is None:
             raise ValueError("prune_count or nm is required")
-        per_row = torch.tensor(_allocate(int(prune_count), [cols] * rows), dtype=torch.long)
+        per_row = torch.tensor(allocate_counts(int(prune_count), [cols] * rows), dtype=torch.long)
         per_row = torch.maximum(per_row, (~alive).sum(dim=1))
         order = torch.argsort(score, dim=1, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols).expand(rows, cols).contiguous())
@@ -601,7 +608,7 @@ def _layerwise(
         if spec.steps > 1:
             log.info("%s: one-shot method, spec.steps=%d is not used", method, spec.steps)
         sizes = [int(np.prod(sites[n].shape)) for n in active]
-        counts = dict(zip(active, _allocate(int(round(spec.sparsity * sum(sizes))), sizes)))
+        counts = dict(zip(active, allocate_counts(int(round(spec.sparsity * sum(sizes))), sizes)))
     waves = _waves(work, {n: sites[n] for n in active}, sequential)
     done = 0
     for wave in waves:
@@ -623,7 +630,7 @@ def _layerwise(
             alive = torch.from_numpy(np.array(site.to_matrix(keep[n]), dtype=bool))
             g = site.groups
             rows_per = mat.shape[0] // g
-            group_counts = _allocate(counts[n], [rows_per * mat.shape[1]] * g) if nm is None else [0] * g
+            group_counts = allocate_counts(counts[n], [rows_per * mat.shape[1]] * g) if nm is None else [0] * g
             new_w, new_keep = mat.clone(), alive.clone()
             for gi in range(g):
                 r = slice(gi * rows_per, (gi + 1) * rows_per)

@@ -12,6 +12,8 @@ must not be pruned carry ``+inf``. Selection never revives a pruned weight.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..bridge.weights import PrunableWeight
@@ -33,7 +35,7 @@ def select_global(
     """Boolean "prune now" tensors so that the overall sparsity reaches ``target_sparsity``."""
     total = sum(m.numel() for m in masks.values())
     pruned = sum(int((~m).sum()) for m in masks.values())
-    k = max(int(round(target_sparsity * total)) - pruned, 0)
+    k = max(math.ceil(target_sparsity * total - 1e-9) - pruned, 0)  # never fall short of the target
     flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores.values()])
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     finite = int(torch.isfinite(flat).sum())

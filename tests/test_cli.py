@@ -1,0 +1,141 @@
+"""The command line as a pipeline sees it: exit codes, one-line errors, JSON on stdout, files untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer Gemm classifier (16 -> 32 -> 4) with calibration data and labels."""
+    d = tmp_path_factory.mktemp("mlp")
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(32, 16)).astype(np.float32) / 4
+    w2 = rng.normal(size=(4, 32)).astype(np.float32) / 6
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", transB=1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
+         numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(4, np.float32), "b2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tests")
+    model.ir_version = 8
+    helper.set_model_props(model, {"owner": "tests"})
+    onnx.save(model, d / "mlp.onnx")
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    np.savez(d / "calib.npz", x=x, labels=rng.integers(0, 4, size=200))
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    np.savez(d / "nan.npz", x=bad)
+    np.savez(d / "shape.npz", x=x[:, :15])
+    np.savez(d / "int.npz", x=x.astype(np.int32))
+    (d / "corrupt.onnx").write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    lstm = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=2)],
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])],
+        [numpy_helper.from_array(np.ones((1, 8, 3), np.float32), "W"), numpy_helper.from_array(np.ones((1, 8, 2), np.float32), "R")],
+    )
+    m2 = helper.make_model(lstm, opset_imports=[helper.make_opsetid("", 14)])
+    m2.ir_version = 8
+    onnx.save(m2, d / "lstm.onnx")
+    return {"dir": d, "model": d / "mlp.onnx"}
+
+
+def _digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_prune_success_prints_json_and_keeps_input(mlp, tmp_path):
+    before = _digest(mlp["model"])
+    out = tmp_path / "out.onnx"
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(out), "--sparsity", "0.6", "--data", str(mlp["dir"] / "calib.npz"),
+                   "--report", str(tmp_path / "r.json"), "--fit-steps", "5", "--refit-steps", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "ok" and report["method"] == "fls"
+    assert report["sparsity"]["achieved"] >= 0.6
+    assert 0.0 <= report["verification"]["outputs"]["logits"]["top1_agreement"] <= 1.0
+    assert _digest(mlp["model"]) == before
+    assert [p.key for p in onnx.load(out).metadata_props] == ["owner"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp files left behind
+
+
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (["--sparsity", "1.0"], 2, "sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.1"], 2, "sparsity must be in [0, 1)"),
+        (["--sparsity", "nan"], 2, "sparsity must be"),
+        (["--pattern", "4:2"], 2, "pattern"),
+        (["--method", "nope"], 2, "unknown method"),
+        (["--data", "{dir}/nan.npz"], 5, "NaN"),
+        (["--data", "{dir}/shape.npz"], 5, "shape"),
+        (["--data", "{dir}/int.npz"], 5, "int"),
+        (["--data", "{dir}/missing.npz"], 5, "missing.npz"),
+    ],
+)
+def test_bad_options_and_data_give_one_line_errors(mlp, tmp_path, args, code, fragment):
+    args = [a.format(dir=mlp["dir"]) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(mlp["dir"] / "calib.npz")]
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), *args, "--fit-steps", "1")
+    assert_one_line_error(proc, code, fragment)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bad_models_give_one_line_errors(mlp, tmp_path):
+    d = mlp["dir"]
+    assert_one_line_error(run_cli("prune", str(d / "corrupt.onnx"), "-o", str(tmp_path / "o.onnx")), 3, "corrupt.onnx")
+    assert_one_line_error(run_cli("prune", str(d / "absent.onnx"), "-o", str(tmp_path / "o.onnx")), 3, "absent.onnx")
+    assert_one_line_error(run_cli("prune", str(d / "lstm.onnx"), "-o", str(tmp_path / "o.onnx")), 4, "LSTM")
+    before = _digest(mlp["model"])
+    assert_one_line_error(run_cli("prune", str(mlp["model"]), "-o", str(mlp["model"])), 2, "")
+    assert _digest(mlp["model"]) == before
+
+
+def test_inspect_and_verify_commands(mlp, tmp_path):
+    proc = run_cli("inspect", str(mlp["model"]))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert [p["name"] for p in info["prunable"]] == ["w1", "w2"]
+    assert info["prunable_weights"] == 32 * 16 + 4 * 32 and info["unsupported_ops"] == []
+    proc = run_cli("verify", str(mlp["model"]), str(mlp["model"]), "--data", str(mlp["dir"] / "calib.npz"))
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["outputs"]["logits"]["max_abs_error"] == 0.0
+    assert rep["outputs"]["logits"]["top1_agreement"] == 1.0
