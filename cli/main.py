@@ -49,6 +49,7 @@ class QForm(str, Enum):
 
 
 class QInit(str, Enum):
+    kfac = "kfac"
     diag = "diag"
     identity = "identity"
 
@@ -93,10 +94,10 @@ def prune(
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for curvature estimation."),
     damping: Optional[float] = typer.Option(None, "--damping", help="Absolute damping gamma (default: relative to the mean diagonal Fisher)."),
     relative_damping: float = typer.Option(0.1, "--relative-damping", help="gamma = this x mean diag(F) when --damping is not given."),
-    fit_steps: int = typer.Option(200, "--fit-steps", help="FishLeg auxiliary-loss steps before the first pruning step."),
-    refit_steps: int = typer.Option(50, "--refit-steps", help="FishLeg auxiliary-loss steps between pruning sub-steps."),
+    fit_steps: int = typer.Option(50, "--fit-steps", help="FishLeg auxiliary-loss steps before the first pruning step."),
+    refit_steps: int = typer.Option(20, "--refit-steps", help="FishLeg auxiliary-loss steps between pruning sub-steps."),
     q_form: QForm = typer.Option(QForm.kron, "--q-form", help="FishLeg Q structure: kron (Kronecker) or block (block-diagonal)."),
-    q_init: QInit = typer.Option(QInit.diag, "--q-init", help="FishLeg Q initialisation: diag (1/(diag F + gamma)) or identity (I/gamma)."),
+    q_init: QInit = typer.Option(QInit.kfac, "--q-init", help="FishLeg Q initialisation: kfac (Kronecker factors of per-example gradients), diag (1/(diag F + gamma)) or identity (I/gamma)."),
     block_size: int = typer.Option(50, "--block-size", help="Block size for block-diagonal curvature (FLS block form, oBERT)."),
     aux_lr: float = typer.Option(3e-3, "--aux-lr", help="Adam learning rate of the FishLeg auxiliary loss."),
     precondition: bool = typer.Option(True, "--precondition/--no-precondition", help="FishLeg preconditioned auxiliary update."),

@@ -22,9 +22,12 @@ Q forms (PSD by construction, memo section 3):
 * :class:`BlockQ`: the row-major flattened weight split into blocks of ``block_size`` (last one padded),
   Q = blockdiag(B_k B_k^T); exact group OBS inside a block is cheap.
 
-Initialisation: ``"identity"`` gives Q0 = I / gamma (the papers' choice, memo 2.6); ``"diag"`` (default)
-gives Q0 = diag(1 / (diag F + gamma)) from per-example sampled-label gradients, an inexpensive
-diagonal warm start from which the Kronecker/block factors learn the off-diagonal structure.
+Initialisation: ``"identity"`` gives Q0 = I / gamma (the papers' choice, memo 2.6); ``"diag"`` gives
+Q0 = diag(1 / (diag F + gamma)) from per-example sampled-label gradients; ``"kfac"`` (default, Kronecker
+form) sets R^T R and L L^T to the damped inverses of the Kronecker factors E[G G^T], E[G^T G] of the
+per-example gradients G (see :class:`GradientMoments`), so the auxiliary-loss fit starts from a
+K-FAC-like point and only has to correct it. On the MNIST autoencoder the kfac start is what makes FLS
+beat magnitude pruning; a diagonal start without compensation (OBD) is worse than magnitude at 90%.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,10 +126,10 @@ class FishLegConfig:
     block_size: int = 50
     damping: float | None = None
     relative_damping: float = 0.1
-    init: str = "diag"  # "diag" | "identity"
-    fit_steps: int = 200
-    refit_steps: int = 50
-    aux_batch: int = 64
+    init: str = "kfac"  # "kfac" | "diag" | "identity"
+    fit_steps: int = 50
+    refit_steps: int = 20
+    aux_batch: int = 32
     lr: float = 3e-3
     final_lr_fraction: float = 0.1
     precondition: bool = True
@@ -325,30 +329,53 @@ class FishLegEstimator(InverseFisherEstimator):
         return groups
 
     def _optimise(self, problem: FisherProblem, steps: int, stats: FitStats) -> FitStats:
-        """Adam on the auxiliary loss with a linear lr decay; reverts to the starting lambda if the
-        auxiliary loss ended higher than it started (divergence guard, FLS memo pitfall 13)."""
+        """Adam on the auxiliary loss with a linear lr decay.
+
+        The step is accepted only if it lowers the auxiliary loss on a fixed validation set of probes
+        and samples (the per-step loss is far too noisy to judge); otherwise the previous lambda is kept.
+        This guards against the divergence of FLS memo pitfall 13.
+        """
         if steps == 0:
             return stats
         start_state = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in self.modules.items()}
+        before = self.validation_loss(problem)
         opt = torch.optim.Adam(self._param_groups())
         final = self.config.final_lr_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - (1.0 - final) * k / max(steps - 1, 1))
         t0 = time.perf_counter()
-        history = []
         for _ in range(steps):
-            history.append(self.aux_step(problem, opt))
+            stats.history.append(self.aux_step(problem, opt))
             sched.step()
-        window = max(1, min(10, steps // 4))
-        if steps >= 4 and sum(history[-window:]) / window > sum(history[:window]) / window:
-            log.warning("FishLeg auxiliary loss rose during the fit (%.4g -> %.4g); keeping the previous Q", history[0], history[-1])
+        after = self.validation_loss(problem)
+        stats.extra["validation_aux_loss_before"] = before
+        stats.extra["validation_aux_loss_after"] = after
+        if not after < before:
+            log.info("FishLeg fit did not lower the validation auxiliary loss (%.4g -> %.4g); keeping the previous Q", before, after)
             for n, q in self.modules.items():
                 q.load_state_dict(start_state[n])
             stats.extra["reverted"] = 1.0
-        stats.history.extend(history)
         stats.steps += steps
         stats.samples += steps * min(self.config.aux_batch, problem.num_samples)
         stats.seconds += time.perf_counter() - t0
         return stats
+
+    def validation_loss(self, problem: FisherProblem, probes: int = 4) -> float:
+        """A(lambda) = sum_u [1/2 v^T F_gamma v - u^T v] / ||u||^2, v = Q u, on fixed probes and samples."""
+        gen = torch.Generator().manual_seed(problem.seed + 7919)
+        batch = problem.batch_from_indices(np.arange(min(self.config.aux_batch * 2, problem.num_samples)))
+        saved = problem.generator.get_state()
+        problem.generator.manual_seed(problem.seed + 104729)  # the same sampled labels every time
+        total = 0.0
+        with torch.no_grad():
+            us = [{n: torch.randn(problem.weights[n].parameter.shape, generator=gen) * problem.masks[n] for n in problem.names} for _ in range(probes)]
+            vs = [{n: self._apply(n, problem, u[n]) for n in problem.names} for u in us]
+        for u, v in zip(us, vs):
+            problem.generator.manual_seed(problem.seed + 104729)
+            fv = problem.fisher_vp(batch, v)
+            norm = sum(float((x**2).sum()) for x in u.values())
+            total += sum(float(0.5 * (v[n] * (fv[n] + self.gamma * v[n])).sum() - (u[n] * v[n]).sum()) for n in problem.names) / norm
+        problem.generator.set_state(saved)
+        return total / probes
 
     def fit(self, problem: FisherProblem) -> FitStats:
         self._problem = problem

@@ -1,0 +1,194 @@
+"""Cost of (re)computing the inverse Fisher: FLS vs oBERT vs M-FAC (the FLS paper's comparison).
+
+Two measurements, each in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own:
+
+* time and peak memory to compute the inverse Fisher from N = 512 / 2048 / 10k samples, batch 16,
+  block size 50 for all three (FLS: N/16 auxiliary steps of the block-50 Q; oBERT: N per-example
+  gradients folded into block-50 inverses by Woodbury updates; M-FAC: N gradients, implicit inverse),
+  on a 784-300-50-10 MNIST MLP (~251k weights);
+* peak memory vs network size (~500 / 40k / 250k prunable weights) at N = 2048.
+
+Memory is reported as the peak RSS of the worker minus the peak RSS of an identical worker that builds
+the model and data but estimates nothing (so Python/torch start-up is excluded). Speed ratios are
+computed within one run on one machine.
+
+    python benchmarks/curvature_cost.py --out benchmarks/results [--samples 512,2048,10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"500": (64, 7, 10), "40k": (784, 50, 10), "250k": (784, 300, 50, 10)}
+DAMPING = 1e-2
+
+
+def _problem(size: str, n_data: int, seed: int = 0):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fls_compress.bridge.weights import PrunableWeight
+    from fls_compress.curvature.likelihoods import make_likelihood
+    from fls_compress.curvature.problem import FisherProblem
+    from fls_compress.datasets import load_digits_images, load_mnist5k
+
+    torch.manual_seed(seed)
+    dims = SIZES[size]
+    if dims[0] == 64:
+        X, y = load_digits_images()
+        X = X.reshape(len(X), -1)
+    else:
+        X, y = load_mnist5k()
+    reps = -(-n_data // len(X))
+    X, y = np.tile(X, (reps, 1))[:n_data].astype(np.float32), np.tile(y, reps)[:n_data]
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    net = nn.Sequential(*layers).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    weights = {}
+    for i, layer in enumerate(net):
+        if isinstance(layer, nn.Linear):
+            layer.weight.requires_grad_(True)
+            weights[f"fc{i}.weight"] = PrunableWeight(f"fc{i}.weight", "Gemm", layer.weight, tuple(layer.weight.shape))
+    return FisherProblem(lambda f: [net(f["x"])], weights, {"x": X}, make_likelihood("categorical"), labels=y, batch_size=16, seed=seed)
+
+
+def _estimator(method: str, n: int):
+    from fls_compress.curvature.empirical_fisher import BlockWoodburyEstimator
+    from fls_compress.curvature.fishleg import FishLegConfig, FishLegEstimator
+    from fls_compress.curvature.mfac import MFACEstimator
+
+    if method == "fls":
+        return FishLegEstimator(FishLegConfig(form="block", block_size=50, damping=DAMPING, init="identity", fit_steps=max(n // 16, 1), aux_batch=16))
+    if method == "obert":
+        return BlockWoodburyEstimator(num_grads=n, block_size=50, damping=DAMPING)
+    if method == "mfac":
+        return MFACEstimator(num_grads=n, damping=DAMPING)
+    raise ValueError(method)
+
+
+def worker(method: str, n: int, size: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    problem = _problem(size, max(n, 512))
+    weights = sum(w.numel for w in problem.weights.values())
+    seconds = 0.0
+    if method != "baseline":
+        est = _estimator(method, n)
+        t0 = time.perf_counter()
+        est.fit(problem)
+        # one inverse-Fisher-vector product per layer, the operation OBS needs
+        for name, w in problem.weights.items():
+            est.matvec(name, torch.randn_like(w.parameter))
+        seconds = time.perf_counter() - t0
+    return {"method": method, "samples": n, "size": size, "weights": weights, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _spawn(method: str, n: int, size: str, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(n), size]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "samples": n, "size": size, "error": f"timeout after {timeout:.0f}s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"method": method, "samples": n, "size": size, "error": ("out of memory" if proc.returncode in (-9, 137) else tail)[:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=3, metavar=("METHOD", "N", "SIZE"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--samples", default="512,2048,10000")
+    ap.add_argument("--memory-samples", type=int, default=2048)
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    if args.worker:
+        method, n, size = args.worker
+        print(json.dumps(worker(method, int(n), size)))
+        return 0
+    methods = ["fls", "obert", "mfac"]
+    timing = []
+    base = {s: _spawn("baseline", args.memory_samples, s, args.timeout) for s in SIZES}
+    for n in [int(s) for s in args.samples.split(",")]:
+        base_n = _spawn("baseline", n, "250k", args.timeout)
+        for m in methods:
+            r = _spawn(m, n, "250k", args.timeout)
+            if "peak_rss_mb" in r and "peak_rss_mb" in base_n:
+                r["extra_mb"] = r["peak_rss_mb"] - base_n["peak_rss_mb"]
+            timing.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    memory = []
+    for size in SIZES:
+        for m in methods:
+            r = _spawn(m, args.memory_samples, size, args.timeout)
+            if "peak_rss_mb" in r and "peak_rss_mb" in base[size]:
+                r["extra_mb"] = r["peak_rss_mb"] - base[size]["peak_rss_mb"]
+            memory.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "curvature_cost.json").write_text(json.dumps({"timing": timing, "memory": memory, "baseline": base}, indent=2) + "\n")
+    md = render(timing, memory, [int(s) for s in args.samples.split(",")], args.memory_samples)
+    (args.out / "curvature_cost.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _cell(r: dict | None, key: str, fmt: str) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return r["error"]
+    return format(r[key], fmt)
+
+
+def render(timing: list[dict], memory: list[dict], samples: list[int], mem_n: int) -> str:
+    def find(rows, **kw):
+        return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+    lines = [f"Time (s) to compute the inverse Fisher, batch 16, block 50, 784-300-50-10 MLP (~251k weights):", "",
+             "| method | " + " | ".join(str(n) for n in samples) + " |", "|---|" + "---|" * len(samples)]
+    for m in ("fls", "obert", "mfac"):
+        lines.append(f"| {m} | " + " | ".join(_cell(find(timing, method=m, samples=n), "seconds", ".3f") for n in samples) + " |")
+    lines += ["", "Speed-up of FLS (time of the other method / time of FLS, same run):", "",
+              "| vs | " + " | ".join(str(n) for n in samples) + " |", "|---|" + "---|" * len(samples)]
+    for m in ("obert", "mfac"):
+        cells = []
+        for n in samples:
+            a, b = find(timing, method=m, samples=n), find(timing, method="fls", samples=n)
+            cells.append(f"{a['seconds'] / b['seconds']:.1f}x" if a and b and "seconds" in a and "seconds" in b and b["seconds"] > 0 else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak extra memory (MB above a worker that only builds model and data) at N = " + str(samples[0] if not samples else samples) + ":", "",
+              "| method | " + " | ".join(str(n) for n in samples) + " |", "|---|" + "---|" * len(samples)]
+    for m in ("fls", "obert", "mfac"):
+        lines.append(f"| {m} | " + " | ".join(_cell(find(timing, method=m, samples=n), "extra_mb", ".0f") for n in samples) + " |")
+    lines += ["", f"Peak extra memory (MB) vs network size, N = {mem_n}:", "",
+              "| method | " + " | ".join(f"{s} ({_w(memory, s)} weights)" for s in SIZES) + " |", "|---|" + "---|" * len(SIZES)]
+    for m in ("fls", "obert", "mfac"):
+        lines.append(f"| {m} | " + " | ".join(_cell(find(memory, method=m, size=s), "extra_mb", ".0f") for s in SIZES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _w(rows: list[dict], size: str) -> str:
+    r = next((r for r in rows if r.get("size") == size and "weights" in r), None)
+    return str(r["weights"]) if r else "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
