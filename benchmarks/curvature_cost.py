@@ -37,9 +37,8 @@ def _problem(size: str, n_data: int, seed: int = 0):
     import torch
     from torch import nn
 
-    from fls_compress.bridge.weights import PrunableWeight
     from fls_compress.curvature.likelihoods import make_likelihood
-    from fls_compress.curvature.problem import FisherProblem
+    from fls_compress.curvature.problem import problem_from_module
     from fls_compress.datasets import load_digits_images, load_mnist5k
 
     torch.manual_seed(seed)
@@ -56,15 +55,7 @@ def _problem(size: str, n_data: int, seed: int = 0):
         layers.append(nn.Linear(dims[i], dims[i + 1]))
         if i < len(dims) - 2:
             layers.append(nn.ReLU())
-    net = nn.Sequential(*layers).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    weights = {}
-    for i, layer in enumerate(net):
-        if isinstance(layer, nn.Linear):
-            layer.weight.requires_grad_(True)
-            weights[f"fc{i}.weight"] = PrunableWeight(f"fc{i}.weight", "Gemm", layer.weight, tuple(layer.weight.shape))
-    return FisherProblem(lambda f: [net(f["x"])], weights, {"x": X}, make_likelihood("categorical"), labels=y, batch_size=16, seed=seed)
+    return problem_from_module(nn.Sequential(*layers), X, make_likelihood("categorical"), labels=y, batch_size=16, seed=seed)
 
 
 def _estimator(method: str, n: int):

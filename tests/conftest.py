@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from fls_compress.bridge.weights import PrunableWeight
 from fls_compress.curvature.likelihoods import make_likelihood
-from fls_compress.curvature.problem import FisherProblem
+from fls_compress.curvature.problem import problem_from_module
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# The test models are tiny: one thread is fastest and avoids oversubscription when cores are shared.
+torch.set_num_threads(1)
 
 
 def tiny_mlp_problem(
@@ -24,28 +24,13 @@ def tiny_mlp_problem(
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
             layers.append(nn.Tanh())
-    net = nn.Sequential(*layers).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    weights = {}
-    for i, layer in enumerate(net):
-        if isinstance(layer, nn.Linear):
-            layer.weight.requires_grad_(True)
-            weights[f"W{i}"] = PrunableWeight(f"W{i}", "Gemm", layer.weight, tuple(layer.weight.shape))
+    net = nn.Sequential(*layers)
     x = np.random.default_rng(seed).normal(size=(n, sizes[0])).astype(np.float32)
     labels = None
     if likelihood == "categorical":
         with torch.no_grad():
             labels = net(torch.from_numpy(x)).argmax(-1).numpy()
-    problem = FisherProblem(
-        forward=lambda feeds: [net(feeds["x"])],
-        weights=weights,
-        inputs={"x": x},
-        likelihood=make_likelihood(likelihood),
-        labels=labels,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    problem = problem_from_module(net, x, make_likelihood(likelihood), labels=labels, batch_size=batch_size, seed=seed)
     return problem, net
 
 

@@ -33,7 +33,6 @@ from fls_compress.pruning.layerwise import (
     sparsegpt_prune_matrix,
     wanda_prune_matrix,
 )
-from fls_compress.pruning.obs import OBSPruner
 from fls_compress.pruning.registry import MethodOptions, available_methods, make_pruner
 from fls_compress.curvature.fishleg import FishLegConfig
 

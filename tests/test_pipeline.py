@@ -137,7 +137,7 @@ def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
     np.savez(tmp_path / "r18.npz", input=np.random.default_rng(0).normal(size=(24, 3, 32, 32)).astype(np.float32))
     rep = prune_model(
         str(tmp_path / "r18.onnx"), str(tmp_path / "r18_p.onnx"), data=str(tmp_path / "r18.npz"),
-        options=PruneOptions(sparsity=0.5, fishleg=FishLegConfig(fit_steps=1, refit_steps=0, aux_batch=4, diag_samples=4), steps=1, batch_size=8, progress=False),
+        options=PruneOptions(sparsity=0.5, fishleg=FishLegConfig(init="diag", fit_steps=0, refit_steps=0, aux_batch=4, diag_samples=4), steps=1, batch_size=8, progress=False),
     )
     assert len(rep["sparsity"]["per_layer"]) == 21
     assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
@@ -153,6 +153,8 @@ def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
         options=PruneOptions(sparsity=0.5, fishleg=_fast_fls(fit_steps=10, refit_steps=5), progress=False),
     )
     assert rep["likelihood"] == "gaussian"
-    assert len(rep["sparsity"]["per_layer"]) >= 8
+    # nn.TransformerEncoder clones one layer, so the exporter stores each of the 4 weight matrices once
+    # and both layers read it: the shared initializers are pruned as one tied tensor.
+    assert len(rep["sparsity"]["per_layer"]) == 4
     assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
     assert rep["verification"]["outputs"]["hidden"]["cosine_similarity"] > 0.8

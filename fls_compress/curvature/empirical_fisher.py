@@ -303,18 +303,36 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         nb = layout.total_blocks
         eye = torch.eye(B, dtype=dtype)
         finv = (eye / lam).expand(nb, B, B).clone()
-        eye_c = torch.eye(self.chunk_size, dtype=dtype)
         chunk: list[torch.Tensor] = []
 
+        eye_c64 = torch.eye(self.chunk_size, dtype=torch.float64)
+        slab = 8192  # blocks per slice: bounds the (slab, B, c) temporaries
+        jittered = 0
+
         def absorb(vectors: list[torch.Tensor]) -> None:
+            nonlocal jittered
             c = len(vectors)
-            g = torch.stack(vectors, dim=2)  # (nb, B, c) = G^T per block
-            v = torch.bmm(finv, g)  # F^-1 G^T
-            s = torch.bmm(g.transpose(1, 2), v) + m * eye_c[:c, :c]
-            chol = torch.linalg.cholesky(s)
-            # contiguous right-hand side: the strided one takes a ~30x slower path in torch on CPU
-            x = torch.cholesky_solve(v.transpose(1, 2).contiguous(), chol)  # S^-1 V^T
-            finv.baddbmm_(v, x, alpha=-1.0)
+            gall = torch.stack(vectors, dim=2)  # (nb, B, c) = G^T per block
+            for lo in range(0, nb, slab):
+                g = gall[lo : lo + slab]
+                f = finv[lo : lo + slab]
+                v = torch.bmm(f, g)  # F^-1 G^T
+                # S = m I + G F^-1 G^T in float64 (its eigenvalues are >= m in exact arithmetic; with
+                # float32 blocks and small damping the rounding of G V can exceed m)
+                s = torch.bmm(g.transpose(1, 2).double(), v.double())
+                s = 0.5 * (s + s.transpose(1, 2)) + m * eye_c64[:c, :c]
+                chol, info = torch.linalg.cholesky_ex(s)
+                if bool((info != 0).any()):
+                    bad = info != 0
+                    jittered += int(bad.sum())
+                    top = s[bad].diagonal(dim1=1, dim2=2).amax(dim=1)
+                    s[bad] = s[bad] + (1e-7 * top)[:, None, None] * eye_c64[:c, :c]
+                    chol = torch.linalg.cholesky(s)
+                # S^-1 by Cholesky; batched cholesky_solve is erratically slow on CPU (per-matrix
+                # LAPACK calls fighting over threads), cholesky_inverse + bmm is fast and stable.
+                s_inv = torch.cholesky_inverse(chol).to(dtype)
+                x = torch.bmm(s_inv, v.transpose(1, 2))  # S^-1 V^T
+                f.baddbmm_(v, x, alpha=-1.0)
 
         for g in source:
             chunk.append(g)
@@ -328,6 +346,9 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
             part = finv[lo : lo + step]
             part.copy_(0.5 * (part + part.transpose(1, 2)))
         self.finv = finv
+        if jittered:
+            log.warning("%s: %d Woodbury solves needed jitter (rounding: damping %.3e is small for %s blocks)",
+                        self.name, jittered, lam, str(dtype).replace("torch.", ""))
         stats = FitStats(steps=m, seconds=time.perf_counter() - t0, samples=m)
         stats.extra["gamma"] = lam
         stats.extra["num_grads"] = float(m)
@@ -382,14 +403,22 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
             pp = (ps.unsqueeze(2) & ps.unsqueeze(1)).double()
             scale = qs.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp_min(1e-300)
             eye = torch.eye(q.shape[-1], dtype=torch.float64)
-            a = qs * pp + torch.diag_embed((~ps).double()) + self.jitter * scale[:, None, None] * eye * pp
+            base = qs * pp + torch.diag_embed((~ps).double())
             rhs = (ts * ps.double()).unsqueeze(-1)
-            chol, info = torch.linalg.cholesky_ex(a)
-            if bool((info != 0).any()):
+            jit = torch.full_like(scale, self.jitter)
+            chol, info = torch.linalg.cholesky_ex(base + (jit * scale)[:, None, None] * eye * pp)
+            # float32 blocks with small damping can be indefinite at rounding level: raise the jitter
+            # (relative to the block's largest diagonal entry) only where the factorisation failed
+            while bool((info != 0).any()):
                 bad = info != 0
-                a[bad] = a[bad] + 1e-6 * scale[bad][:, None, None] * eye * pp[bad]
-                chol = torch.linalg.cholesky(a)
-            x = torch.cholesky_solve(rhs, chol)
+                jit[bad] *= 100.0
+                if float(jit[bad].max()) > 1.0:
+                    raise torch.linalg.LinAlgError(f"{self.name}: inverse-Fisher block of {name!r} is not PSD")
+                c_bad, i_bad = torch.linalg.cholesky_ex(base[bad] + (jit[bad] * scale[bad])[:, None, None] * eye * pp[bad])
+                chol[bad], info[bad] = c_bad, i_bad
+            if float(jit.max()) > self.jitter:
+                log.debug("%s: jitter raised to %.1e on %s", self.name, float(jit.max()), name)
+            x = torch.bmm(torch.cholesky_inverse(chol), rhs)
             delta[rows] = -torch.bmm(qs, x).squeeze(-1)
         out = self.layout.from_blocks(problem, name, delta).to(weight.dtype)
         return out

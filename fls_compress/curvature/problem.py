@@ -208,3 +208,38 @@ class FisherProblem:
         total = sum(m.numel() for m in self.masks.values())
         alive = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - alive / max(total, 1)
+
+
+def problem_from_module(
+    module: torch.nn.Module,
+    inputs: np.ndarray,
+    likelihood: Likelihood,
+    *,
+    labels: np.ndarray | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> FisherProblem:
+    """A FisherProblem over every ``nn.Linear``/``nn.Conv2d`` weight of a plain torch module.
+
+    For models that are already in PyTorch (benchmarks, tests): no ONNX conversion involved. Weights are
+    keyed ``"<module path>.weight"``; biases and all other parameters are frozen.
+    """
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    weights: dict[str, PrunableWeight] = {}
+    for path, sub in module.named_modules():
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            sub.weight.requires_grad_(True)
+            name = f"{path}.weight"
+            op = "Gemm" if isinstance(sub, torch.nn.Linear) else "Conv"
+            weights[name] = PrunableWeight(name, op, sub.weight, tuple(sub.weight.shape))
+    return FisherProblem(
+        forward=lambda feeds: [module(feeds["x"])],
+        weights=weights,
+        inputs={"x": inputs},
+        likelihood=likelihood,
+        labels=labels,
+        batch_size=batch_size,
+        seed=seed,
+    )

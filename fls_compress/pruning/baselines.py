@@ -36,6 +36,7 @@ layout without any torch model; write them back with :func:`fls_compress.io.onnx
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -55,7 +56,7 @@ class LayerMagnitudePruner(MagnitudePruner):
     """Magnitude pruning with uniform per-layer sparsity whatever the spec's scope.
 
     Every layer gets the target fraction up to one weight; the per-layer counts are split by largest
-    remainder so that the overall count is exactly round(s * total) (per-layer rounding alone can miss
+    remainder so that the overall count is exactly ceil(s * total) (as ``select_global``) (per-layer rounding alone can miss
     it by up to half a weight per layer). N:M specs are delegated to :class:`MagnitudePruner`.
     """
 
@@ -69,7 +70,7 @@ class LayerMagnitudePruner(MagnitudePruner):
         result = PruneResult(self.name, problem.masks)
         for target in spec.schedule():
             sizes = [problem.masks[n].numel() for n in problem.names]
-            counts = allocate_counts(int(round(target * sum(sizes))), sizes)
+            counts = allocate_counts(math.ceil(target * sum(sizes) - 1e-9), sizes)
             for n, k, size in zip(problem.names, counts, sizes):
                 mask = problem.masks[n]
                 score = torch.where(mask, problem.weights[n].parameter.detach().abs(), torch.full_like(mask, float("inf"), dtype=problem.weights[n].parameter.dtype))

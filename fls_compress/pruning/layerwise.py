@@ -41,7 +41,7 @@ sharing an input - e.g. Q/K/V - are one wave). ``sequential=False`` captures eve
 original model (one pass).
 
 Sparsity allocation: these methods are uniform per layer by design (the papers' setting). A global
-target s prunes round(s * total) weights overall, split over the layers by largest remainder so that
+target s prunes ceil(s * total) weights overall (as ``select_global``), split over the layers by largest remainder so that
 every layer gets s up to one weight and the total is exact; ``spec.scope`` does not change this and
 ``spec.steps`` is not used (one-shot). Layers whose input width is not a multiple of M stay dense
 under N:M (as :func:`~fls_compress.pruning.selection.select_n_of_m` does). N:M groups run along the
@@ -608,7 +608,7 @@ def _layerwise(
         if spec.steps > 1:
             log.info("%s: one-shot method, spec.steps=%d is not used", method, spec.steps)
         sizes = [int(np.prod(sites[n].shape)) for n in active]
-        counts = dict(zip(active, allocate_counts(int(round(spec.sparsity * sum(sizes))), sizes)))
+        counts = dict(zip(active, allocate_counts(math.ceil(spec.sparsity * sum(sizes) - 1e-9), sizes)))
     waves = _waves(work, {n: sites[n] for n in active}, sequential)
     done = 0
     for wave in waves:
