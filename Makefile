@@ -20,7 +20,8 @@ demo: samples
 	$(PY) -m cli prune sample_models/mnist_autoencoder.onnx --sparsity 0.9 \
 		--data sample_models/mnist_autoencoder_calib.npz \
 		--eval-data sample_models/mnist_autoencoder_test.npz \
-		-o build/demo/mnist_autoencoder_fls90.onnx --report build/demo/report.json
+		-o build/demo/mnist_autoencoder_fls90.onnx --report build/demo/report.json > /dev/null
+	@echo "pruned model: build/demo/mnist_autoencoder_fls90.onnx   JSON report: build/demo/report.json"
 
 test:
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -37,7 +37,15 @@ from .curvature.likelihoods import Likelihood, make_likelihood
 from .curvature.problem import FisherProblem
 from .errors import InvalidDataError, InvalidOptionError, UnsupportedModelError, VerificationError
 from .io.calibration import CalibrationData, load_calibration
-from .io.onnx_model import ensure_distinct_paths, load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
+from .io.onnx_model import (
+    ensure_distinct_paths,
+    load_onnx,
+    prunable_initializers,
+    save_onnx_atomic,
+    sparse_bytes_saved,
+    weight_sparsity,
+    write_back,
+)
 from .progress import stage_progress
 from .pruning.base import SparsitySpec
 from .pruning.registry import MethodOptions, make_pruner
@@ -201,6 +209,10 @@ def prune_model(
     ensure_distinct_paths(input_path, output_path)
     if report_path is not None:
         ensure_distinct_paths(input_path, report_path)
+    method_opts = MethodOptions(fishleg=opts.fishleg, damping=opts.damping, num_grads=opts.num_grads, num_samples=opts.num_calibration)
+    pruner = make_pruner(opts.method, method_opts)
+    if spec.nm is not None and not pruner.supports_pattern:
+        raise InvalidOptionError(f"method {opts.method!r} does not support N:M patterns")
     seed_everything(opts.seed)
     input_hash = file_sha256(input_path) if os.path.isfile(input_path) else None
     model = load_onnx(input_path)
@@ -210,56 +222,50 @@ def prune_model(
         model = apply_safetensors(model, weights_path)
     calib, holdout = prepare_data(model, data, eval_data, labels, opts)
 
+    activations_only = bool(getattr(pruner, "needs_onnx_model", False))
+    if activations_only:
+        pruner.bind(model)  # type: ignore[attr-defined]
     t0 = time.perf_counter()
-    bridge = convert_to_torch(model)
+    try:
+        bridge: TorchBridge | None = convert_to_torch(model)
+    except UnsupportedModelError as exc:
+        if not activations_only:
+            raise
+        log.warning("%s; %s works from onnxruntime activations alone, continuing without torch", exc, opts.method)
+        bridge = None
     convert_s = time.perf_counter() - t0
-    output_index = 0
-    if opts.output_name is not None:
-        if opts.output_name not in bridge.output_names:
-            raise InvalidOptionError(f"model has no output {opts.output_name!r}; outputs are {bridge.output_names}")
-        output_index = bridge.output_names.index(opts.output_name)
-    weights = select_weights(bridge, opts.exclude)
-    likelihood, target_input = choose_likelihood(opts.likelihood, model, bridge, calib, output_index)
-    log.info(
-        "calibrating on %d samples (%s), likelihood %s, %d prunable tensors (%d weights)",
-        calib.num_samples, calib.source, likelihood.name, len(weights), sum(w.numel for w in weights.values()),
-    )
-    problem = FisherProblem(
-        forward=bridge.forward,
-        weights=weights,
-        inputs=calib.inputs,
-        likelihood=likelihood,
-        labels=calib.labels,
-        output_index=output_index,
-        batch_size=opts.batch_size,
-        seed=opts.seed,
-        targets_from_input=target_input,
-    )
-    method_opts = MethodOptions(fishleg=opts.fishleg, damping=opts.damping, num_grads=opts.num_grads, num_samples=opts.num_calibration)
-    pruner = make_pruner(opts.method, method_opts)
-    if spec.nm is not None and not pruner.supports_pattern:
-        raise InvalidOptionError(f"method {opts.method!r} does not support N:M patterns")
-    if opts.steps is None and spec.nm is None and getattr(pruner, "estimator", None) is not None:
-        spec.steps = 4
-    if hasattr(pruner, "bind"):
-        pruner.bind(model)
+
     t0 = time.perf_counter()
-    with stage_progress(len(spec.schedule()), f"pruning with {opts.method}", enabled=opts.progress) as advance:
-        result = pruner.prune(problem, spec, advance)
+    if bridge is None:
+        layers = _onnx_layers(model, opts.exclude)
+        with stage_progress(len(layers), f"pruning with {opts.method}", enabled=opts.progress) as advance:
+            arrays = pruner.prune_arrays(calib.inputs, spec, names=list(layers))  # type: ignore[attr-defined]
+            advance(f"{opts.method}: done")
+        steps, info, likelihood_name, excluded = [{"target": spec.sparsity}], {"torch_free": "yes"}, None, []
+    else:
+        if opts.steps is None and spec.nm is None and getattr(pruner, "estimator", None) is not None:
+            spec.steps = 4
+        problem = _build_problem(model, bridge, calib, opts)
+        likelihood_name = problem.likelihood.name
+        with stage_progress(len(spec.schedule()), f"pruning with {opts.method}", enabled=opts.progress) as advance:
+            result = pruner.prune(problem, spec, advance)
+        arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
+        layers = {n: (w.numel, list(w.onnx_shape), w.op_type) for n, w in problem.weights.items()}
+        steps, info = [asdict(st) for st in result.steps], result.info
+        excluded = sorted(set(bridge.weights) - set(problem.weights))
     prune_s = time.perf_counter() - t0
 
-    arrays = {name: w.to_onnx() for name, w in weights.items()}
     pruned_model = write_back(model, arrays, sparse=opts.sparse_storage)
     save_onnx_atomic(pruned_model, output_path)
 
     t0 = time.perf_counter()
     written = load_onnx(output_path)
-    per_layer = weight_sparsity(written, list(weights))
+    per_layer = weight_sparsity(written, list(layers))
     verification = verify_models(model, written, holdout, task=model_task(model))
     verify_s = time.perf_counter() - t0
 
-    total = sum(w.numel for w in weights.values())
-    achieved = sum(per_layer[n] * weights[n].numel for n in weights) / max(total, 1)
+    total = sum(meta[0] for meta in layers.values())
+    achieved = sum(per_layer[n] * layers[n][0] for n in layers) / max(total, 1)
     report: dict[str, Any] = {
         "tool": {"name": "fls-compress", "version": __version__},
         "command": "prune",
@@ -272,7 +278,7 @@ def prune_model(
             "sparse_bytes_saved": sparse_bytes_saved(written) if opts.sparse_storage else 0,
         },
         "method": opts.method,
-        "likelihood": likelihood.name,
+        "likelihood": likelihood_name,
         "seed": opts.seed,
         "options": _options_dict(opts, spec),
         "calibration": {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic},
@@ -282,13 +288,13 @@ def prune_model(
             "achieved": achieved,
             "prunable_weights": total,
             "per_layer": {
-                n: {"sparsity": per_layer[n], "numel": weights[n].numel, "shape": list(weights[n].onnx_shape), "op_type": weights[n].op_type}
-                for n in weights
+                n: {"sparsity": per_layer[n], "numel": numel, "shape": shape, "op_type": op}
+                for n, (numel, shape, op) in layers.items()
             },
-            "excluded": sorted(set(bridge.weights) - set(weights)),
+            "excluded": excluded,
         },
-        "steps": [asdict(s) for s in result.steps],
-        "method_info": result.info,
+        "steps": steps,
+        "method_info": info,
         "timing_s": {"convert": convert_s, "prune": prune_s, "verify": verify_s, "total": time.perf_counter() - t_start},
         "verification": verification,
     }
@@ -301,6 +307,44 @@ def prune_model(
     if failure:
         raise VerificationError(failure)
     return report
+
+
+def _build_problem(model: onnx.ModelProto, bridge: TorchBridge, calib: CalibrationData, opts: PruneOptions) -> FisherProblem:
+    """The FisherProblem for the converted model: chosen output, likelihood and prunable weights."""
+    output_index = 0
+    if opts.output_name is not None:
+        if opts.output_name not in bridge.output_names:
+            raise InvalidOptionError(f"model has no output {opts.output_name!r}; outputs are {bridge.output_names}")
+        output_index = bridge.output_names.index(opts.output_name)
+    weights = select_weights(bridge, opts.exclude)
+    likelihood, target_input = choose_likelihood(opts.likelihood, model, bridge, calib, output_index)
+    log.info(
+        "calibrating on %d samples (%s), likelihood %s, %d prunable tensors (%d weights)",
+        calib.num_samples, calib.source, likelihood.name, len(weights), sum(w.numel for w in weights.values()),
+    )
+    return FisherProblem(
+        forward=bridge.forward,
+        weights=weights,
+        inputs=calib.inputs,
+        likelihood=likelihood,
+        labels=calib.labels,
+        output_index=output_index,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        targets_from_input=target_input,
+    )
+
+
+def _onnx_layers(model: onnx.ModelProto, exclude: list[str]) -> dict[str, tuple[int, list[int], str]]:
+    """Prunable initializers read from the graph alone (for the torch-free layer-wise path)."""
+    layers = {
+        s.name: (int(np.prod(s.shape)), list(s.shape), s.op_type)
+        for s in prunable_initializers(model)
+        if not any(fnmatch.fnmatchcase(s.name, pat) for pat in exclude)
+    }
+    if not layers:
+        raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights to prune")
+    return layers
 
 
 def _check_thresholds(report: dict[str, Any], opts: PruneOptions) -> str | None:

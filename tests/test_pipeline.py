@@ -158,3 +158,30 @@ def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
     assert len(rep["sparsity"]["per_layer"]) == 4
     assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
     assert rep["verification"]["outputs"]["hidden"]["cosine_similarity"] > 0.8
+
+
+def test_sparsegpt_prunes_graphs_onnx2torch_cannot_convert(tmp_path):
+    """Layer-wise methods need only onnxruntime activations: a Shrink op blocks onnx2torch, not them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fls_compress.errors import UnsupportedModelError
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(24, 16)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Shrink", ["h"], ["s"], name="shrink", lambd=0.1),
+         helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "shrink.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(128, 24)).astype(np.float32))
+    with pytest.raises(UnsupportedModelError, match="Shrink"):
+        prune_model(str(tmp_path / "shrink.onnx"), str(tmp_path / "f.onnx"), data=str(tmp_path / "d.npz"), options=PruneOptions(sparsity=0.5, progress=False))
+    rep = prune_model(str(tmp_path / "shrink.onnx"), str(tmp_path / "s.onnx"), data=str(tmp_path / "d.npz"), options=PruneOptions(sparsity=0.5, method="sparsegpt", progress=False))
+    assert rep["sparsity"]["achieved"] >= 0.5 and set(rep["sparsity"]["per_layer"]) == {"w1", "w2"}
+    assert rep["verification"]["outputs"]["y"]["cosine_similarity"] > 0.5

@@ -164,7 +164,7 @@ def save_onnx_atomic(
 # ------------------------------------------------------------------------------------------------
 # Inspection
 # ------------------------------------------------------------------------------------------------
-def _identity_sources(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, str]:
+def identity_sources(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, str]:
     """Map each output of an ``Identity`` chain rooted at an initializer to that initializer."""
     sources: dict[str, str] = {}
     for node in graph.node:
@@ -200,7 +200,7 @@ def prunable_initializers(
         )
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    sources = _identity_sources(graph, set(inits))
+    sources = identity_sources(graph, set(inits))
 
     def resolve(value: str) -> str:
         return sources.get(value, value)

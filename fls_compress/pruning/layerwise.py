@@ -65,7 +65,7 @@ from onnx import helper, numpy_helper
 from ..bridge.weights import PrunableWeight
 from ..curvature.problem import FisherProblem
 from ..errors import InvalidDataError, InvalidOptionError, UnsupportedModelError
-from ..io.onnx_model import densify_sparse_initializers
+from ..io.onnx_model import densify_sparse_initializers, identity_sources
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -129,16 +129,6 @@ class LayerSite:
         return mat.T if self.first.weight_position == 1 else mat
 
 
-def _identity_sources(graph: onnx.GraphProto, inits: set[str]) -> dict[str, str]:
-    sources: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
-            src = sources.get(node.input[0], node.input[0])
-            if src in inits:
-                sources[node.output[0]] = src
-    return sources
-
-
 def _node_attr(node: onnx.NodeProto, key: str, default: object = None) -> object:
     for a in node.attribute:
         if a.name == key:
@@ -161,7 +151,7 @@ def find_layer_sites(model: onnx.ModelProto, names: list[str] | None = None) -> 
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    sources = _identity_sources(graph, set(inits))
+    sources = identity_sources(graph, set(inits))
     sites: dict[str, LayerSite] = {}
     roles: dict[str, str] = {}
     for index, node in enumerate(graph.node):
@@ -672,28 +662,15 @@ def prune_arrays_and_masks(
 
 
 def prune_arrays(
-    onnx_model: onnx.ModelProto,
-    calib_inputs: dict[str, np.ndarray],
-    spec: SparsitySpec,
-    *,
-    method: str = "sparsegpt",
-    names: list[str] | None = None,
-    num_samples: int | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    sequential: bool = True,
-    chunk: int = 64,
+    onnx_model: onnx.ModelProto, calib_inputs: dict[str, np.ndarray], spec: SparsitySpec, **options: object
 ) -> dict[str, np.ndarray]:
     """Pruned initializer arrays (ONNX layout and dtype) of every Conv/Gemm/MatMul weight (or ``names``).
 
     Needs only onnxruntime: use it for graphs onnx2torch cannot convert. Write the result back with
     :func:`fls_compress.io.onnx_model.write_back`. ``calib_inputs`` is keyed by graph input name
-    (extra keys such as labels are ignored); ``num_samples`` keeps the first samples only.
+    (extra keys such as labels are ignored); ``options`` are those of :func:`prune_arrays_and_masks`.
     """
-    arrays, _ = prune_arrays_and_masks(onnx_model, calib_inputs, spec, method=method, names=names,
-                                       num_samples=num_samples, blocksize=blocksize, percdamp=percdamp,
-                                       sequential=sequential, chunk=chunk)
-    return arrays
+    return prune_arrays_and_masks(onnx_model, calib_inputs, spec, **options)[0]  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------
