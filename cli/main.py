@@ -48,6 +48,11 @@ class QForm(str, Enum):
     block = "block"
 
 
+class ObsUpdate(str, Enum):
+    row_exact = "row-exact"
+    decoupled = "decoupled"
+
+
 class QInit(str, Enum):
     kfac = "kfac"
     diag = "diag"
@@ -98,6 +103,7 @@ def prune(
     refit_steps: int = typer.Option(20, "--refit-steps", help="FishLeg auxiliary-loss steps between pruning sub-steps."),
     q_form: QForm = typer.Option(QForm.kron, "--q-form", help="FishLeg Q structure: kron (Kronecker) or block (block-diagonal)."),
     q_init: QInit = typer.Option(QInit.kfac, "--q-init", help="FishLeg Q initialisation: kfac (Kronecker factors of per-example gradients), diag (1/(diag F + gamma)) or identity (I/gamma)."),
+    obs_update: ObsUpdate = typer.Option(ObsUpdate.row_exact, "--obs-update", help="FLS compensation: row-exact (exact group OBS per output row with the Kronecker factor) or decoupled (-Q z)."),
     block_size: int = typer.Option(50, "--block-size", help="Block size for block-diagonal curvature (FLS block form, oBERT)."),
     aux_lr: float = typer.Option(3e-3, "--aux-lr", help="Adam learning rate of the FishLeg auxiliary loss."),
     precondition: bool = typer.Option(True, "--precondition/--no-precondition", help="FishLeg preconditioned auxiliary update."),
@@ -135,6 +141,7 @@ def prune(
             refit_steps=refit_steps,
             lr=aux_lr,
             precondition=precondition,
+            update=obs_update.value,
         ),
         num_grads=num_grads,
         damping=damping,

@@ -114,3 +114,37 @@ def test_fishleg_kfac_initialisation_is_close_before_any_fit():
     ident, _ = _fit_and_compare("kron", 0, init="identity")
     for name in errors:
         assert errors[name] < ident[name]
+
+
+def test_row_exact_obs_update_matches_the_constrained_quadratic_minimiser():
+    """w* = argmin (w - theta)^T Q_r^{-1} (w - theta) s.t. w_P = 0, row by row, with Q_r = D_A L L^T D_A."""
+    problem, _ = tiny_mlp_problem("categorical", sizes=(8, 6, 4))
+    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64))
+    est.fit(problem)
+    name = problem.names[0]
+    w = problem.weights[name]
+    q = est.modules[name]
+    with torch.no_grad():
+        q.a.mul_(torch.rand_like(q.a) + 0.5)  # a non-trivial diagonal rescaling
+    theta = w.parameter.detach().clone()
+    problem.masks[name][0, 1] = False  # already pruned earlier: must stay at zero
+    theta[0, 1] = 0.0
+    with torch.no_grad():
+        w.parameter.copy_(theta)
+    prune = torch.zeros_like(problem.masks[name])
+    prune[0, [0, 3]] = True
+    prune[2, 5] = True
+    delta = est.block_exact_update(name, theta, prune)
+    L = q.L.detach().double()
+    for r in range(theta.shape[0]):
+        removed = (~problem.masks[name][r]) | prune[r]
+        if not bool(prune[r].any()):
+            assert bool((delta[r] == 0).all())
+            continue
+        d = q.A.detach().double()[r]
+        H = torch.linalg.inv(torch.diag(d) @ L @ L.t() @ torch.diag(d))
+        kept = ~removed
+        t = theta[r].double()
+        expected = torch.zeros_like(t)
+        expected[kept] = t[kept] + torch.linalg.solve(H[kept][:, kept], H[kept][:, removed] @ t[removed])
+        assert torch.allclose((t + delta[r].double()), expected, atol=1e-5), r

@@ -133,6 +133,7 @@ class FishLegConfig:
     lr: float = 3e-3
     final_lr_fraction: float = 0.1
     precondition: bool = True
+    update: str = "row-exact"  # "row-exact" | "decoupled" (Kronecker form; block form is always decoupled)
     diag_samples: int = 128
     clamp: float = 1e-12
 
@@ -147,6 +148,8 @@ class FishLegConfig:
             raise InvalidOptionError(f"relative damping must be > 0, got {self.relative_damping}")
         if self.fit_steps < 0 or self.refit_steps < 0 or self.aux_batch < 1 or self.block_size < 1:
             raise InvalidOptionError("FishLeg steps must be >= 0, aux batch and block size >= 1")
+        if self.update not in ("row-exact", "decoupled"):
+            raise InvalidOptionError(f"FishLeg update must be 'row-exact' or 'decoupled', got {self.update!r}")
 
 
 @dataclass
@@ -285,7 +288,43 @@ class FishLegEstimator(InverseFisherEstimator):
             return self._apply(name, self._problem, z)  # type: ignore[arg-type]
 
     def block_exact_update(self, name: str, weight: torch.Tensor, prune: torch.Tensor) -> torch.Tensor | None:
-        return None
+        """Row-wise exact group OBS with the Kronecker Q (``update="row-exact"``).
+
+        Within output row r, Q_r = (R^T R)_rr D_{A_r} (L L^T) D_{A_r}; the scalar (R^T R)_rr cancels, so
+        with H0 = (L L^T)^{-1} the exact OBS solution that zeroes every removed weight P of the row (newly
+        and previously pruned) while moving the kept ones K is
+
+            w_P = 0,   w_K = theta_K + D_K (H0_KK)^{-1} H0_KP (theta_P / A_P)
+
+        (OBC, Frantar & Alistarh 2022, with FishLeg's learned factor in place of the layer Hessian).
+        Cross-row terms of R^T R are dropped, unlike the decoupled update, which keeps them but treats the
+        pruned weights independently.
+        """
+        if self.config.form != "kron" or self.config.update != "row-exact":
+            return None
+        problem = self._problem
+        assert problem is not None
+        w = problem.weights[name]
+        q = self.modules[name]
+        theta = w.to_matrix(weight).double()
+        new = w.to_matrix(prune)
+        gone = w.to_matrix(~problem.masks[name]) | new
+        L = q.L.detach().double()
+        h0 = torch.linalg.inv(L @ L.t())
+        h0 = 0.5 * (h0 + h0.t())
+        scale = q.A.detach().double()
+        delta = torch.zeros_like(theta)
+        for r in torch.nonzero(new.any(1)).flatten().tolist():
+            removed = gone[r]
+            kept = ~removed
+            delta[r, removed] = -theta[r, removed]
+            if not bool(kept.any()):
+                continue
+            x = theta[r, removed] / scale[r, removed]
+            rhs = h0[kept][:, removed] @ x
+            sol = torch.linalg.solve(h0[kept][:, kept], rhs)
+            delta[r, kept] = scale[r, kept] * sol
+        return w.from_matrix(delta.to(weight.dtype))
 
     # ---------------------------------------------------------------- fitting
     def aux_step(self, problem: FisherProblem, optimizer: torch.optim.Optimizer) -> float:
