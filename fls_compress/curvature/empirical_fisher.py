@@ -99,19 +99,9 @@ def ief_vectors(
     """
     params = problem.params
     names = problem.names
-    for i in range(batch.size):
-        sub = Batch(
-            {k: v[i : i + 1] for k, v in batch.inputs.items()},
-            None if batch.labels is None else batch.labels[i : i + 1],
-        )
+    for sub in batch.examples():
         out = problem.output(sub)
-        if labels == "sampled":
-            target = problem.likelihood.sample(out, problem.generator)
-        else:
-            if sub.labels is None:
-                raise ValueError("true labels requested but the calibration data has none")
-            target = sub.labels
-        loss = problem.likelihood.nll(out, target)
+        loss = problem.likelihood.nll(out, problem.target(out, sub, labels))
         (resid,) = torch.autograd.grad(loss, out, retain_graph=True)
         sq = float((resid.detach().double() ** 2).sum())
         unit = resid.detach() / max(math.sqrt(sq), RESIDUAL_FLOOR)

@@ -37,6 +37,14 @@ class Batch:
     def size(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
+    def examples(self) -> Iterator["Batch"]:
+        """The batch split into batches of one example (for per-example quantities)."""
+        for i in range(self.size):
+            yield Batch(
+                {k: v[i : i + 1] for k, v in self.inputs.items()},
+                None if self.labels is None else self.labels[i : i + 1],
+            )
+
 
 @dataclass
 class FisherProblem:
@@ -122,16 +130,18 @@ class FisherProblem:
     def output(self, batch: Batch) -> torch.Tensor:
         return self.forward(batch.inputs)[self.output_index]
 
+    def target(self, out: torch.Tensor, batch: Batch, labels: str = "sampled") -> torch.Tensor:
+        """Labels ``"sampled"`` from the model's predictive distribution, or the ``"true"`` ones."""
+        if labels == "sampled":
+            return self.likelihood.sample(out, self.generator)
+        if batch.labels is None:
+            raise ValueError("true labels requested but the calibration data has none")
+        return batch.labels
+
     def loss(self, batch: Batch, *, labels: str = "sampled") -> torch.Tensor:
         """Mean NLL on ``batch`` with labels ``"sampled"`` from the model or ``"true"`` labels."""
         out = self.output(batch)
-        if labels == "sampled":
-            target = self.likelihood.sample(out, self.generator)
-        else:
-            if batch.labels is None:
-                raise ValueError("true labels requested but the calibration data has none")
-            target = batch.labels
-        return self.likelihood.nll(out, target)
+        return self.likelihood.nll(out, self.target(out, batch, labels))
 
     def gradient(self, batch: Batch, *, labels: str = "sampled") -> dict[str, torch.Tensor]:
         """Batch-mean gradient of the NLL with respect to each prunable weight (masked)."""
@@ -146,11 +156,7 @@ class FisherProblem:
         self, batch: Batch, *, labels: str = "sampled"
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield one gradient dict per example (a backward pass each; exact, model-agnostic)."""
-        for i in range(batch.size):
-            sub = Batch(
-                {k: v[i : i + 1] for k, v in batch.inputs.items()},
-                None if batch.labels is None else batch.labels[i : i + 1],
-            )
+        for sub in batch.examples():
             yield self.gradient(sub, labels=labels)
 
     def fisher_vp(self, batch: Batch, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
