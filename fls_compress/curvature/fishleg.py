@@ -134,6 +134,7 @@ class FishLegConfig:
     final_lr_fraction: float = 0.1
     precondition: bool = True
     update: str = "row-exact"  # "row-exact" | "decoupled" (Kronecker form; block form is always decoupled)
+    row_exact_max_in: int = 2048  # wider layers fall back to the decoupled update
     diag_samples: int = 128
     clamp: float = 1e-12
 
@@ -305,6 +306,10 @@ class FishLegEstimator(InverseFisherEstimator):
         problem = self._problem
         assert problem is not None
         w = problem.weights[name]
+        if w.matrix_shape[1] > self.config.row_exact_max_in:
+            # each row needs a dense solve over its kept inputs: O(in^3) per row is too much for very
+            # wide inputs (e.g. 3x3x512 convs), where the decoupled update is used instead
+            return None
         q = self.modules[name]
         theta = w.to_matrix(weight).double()
         new = w.to_matrix(prune)
