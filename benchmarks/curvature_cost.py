@@ -165,7 +165,7 @@ def render(timing: list[dict], memory: list[dict], samples: list[int], mem_n: in
             a, b = find(timing, method=m, samples=n), find(timing, method="fls", samples=n)
             cells.append(f"{a['seconds'] / b['seconds']:.1f}x" if a and b and "seconds" in a and "seconds" in b and b["seconds"] > 0 else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Peak extra memory (MB above a worker that only builds model and data) at N = " + str(samples[0] if not samples else samples) + ":", "",
+    lines += ["", "Peak extra memory (MB above a worker that only builds model and data), by number of samples N:", "",
               "| method | " + " | ".join(str(n) for n in samples) + " |", "|---|" + "---|" * len(samples)]
     for m in ("fls", "obert", "mfac"):
         lines.append(f"| {m} | " + " | ".join(_cell(find(timing, method=m, samples=n), "extra_mb", ".0f") for n in samples) + " |")
