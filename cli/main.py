@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -184,7 +185,7 @@ def inspect(model: Path = typer.Argument(..., help="ONNX model to inspect.")) ->
         "outputs": [o.name for o in proto.graph.output],
         "size_bytes": model_size_bytes(proto),
         "prunable": [{"name": s.name, "op_type": s.op_type, "shape": list(s.shape)} for s in sites],
-        "prunable_weights": int(sum(int(__import__("numpy").prod(s.shape)) for s in sites)),
+        "prunable_weights": sum(math.prod(s.shape) for s in sites),
         "unsupported_ops": unsupported_ops(prepare_for_torch(proto)),
         "metadata": {p.key: p.value for p in proto.metadata_props},
     }

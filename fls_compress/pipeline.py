@@ -137,11 +137,16 @@ def choose_likelihood(
     return likelihood, target
 
 
+def is_excluded(name: str, patterns: list[str]) -> bool:
+    """Whether an initializer name matches any ``--exclude`` glob."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
 def select_weights(bridge: TorchBridge, exclude: list[str]) -> dict[str, Any]:
     """Prunable weights minus those matching any ``--exclude`` glob; frozen ones stop requiring grad."""
     chosen = {}
     for name, w in bridge.weights.items():
-        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+        if is_excluded(name, exclude):
             w.parameter.requires_grad_(False)
             continue
         chosen[name] = w
@@ -181,7 +186,7 @@ def prepare_data(
     model: onnx.ModelProto, data: str | None, eval_data: str | None, labels: str | None, opts: PruneOptions
 ) -> tuple[CalibrationData, CalibrationData]:
     """Calibration set and held-out verification set (a split of the calibration data if no eval data)."""
-    calib = load_calibration(data, model, seed=opts.seed, labels_path=labels, num_synthetic=max(opts.num_calibration, 2) if data is None else 256)
+    calib = load_calibration(data, model, seed=opts.seed, labels_path=labels, num_synthetic=max(opts.num_calibration, 2))
     if eval_data is not None:
         holdout = load_calibration(eval_data, model, seed=opts.seed)
     else:
@@ -340,7 +345,7 @@ def _onnx_layers(model: onnx.ModelProto, exclude: list[str]) -> dict[str, tuple[
     layers = {
         s.name: (int(np.prod(s.shape)), list(s.shape), s.op_type)
         for s in prunable_initializers(model)
-        if not any(fnmatch.fnmatchcase(s.name, pat) for pat in exclude)
+        if not is_excluded(s.name, exclude)
     }
     if not layers:
         raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights to prune")

@@ -408,13 +408,12 @@ class FishLegEstimator(InverseFisherEstimator):
         gen = torch.Generator().manual_seed(problem.seed + 7919)
         batch = problem.batch_from_indices(np.arange(min(self.config.aux_batch * 2, problem.num_samples)))
         saved = problem.generator.get_state()
-        problem.generator.manual_seed(problem.seed + 104729)  # the same sampled labels every time
         total = 0.0
         with torch.no_grad():
             us = [{n: torch.randn(problem.weights[n].parameter.shape, generator=gen) * problem.masks[n] for n in problem.names} for _ in range(probes)]
             vs = [{n: self._apply(n, problem, u[n]) for n in problem.names} for u in us]
         for u, v in zip(us, vs):
-            problem.generator.manual_seed(problem.seed + 104729)
+            problem.generator.manual_seed(problem.seed + 104729)  # the same sampled labels every time
             fv = problem.fisher_vp(batch, v)
             norm = sum(float((x**2).sum()) for x in u.values())
             total += sum(float(0.5 * (v[n] * (fv[n] + self.gamma * v[n])).sum() - (u[n] * v[n]).sum()) for n in problem.names) / norm
