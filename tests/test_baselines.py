@@ -24,15 +24,9 @@ from fls_compress.curvature.problem import FisherProblem
 from fls_compress.errors import InvalidOptionError
 from fls_compress.io.onnx_model import write_back
 from fls_compress.pruning.base import SparsitySpec
-from fls_compress.pruning.layerwise import (
-    capture_layer_inputs,
-    find_layer_sites,
-    layer_input_rows,
-    prune_arrays,
-    prune_arrays_and_masks,
-    sparsegpt_prune_matrix,
-    wanda_prune_matrix,
-)
+from fls_compress.io.activations import capture_layer_inputs, conv_groups, layer_input_rows, layer_sites, to_matrix
+from fls_compress.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune_matrix
+from fls_compress.pruning.wanda import WandaPruner, wanda_prune_matrix
 from fls_compress.pruning.registry import MethodOptions, available_methods, make_pruner
 from fls_compress.curvature.fishleg import FishLegConfig
 
@@ -296,7 +290,7 @@ def test_sparsegpt_beats_wanda_and_magnitude(nm: tuple[int, int] | None) -> None
     assert err(w_sg) < 0.95 * err(w_wa)
     assert err(w_sg) < 0.95 * err(w_mg)
     # small lazy blocks: adaptive per-block quotas, still exact in total
-    w_sb, keep_sb = sparsegpt_prune_matrix(w, h, prune_count=k, nm=nm, blocksize=16)
+    w_sb, keep_sb = sparsegpt_prune_matrix(w, h, prune_count=k, nm=nm, block_size=16)
     for wp, keep in ((w_sg, keep_sg), (w_wa, keep_wa), (w_sb, keep_sb)):
         assert int((~keep).sum()) == k and int((wp == 0).sum()) == k
         assert torch.all(wp[~keep] == 0)
@@ -310,8 +304,8 @@ def test_sparsegpt_lazy_blocks_are_exact() -> None:
     """With a fixed (N:M) mask rule the lazy-batch sweep must not depend on the block size."""
     w, x = _layer_data(1)
     h = 2 * x.T @ x / x.shape[0]
-    a, ka = sparsegpt_prune_matrix(w, h, nm=(2, 4), blocksize=4)
-    b, kb = sparsegpt_prune_matrix(w, h, nm=(2, 4), blocksize=128)
+    a, ka = sparsegpt_prune_matrix(w, h, nm=(2, 4), block_size=4)
+    b, kb = sparsegpt_prune_matrix(w, h, nm=(2, 4), block_size=128)
     assert torch.equal(ka, kb)
     assert rel(a, b) < 1e-10
     # and one column of the sweep equals explicit OBS with elimination (memo 7.9 check 5)
@@ -408,13 +402,13 @@ def test_capture_layer_inputs_equals_numpy() -> None:
     for name, key in (("W1", "x"), ("W2", "r1"), ("W3", "f"), ("W4", "r3")):
         np.testing.assert_allclose(acts[name], ref[key], rtol=1e-4, atol=1e-5)
     # the layer-input rows reproduce each layer's pre-activation: rows @ W_matrix^T
-    sites = find_layer_sites(model)
+    sites, uses = layer_sites(model)
     t = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     for name, out_key in (("W2", "c2"), ("W3", None), ("W4", "y")):
-        site = sites[name]
-        x_rows = torch.cat(list(layer_input_rows(site, site.first, acts[name])), dim=1).double()  # (g, rows, k)
-        wm = torch.from_numpy(site.to_matrix(t[name]))
-        g = site.groups
+        site, use = sites[name], uses[name][0]
+        x_rows = torch.cat(list(layer_input_rows(site, use, acts[name])), dim=1).double()  # (g, rows, k)
+        wm = torch.from_numpy(to_matrix(site, use, t[name]))
+        g = conv_groups(site, use)
         og = wm.shape[0] // g
         outs = torch.cat([x_rows[i] @ wm[i * og : (i + 1) * og].T for i in range(g)], dim=1)
         if name == "W3":
@@ -424,20 +418,40 @@ def test_capture_layer_inputs_equals_numpy() -> None:
         else:
             expect = ref[out_key]
         np.testing.assert_allclose(outs.numpy(), expect, rtol=1e-4, atol=1e-4)
-    x1 = torch.cat(list(layer_input_rows(sites["W1"], sites["W1"].first, acts["W1"])), dim=1)[0].double()
+    x1 = torch.cat(list(layer_input_rows(sites["W1"], uses["W1"][0], acts["W1"])), dim=1)[0].double()
     expect1 = ref["r1"]  # conv1 pre-activation (with bias) -> compare before Relu via rows @ W^T + b
     pre = (x1 @ torch.from_numpy(t["W1"].reshape(6, -1)).T + torch.from_numpy(t["B1"])).numpy()
     np.testing.assert_allclose(np.maximum(pre, 0), expect1.transpose(0, 2, 3, 1).reshape(-1, 6), rtol=1e-4, atol=1e-4)
 
 
+PRUNERS = {"sparsegpt": SparseGPTPruner, "wanda": WandaPruner}
+
+
+def prune_arrays(model, feeds, spec, method="sparsegpt", **options):
+    return PRUNERS[method](model, **options).prune_arrays(feeds, spec)
+
+
+def nm_groups_onnx(site, use, arr: np.ndarray, m: int) -> np.ndarray | None:
+    """The N:M groups of an ONNX weight array, (..., M): Conv over input channels at each (o, kh, kw),
+    Gemm/MatMul over the reduction axis. ``None`` when the axis is not a multiple of M."""
+    if site.op_type == "Conv":
+        if arr.shape[1] % m:
+            return None
+        moved = np.moveaxis(arr, 1, -1)  # (O, kh, kw, C)
+        return moved.reshape(*moved.shape[:-1], arr.shape[1] // m, m)
+    mat = to_matrix(site, use, arr)
+    return None if mat.shape[1] % m else mat.reshape(mat.shape[0], -1, m)
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool) -> None:
+def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool, caplog) -> None:
     model = conv_model()
     x = RNG.standard_normal((24, 4, 6, 6)).astype(np.float32)
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer if i.name.startswith("W")}
-    arrays = prune_arrays(model, {"x": x, "labels": np.zeros(24)}, SparsitySpec(0.6), method=method,
-                          sequential=sequential)
+    pruner = PRUNERS[method](model, sequential=sequential)
+    arrays = pruner.prune_arrays({"x": x, "labels": np.zeros(24)}, SparsitySpec(0.6))
+    assert pruner.last_info["scope"].startswith("not used") and pruner.last_info["steps"].startswith("not used")
     assert set(arrays) == set(sizes)
     zeros = sum(int((a == 0).sum()) for a in arrays.values())
     assert zeros == round(0.6 * sum(sizes.values()))
@@ -447,17 +461,23 @@ def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool) 
     pruned = write_back(model, arrays)
     sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, {"x": x})[0]).all()
-    # 2:4 along the matrix-view columns; conv2 (27 columns per group) stays dense
-    arrays, masks = prune_arrays_and_masks(model, {"x": x}, SparsitySpec(pattern="2:4"), method=method,
-                                           sequential=sequential)
-    sites = find_layer_sites(model)
-    for n, keep in masks.items():
-        mat = sites[n].to_matrix(keep)
-        if mat.shape[1] % 4:
-            assert keep.all()
-        else:
-            assert ((~mat).reshape(mat.shape[0], -1, 4).sum(-1) == 2).all()
-            assert (sites[n].to_matrix(arrays[n])[~mat] == 0).all()
+    # 2:4: Conv groups over input channels (W1: C=4 groups; W2: 3 channels per group -> dense)
+    with caplog.at_level(logging.WARNING):
+        arrays, masks = pruner.prune_arrays_and_masks({"x": x}, SparsitySpec(pattern="2:4"))
+    assert pruner.last_info["nm_dense_layers"] == "W2"
+    assert any("W2" in r.message and "dense" in r.message for r in caplog.records)
+    sites, uses = layer_sites(model)
+    checked = 0
+    for n, arr in arrays.items():
+        groups = nm_groups_onnx(sites[n], uses[n][0], arr, 4)
+        if groups is None:
+            assert masks[n].all() and n == "W2"
+            continue
+        assert ((groups == 0).sum(-1) >= 2).all(), n  # every group of the ONNX array has >= N zeros
+        assert ((~nm_groups_onnx(sites[n], uses[n][0], masks[n], 4)).sum(-1) == 2).all(), n
+        assert (arr[~masks[n]] == 0).all()
+        checked += 1
+    assert checked == 3
 
 
 def test_sequential_sparsegpt_reconstructs_better_than_one_pass_wanda() -> None:
@@ -471,7 +491,7 @@ def test_sequential_sparsegpt_reconstructs_better_than_one_pass_wanda() -> None:
         return float(np.linalg.norm(s.run(None, {"x": x})[0] - y))
 
     spec = SparsitySpec(0.5)
-    e_sg = out_err(prune_arrays(model, {"x": x}, spec, method="sparsegpt"))
+    e_sg = out_err(prune_arrays(model, {"x": x}, spec, method="sparsegpt"))  # sequential by default
     e_wa = out_err(prune_arrays(model, {"x": x}, spec, method="wanda", sequential=False))
     assert e_sg < e_wa
 
@@ -521,10 +541,12 @@ def test_every_method_reaches_exact_sparsity_and_2_4(method: str) -> None:
                 for m in prob.masks.values():
                     assert abs(float((~m).double().mean()) - 0.7) <= 1.0 / m.numel() + 1e-12
         else:
+            sites, uses = layer_sites(model)
             for n, w in prob.weights.items():
-                mat = w.to_matrix(prob.masks[n])
-                if mat.shape[1] % 4 == 0:
-                    assert torch.all((~mat).reshape(mat.shape[0], -1, 4).sum(-1) == 2), n
+                groups = nm_groups_onnx(sites[n], uses[n][0], ~(w.to_onnx(prob.masks[n].double()) != 0), 4)
+                if groups is not None:  # conv2 has 3 input channels per group: dense
+                    assert np.all(groups.sum(-1) == 2), n
+                    assert np.all((nm_groups_onnx(sites[n], uses[n][0], w.to_onnx(), 4) == 0).sum(-1) >= 2), n
 
 
 def test_layerwise_pruner_matches_prune_arrays() -> None:

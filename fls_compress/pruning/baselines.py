@@ -25,8 +25,8 @@ and therefore need the original ONNX model, which a factory cannot know. Their p
     if getattr(pruner, "needs_onnx_model", False):
         pruner.bind(original_onnx_model)          # before pruner.prune(problem, spec)
 
-For graphs onnx2torch cannot convert, ``pruner.prune_arrays(calib_inputs, spec)`` (or
-:func:`fls_compress.pruning.layerwise.prune_arrays`) returns the pruned initializer arrays in ONNX
+For graphs onnx2torch cannot convert, ``pruner.prune_arrays(calib_inputs, spec)``
+(:meth:`~fls_compress.pruning.layerwise.LayerwisePruner.prune_arrays`) returns the pruned initializer arrays in ONNX
 layout without any torch model; write them back with :func:`fls_compress.io.onnx_model.write_back`.
 
 ``magnitude-layer`` is :class:`MagnitudePruner` with the spec's scope forced to ``"layer"``
@@ -45,11 +45,12 @@ from ..curvature.mfac import MFACEstimator
 from ..curvature.problem import FisherProblem
 from . import registry
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
-from .layerwise import SparseGPTPruner, WandaPruner, allocate_counts
 from .magnitude import MagnitudePruner
 from .obs import OBSPruner
 from .registry import MethodOptions
-from .selection import select_global
+from .selection import allocate_counts, select_global
+from .sparsegpt import SparseGPTPruner
+from .wanda import WandaPruner
 
 
 class LayerMagnitudePruner(MagnitudePruner):

@@ -1,0 +1,389 @@
+"""Layer inputs of an ONNX graph, captured with onnxruntime, and their second-moment statistics.
+
+Layer-wise compression (OBC / SparseGPT / GPTQ / Wanda) only needs, for every weight W of a
+Conv/Gemm/MatMul, the rows of its input X in the (out, in) matrix view, i.e. the layer computes
+W X^T: one row per token / spatial position, one column per input feature. This module
+
+* finds each prunable weight's consumer nodes (:func:`layer_sites`, through ``Identity`` chains) on
+  top of :func:`~fls_compress.io.onnx_model.prunable_initializers`;
+* runs a copy of the model that exposes those activations as extra graph outputs in onnxruntime,
+  chunk by chunk (:func:`iter_activations`; models at the 2 GiB protobuf limit are handed to
+  onnxruntime as a file with external data);
+* turns an activation into rows (:func:`layer_input_rows`): MatMul ``X @ W`` -> X flattened to
+  (-1, in); ``W @ X`` -> the last two axes swapped; Gemm -> A (A^T when ``transA=1``); Conv (1-D/2-D)
+  -> im2col (``torch.nn.functional.unfold``) with the node's kernel_shape / strides / pads / dilations /
+  auto_pad, one block per group (``group > 1`` and depthwise included);
+* streams the rows into X^T X (per group, float64) in :class:`RowStatistics`, never holding X whole.
+
+Row subsampling. A convolution on a large feature map has N * H_out * W_out rows per sample set (a
+640x640 detector: millions), and X^T X costs rows * in^2. :class:`RowStatistics` keeps at most
+``max_rows`` rows per layer: a seeded uniform random subset (without replacement) of the row stream,
+chosen once the stream length is known, so the estimate 2 X_S^T X_S / |S| of H = 2 X^T X / n is
+unbiased. The rows actually used and available are reported (``rows_used``, ``rows_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper
+
+from ..errors import InvalidDataError, InvalidOptionError, UnsupportedModelError
+from .onnx_model import PrunableSite, identity_sources, prunable_initializers
+
+log = logging.getLogger(__name__)
+
+#: Default cap on the rows of X per layer (all samples and uses together); only large feature maps hit it.
+DEFAULT_MAX_ROWS = 65536
+#: Serialized models from this size on are given to onnxruntime as a file with external data.
+PROTOBUF_LIMIT = 2**31 - 1
+_ROW_CHUNK_FLOATS = 2e7  # elements of X processed at once
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph analysis
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerUse:
+    """One node reading a prunable initializer as its layer weight."""
+
+    node: onnx.NodeProto
+    node_index: int
+    activation: str
+    weight_position: int
+
+    def attr(self, key: str, default: object = None) -> object:
+        for a in self.node.attribute:
+            if a.name == key:
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+
+def _role(use: LayerUse) -> str:
+    if use.node.op_type == "Gemm":
+        return f"Gemm:{use.attr('transB', 0)}"
+    return f"{use.node.op_type}:{use.weight_position}"
+
+
+def layer_sites(
+    model: onnx.ModelProto, names: list[str] | None = None
+) -> tuple[dict[str, PrunableSite], dict[str, list[LayerUse]]]:
+    """The prunable weights (graph order, or the order of ``names``) and the nodes using each as a weight.
+
+    A weight also read in another role (e.g. a Gemm with a different ``transB``) keeps only the uses
+    with the first role (warning). An unknown name raises :class:`InvalidOptionError`.
+    """
+    graph = model.graph
+    all_sites = {s.name: s for s in prunable_initializers(model)}
+    if names is not None:
+        missing = [n for n in names if n not in all_sites]
+        if missing:
+            raise InvalidOptionError(f"not a Conv/Gemm/MatMul weight of the graph: {', '.join(missing)}")
+        sites = {n: all_sites[n] for n in names}
+    else:
+        sites = all_sites
+    inits = {t.name for t in graph.initializer}
+    sources = identity_sources(graph, inits)
+    uses: dict[str, list[LayerUse]] = {n: [] for n in sites}
+    for index, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        left, right = (sources.get(v, v) for v in node.input[:2])
+        if node.op_type != "MatMul":
+            hit = (right, 1, node.input[0])
+        elif right in inits and left not in inits:
+            hit = (right, 1, node.input[0])
+        elif left in inits and right not in inits:
+            hit = (left, 0, node.input[1])
+        else:
+            continue
+        wname, pos, act = hit
+        if wname not in sites or sites[wname].op_type != node.op_type:
+            continue
+        use = LayerUse(node, index, act, pos)
+        if uses[wname] and _role(uses[wname][0]) != _role(use):
+            log.warning("weight %r is also read by node %r in another role; that use is ignored", wname, node.name)
+            continue
+        uses[wname].append(use)
+    return sites, uses
+
+
+def conv_groups(site: PrunableSite, use: LayerUse) -> int:
+    return int(use.attr("group", 1)) if site.op_type == "Conv" else 1  # type: ignore[arg-type]
+
+
+def to_matrix(site: PrunableSite, use: LayerUse, arr: np.ndarray) -> np.ndarray:
+    """(out, in) matrix view of the ONNX array (Conv: (O, C/g * prod(kernel)); Gemm: B or B^T; MatMul)."""
+    if site.op_type == "Conv":
+        return arr.reshape(arr.shape[0], -1)
+    if site.op_type == "Gemm":
+        return arr if int(use.attr("transB", 0)) else arr.T  # type: ignore[arg-type]
+    return arr.T if use.weight_position == 1 else arr
+
+
+def matrix_shape(site: PrunableSite, use: LayerUse) -> tuple[int, int]:
+    """(out, in) of :func:`to_matrix` without touching the data."""
+    if site.op_type == "Conv":
+        return int(site.shape[0]), int(math.prod(site.shape[1:]))
+    rows, cols = int(site.shape[0]), int(site.shape[1])
+    if site.op_type == "Gemm":
+        return (rows, cols) if int(use.attr("transB", 0)) else (cols, rows)  # type: ignore[arg-type]
+    return (cols, rows) if use.weight_position == 1 else (rows, cols)
+
+
+def from_matrix(site: PrunableSite, use: LayerUse, mat: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_matrix`."""
+    if site.op_type == "Conv":
+        return mat.reshape(site.shape)
+    if site.op_type == "Gemm":
+        return mat if int(use.attr("transB", 0)) else mat.T  # type: ignore[arg-type]
+    return mat.T if use.weight_position == 1 else mat
+
+
+# ------------------------------------------------------------------------------------------------
+# onnxruntime
+# ------------------------------------------------------------------------------------------------
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    for vi in _graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+def prepare_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph inputs from ``feeds`` (extra keys such as labels dropped); all must have one sample count."""
+    names = [vi.name for vi in _graph_inputs(model)]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise InvalidDataError(f"calibration data lacks model input(s): {', '.join(missing)}")
+    out = {n: np.asarray(feeds[n]) for n in names}
+    if len({int(a.shape[0]) if a.ndim else 1 for a in out.values()}) != 1:
+        raise InvalidDataError("calibration inputs disagree on the number of samples")
+    return out
+
+
+def ort_session(model: onnx.ModelProto, *, path_threshold: int = PROTOBUF_LIMIT):
+    """A CPU onnxruntime session for ``model``: from bytes, or from a temporary file with external
+    data when the serialized model reaches ``path_threshold`` (protobuf cannot serialize >= 2 GiB)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    try:
+        if model.ByteSize() < path_threshold:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="fls-ort-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location="model.onnx.data", size_threshold=1024)
+            return ort.InferenceSession(path, opts, providers=providers)  # weights are read at creation
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types
+        raise UnsupportedModelError(f"onnxruntime cannot run the model to capture layer inputs: {exc}") from exc
+
+
+def usable_samples(model: onnx.ModelProto, n: int, chunk: int) -> tuple[int, int]:
+    """(batch step, samples used): a static batch dimension forces whole batches of that size."""
+    static = _static_batch(model)
+    step = static if static is not None else max(int(chunk), 1)
+    usable = (n // step) * step if static is not None else n
+    return step, usable
+
+
+def iter_activations(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: list[str], chunk: int = 64
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``model`` over the feeds in chunks of samples; yield the requested values per chunk.
+
+    ``values`` may name graph inputs or any intermediate tensor; a model copy lists the latter as
+    extra outputs (element type left unspecified, onnxruntime infers it).
+    """
+    feeds = prepare_feeds(model, feeds)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    existing = {vi.name for vi in work.graph.output}
+    wanted = [v for v in dict.fromkeys(values) if v not in feeds]
+    for v in wanted:
+        if v not in existing:
+            work.graph.output.append(onnx.ValueInfoProto(name=v))
+    sess = ort_session(work)
+    del work
+    n = int(next(iter(feeds.values())).shape[0])
+    step, usable = usable_samples(model, n, chunk)
+    if usable < n:
+        log.warning("model takes batches of %d; using %d of %d calibration samples", step, usable, n)
+    for start in range(0, usable, step):
+        part = {k: v[start : start + step] for k, v in feeds.items()}
+        got = dict(zip(wanted, sess.run(wanted, part))) if wanted else {}
+        yield {v: (part[v] if v in part else got[v]) for v in values}
+
+
+def capture_layer_inputs(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], *, chunk: int = 64
+) -> dict[str, np.ndarray]:
+    """The activation input of each named weight's first consumer, all samples (small models / tests)."""
+    from .onnx_model import densify_sparse_initializers
+
+    work = densify_sparse_initializers(model)
+    _, uses = layer_sites(work, list(names))
+    values = [uses[n][0].activation for n in names]
+    parts: dict[str, list[np.ndarray]] = {v: [] for v in values}
+    for acts in iter_activations(work, feeds, values, chunk):
+        for v in dict.fromkeys(values):
+            parts[v].append(np.asarray(acts[v]))
+    return {n: np.concatenate(parts[uses[n][0].activation], axis=0) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows of X
+# ------------------------------------------------------------------------------------------------
+def _conv_geometry(site: PrunableSite, use: LayerUse, spatial_in: list[int]):
+    nd = len(site.shape) - 2
+    kernel = [int(k) for k in use.attr("kernel_shape", list(site.shape[2:]))]  # type: ignore[union-attr]
+    strides = [int(s) for s in use.attr("strides", [1] * nd)]  # type: ignore[union-attr]
+    dil = [int(d) for d in use.attr("dilations", [1] * nd)]  # type: ignore[union-attr]
+    auto = str(use.attr("auto_pad", "NOTSET"))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(nd):
+            out = math.ceil(spatial_in[i] / strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial_in[i], 0)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+    elif auto == "VALID":
+        pads = [(0, 0)] * nd
+    else:
+        raw = list(use.attr("pads", [0] * (2 * nd)))  # type: ignore[arg-type]
+        pads = [(int(raw[i]), int(raw[i + nd])) for i in range(nd)]
+    return kernel, strides, dil, pads
+
+
+def _im2col(site: PrunableSite, use: LayerUse, x: torch.Tensor) -> torch.Tensor:
+    """Conv input (N, C, *spatial) -> (groups, N * L, C/groups * prod(kernel)), unfold column order."""
+    kernel, strides, dil, pads = _conv_geometry(site, use, list(x.shape[2:]))
+    if len(kernel) == 1:
+        x = x.unsqueeze(2)
+        kernel, strides, dil, pads = [1] + kernel, [1] + strides, [1] + dil, [(0, 0)] + pads
+    flat_pad: list[int] = []
+    for lo, hi in reversed(pads):
+        flat_pad += [lo, hi]
+    if any(flat_pad):
+        x = F.pad(x, flat_pad)
+    cols = F.unfold(x, kernel_size=kernel, dilation=dil, stride=strides)  # (N, C*prod(k), L)
+    n, ck, length = cols.shape
+    g = conv_groups(site, use)
+    return cols.transpose(1, 2).reshape(n * length, g, ck // g).transpose(0, 1)
+
+
+def conv_supported(site: PrunableSite) -> bool:
+    """1-D and 2-D convolutions; 3-D ones are left dense by the layer-wise methods."""
+    return site.op_type != "Conv" or len(site.shape) in (3, 4)
+
+
+def count_rows(site: PrunableSite, use: LayerUse, shape: tuple[int, ...]) -> int:
+    """Number of rows :func:`layer_input_rows` yields for an activation of this shape."""
+    if site.op_type == "Conv":
+        kernel, strides, dil, pads = _conv_geometry(site, use, list(shape[2:]))
+        length = 1
+        for i, size in enumerate(shape[2:]):
+            span = (kernel[i] - 1) * dil[i] + 1
+            length *= max((size + pads[i][0] + pads[i][1] - span) // strides[i] + 1, 0)
+        return int(shape[0]) * length
+    if site.op_type == "Gemm":
+        return int(shape[1] if int(use.attr("transA", 0)) else shape[0])  # type: ignore[arg-type]
+    numel = math.prod(shape)
+    return numel // int(shape[-1]) if use.weight_position == 1 else numel // site.shape[1]
+
+
+def layer_input_rows(site: PrunableSite, use: LayerUse, activation: np.ndarray) -> Iterator[torch.Tensor]:
+    """Rows of X (one per token / position) for one use, as (groups, rows, in_per_group) chunks."""
+    a = torch.from_numpy(np.ascontiguousarray(activation))
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    if site.op_type == "Conv":
+        per = max(int(a[0:1].numel() * math.prod(site.shape[2:])), 1)
+        step = max(int(_ROW_CHUNK_FLOATS // per), 1)
+        for s in range(0, a.shape[0], step):
+            yield _im2col(site, use, a[s : s + step])
+        return
+    if site.op_type == "Gemm":
+        rows = a.t() if int(use.attr("transA", 0)) else a  # type: ignore[arg-type]
+    elif use.weight_position == 1:  # X @ W
+        rows = a.reshape(-1, a.shape[-1])
+    else:  # W @ X: X is (..., in, n)
+        rows = (a.unsqueeze(-1) if a.dim() == 1 else a.transpose(-1, -2)).reshape(-1, site.shape[1])
+    step = max(int(_ROW_CHUNK_FLOATS // max(rows.shape[1], 1)), 1)
+    for s in range(0, rows.shape[0], step):
+        yield rows[s : s + step].unsqueeze(0)
+
+
+class RowStatistics:
+    """Streaming X^T X per group (float64; or only diag(X^T X) with ``full=False``) of one layer.
+
+    Call :meth:`plan` with the length of the whole row stream before the first :meth:`add`: when it
+    exceeds ``max_rows`` a seeded uniform subset of exactly ``max_rows`` stream positions is drawn and
+    only those rows are accumulated (``max_rows=None``: every row).
+    """
+
+    def __init__(self, groups: int, cols: int, *, full: bool, max_rows: int | None = DEFAULT_MAX_ROWS, seed: int = 0):
+        if max_rows is not None and max_rows < 1:
+            raise InvalidOptionError(f"max_rows_per_layer must be >= 1, got {max_rows}")
+        self.h = torch.zeros(groups, cols, cols, dtype=torch.float64) if full else None
+        self.sq = torch.zeros(groups, cols, dtype=torch.float64)
+        self.max_rows = max_rows
+        self.seed = int(seed)
+        self.rows_total = 0  # rows seen in the stream
+        self.rows_used = 0  # rows accumulated
+        self._keep: np.ndarray | None = None  # sorted stream positions to keep (None = all)
+        self._planned = False
+
+    def plan(self, total_rows: int) -> None:
+        self._planned = True
+        if self.max_rows is not None and total_rows > self.max_rows:
+            rng = np.random.default_rng(self.seed)
+            self._keep = np.sort(rng.choice(total_rows, size=self.max_rows, replace=False))
+
+    @property
+    def subsampled(self) -> bool:
+        return self._keep is not None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a (groups, rows, cols) block of consecutive stream rows."""
+        if not self._planned:
+            raise RuntimeError("RowStatistics.plan must be called before add")
+        start, n = self.rows_total, int(x.shape[1])
+        self.rows_total += n
+        if self._keep is not None:
+            lo, hi = np.searchsorted(self._keep, [start, start + n])
+            if hi == lo:
+                return
+            x = x[:, torch.from_numpy(self._keep[lo:hi] - start)]
+        x = x.double()
+        if self.h is not None:
+            self.h += torch.bmm(x.transpose(1, 2), x)
+        self.sq += (x * x).sum(dim=1)
+        self.rows_used += int(x.shape[1])
+
+    def hessian(self, group: int = 0) -> torch.Tensor:
+        """H = 2 X^T X / n over the rows used (SparseGPT's / GPTQ's scale)."""
+        if self.h is None:
+            raise RuntimeError("RowStatistics(full=False) holds only the diagonal")
+        return 2.0 * self.h[group] / max(self.rows_used, 1)
