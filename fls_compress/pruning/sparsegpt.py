@@ -24,7 +24,39 @@ import torch
 from ..errors import InvalidOptionError
 from .hessian import damped_inverse_cholesky, permute_hessian
 from .layerwise import LayerwisePruner
-from .sweep import obs_sweep
+from .sweep import Select, obs_sweep
+
+
+def nm_select(forced: torch.Tensor, n_prune: int) -> Select:
+    """N:M selection for a sweep whose lazy blocks are exactly the groups of M columns: in each row the
+    N entries with the smallest saliency w^2 / U_ii^2 (already-dead entries count first)."""
+
+    def select(block: torch.Tensor, d: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        score = (block**2 / d).masked_fill(forced[:, i1:i2], float("-inf"))
+        idx = torch.topk(score, n_prune, dim=1, largest=False).indices
+        return torch.zeros(score.shape, dtype=torch.bool).scatter_(1, idx, True)
+
+    return select
+
+
+def adaptive_select(forced: torch.Tensor, prune_count: int) -> Select:
+    """Unstructured adaptive selection: block quotas by cumulative rounding of ``prune_count`` over the
+    columns, the lowest saliencies w^2 / U_ii^2 of each block (already-dead entries count first)."""
+    cols = forced.shape[1]
+    total, done = int(prune_count), [0]
+
+    def select(block: torch.Tensor, d: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        dead = forced[:, i1:i2]
+        target = int(round(total * i2 / cols))
+        k = min(max(target - done[0], int(dead.sum())), block.numel())
+        chosen = torch.zeros(dead.shape, dtype=torch.bool)
+        if k > 0:
+            score = (block**2 / d).masked_fill(dead, float("-inf"))
+            chosen.view(-1)[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = True
+        done[0] += k
+        return chosen
+
+    return select
 
 
 def sparsegpt_prune_matrix(
@@ -51,33 +83,12 @@ def sparsegpt_prune_matrix(
         w, alive = w[:, col_order], alive[:, col_order]
     u = damped_inverse_cholesky(permute_hessian(h, col_order), percdamp)
     forced = ~alive
-
     if nm is not None:
-        n_prune, m = nm
-
-        def select(block: torch.Tensor, d: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
-            score = (block**2 / d).masked_fill(forced[:, i1:i2], float("-inf"))
-            idx = torch.topk(score, n_prune, dim=1, largest=False).indices
-            return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
-
-        res = obs_sweep(w, u, prune_mask=forced, select=select, block_size=m)
+        res = obs_sweep(w, u, prune_mask=forced, select=nm_select(forced, nm[0]), block_size=nm[1])
     else:
         if prune_count is None:
             raise ValueError("prune_count or nm is required")
-        total, done = int(prune_count), [0]
-
-        def select(block: torch.Tensor, d: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
-            dead = forced[:, i1:i2]
-            target = int(round(total * i2 / cols))
-            k = min(max(target - done[0], int(dead.sum())), block.numel())
-            chosen = torch.zeros(dead.shape, dtype=torch.bool)
-            if k > 0:
-                score = (block**2 / d).masked_fill(dead, float("-inf"))
-                chosen.view(-1)[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = True
-            done[0] += k
-            return chosen
-
-        res = obs_sweep(w, u, prune_mask=forced, select=select, block_size=block_size)
+        res = obs_sweep(w, u, prune_mask=forced, select=adaptive_select(forced, prune_count), block_size=block_size)
     new_w, keep = res.weight, ~res.pruned
     if col_order is not None:
         inv = torch.argsort(col_order)
