@@ -318,3 +318,40 @@ def test_int8_per_channel_gptq_keeps_top1_on_the_sample_cnn(tmp_path) -> None:
     got = _run(qdq, {name: test})[out].argmax(1)
     assert float((ref == got).mean()) >= 0.98
     assert info["layers_quantized"] >= 3
+    # 4 bits: the OBS compensation keeps clearly more predictions than round-to-nearest
+    agree = {}
+    for method in ("rtn", "gptq"):
+        q4, _ = quantize_model(model, {name: calib["input"].astype(np.float32)}, method=method, bits=4, num_samples=128)
+        agree[method] = float((_run(q4, {name: test})[out].argmax(1) == ref).mean())
+    assert agree["gptq"] > agree["rtn"] + 0.05
+    # static int8 activations on top: still runs and agrees on most of the test set
+    qa, info_a = quantize_model(model, {name: calib["input"].astype(np.float32)}, method="gptq", bits=8,
+                                activations="int8", num_samples=128)
+    onnx.checker.check_model(qa, full_check=True)
+    assert info_a["activation_qdq_tensors"] == info["layers_quantized"]  # one input per layer here
+    got_a = _run(qa, {name: test})[out].argmax(1)
+    assert float((ref == got_a).mean()) >= 0.95
+
+
+def test_activation_qdq_matches_fake_quant_reference() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = (rng.standard_normal((32, 5)) * 2 + 0.5).astype(np.float32)
+    qa, info = quantize_model(model, {"x": x}, method="rtn", bits=8, activations="int8")
+    assert info["activation_qdq_tensors"] == 1.0
+    weights, _ = quantize_weights(model, None, method="rtn", bits=8)
+    wq = weights["W"].grid.dequantize(weights["W"].codes)  # (out, in) = the Gemm B with transB=1
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = np.float32((hi - lo) / 255)
+    zero = np.clip(np.round(-lo / float(scale)), 0, 255)
+    xq = (np.clip(np.round(x / scale) + zero, 0, 255) - zero).astype(np.float32) * scale
+    np.testing.assert_allclose(_run(qa, {"x": x})["y"], xq @ wq.T, rtol=1e-5, atol=1e-5)
+    assert {n.op_type for n in qa.graph.node} == {"QuantizeLinear", "DequantizeLinear", "Gemm"}

@@ -213,19 +213,21 @@ def iter_activations(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run ``model`` over the feeds in chunks of samples; yield the requested values per chunk.
 
-    ``values`` may name graph inputs or any intermediate tensor; a model copy lists the latter as
-    extra outputs (element type left unspecified, onnxruntime infers it).
+    ``values`` may name graph inputs or any intermediate tensor; the latter are appended to the graph
+    outputs while the session is built (element type left unspecified, onnxruntime infers it) and
+    removed again, so ``model`` is unchanged afterwards.
     """
     feeds = prepare_feeds(model, feeds)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    existing = {vi.name for vi in work.graph.output}
+    existing = {vi.name for vi in model.graph.output}
     wanted = [v for v in dict.fromkeys(values) if v not in feeds]
-    for v in wanted:
-        if v not in existing:
-            work.graph.output.append(onnx.ValueInfoProto(name=v))
-    sess = ort_session(work)
-    del work
+    added = [v for v in wanted if v not in existing]
+    for v in added:  # exposed only while the session is created (no copy of a large model)
+        model.graph.output.append(onnx.ValueInfoProto(name=v))
+    try:
+        sess = ort_session(model)
+    finally:
+        if added:
+            del model.graph.output[len(model.graph.output) - len(added) :]
     n = int(next(iter(feeds.values())).shape[0])
     step, usable = usable_samples(model, n, chunk)
     if usable < n:

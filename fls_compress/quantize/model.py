@@ -248,6 +248,9 @@ def quantize_model(
 
         if not calib_inputs:
             raise InvalidDataError("activations=int8 needs calibration inputs for the activation ranges")
-        out, act_info = add_activation_qdq(out, calib_inputs, seed=seed)
+        consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
+                     for n in weights for u in uses[n]]
+        out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers,
+                                           num_samples=int(options.get("num_samples", 512)))  # type: ignore[arg-type]
         info.update(act_info)
     return out, info
