@@ -24,6 +24,7 @@ from fls_compress.curvature.problem import FisherProblem
 from fls_compress.errors import InvalidOptionError
 from fls_compress.io.onnx_model import write_back
 from fls_compress.pruning.base import SparsitySpec
+from fls_compress.pruning.selection import nm_dense_layers, select_n_of_m
 from fls_compress.io.activations import capture_layer_inputs, conv_groups, layer_input_rows, layer_sites, to_matrix
 from fls_compress.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune_matrix
 from fls_compress.pruning.wanda import WandaPruner, wanda_prune_matrix
@@ -572,3 +573,26 @@ def test_obs_pruner_with_obert_prunes_with_less_loss_increase_than_magnitude() -
         with torch.no_grad():
             losses[method] = float(prob.loss(batch, labels="true"))
     assert losses["obert"] < losses["magnitude"]
+
+
+def test_select_n_of_m_groups_conv_input_channels_at_each_kernel_position(caplog) -> None:
+    """TensorRT's 2:4 layout: weight [O, C, kh, kw] -> groups of 4 over C for fixed (o, kh, kw)."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Parameter(torch.randn(3, 8, 2, 2, generator=g, dtype=torch.float64))
+    odd = torch.nn.Parameter(torch.randn(3, 6, 2, 2, generator=g, dtype=torch.float64))
+    weights = {"c": PrunableWeight("c", "Conv", conv, (3, 8, 2, 2)), "o": PrunableWeight("o", "Conv", odd, (3, 6, 2, 2))}
+    scores = {n: w.parameter.detach().abs() for n, w in weights.items()}
+    masks = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    masks["c"][0, 1, 0, 0] = False  # already pruned: counts towards its group's N
+    with caplog.at_level(logging.WARNING):
+        newly = select_n_of_m(scores, masks, weights, 2, 4)
+    assert not newly["o"].any() and any("'o'" in r.message for r in caplog.records)  # C=6: dense
+    sel = newly["c"] | ~masks["c"]
+    groups = sel.permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)  # (o, kh, kw, C/4, 4)
+    assert torch.all(groups.sum(-1) == 2)
+    s = scores["c"].permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)
+    live = newly["c"].permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)
+    chosen_max = torch.where(live, s, torch.full_like(s, -1)).amax(-1)
+    kept_min = torch.where(~groups, s, torch.full_like(s, float("inf"))).amin(-1)
+    assert torch.all(chosen_max <= kept_min)
+    assert nm_dense_layers(weights, 4) == ["o"]
