@@ -13,11 +13,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidOptionError, UnsupportedModelError
-from fls_compress.io.activations import layer_sites
+from fls_compress.io.activations import from_matrix, layer_sites, to_matrix
+from fls_compress.io.onnx_model import write_back
 from fls_compress.pruning.sweep import inverse_hessian_cholesky
 from fls_compress.quantize import Grid, QuantSpec, quantize_model, quantize_weights
 from fls_compress.quantize.gptq import act_order, fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
-from fls_compress.quantize.qdq import QuantizedWeight, write_qdq
+from fls_compress.quantize.qdq import write_qdq
 
 from .test_baselines import conv_model
 
@@ -246,14 +247,10 @@ def test_qdq_round_trip_is_bit_exact_in_onnxruntime(spec: QuantSpec) -> None:
     deq = _run(qdq, feeds, list(weights))
     float_arrays = {}
     for n, q in weights.items():
-        from fls_compress.io.activations import from_matrix
-
         expect = from_matrix(sites[n], uses[n][0], q.grid.dequantize(q.codes))
         assert deq[n].dtype == np.float32 and np.array_equal(deq[n], expect), n  # bit for bit
         float_arrays[n] = expect
     # the QDQ model computes what the float model computes with the dequantized weights
-    from fls_compress.io.onnx_model import write_back
-
     ref = _run(write_back(model, float_arrays), feeds)
     assert set(ref) == {"y", "y2"}
     for k, b in ref.items():
@@ -295,8 +292,6 @@ def test_gptq_model_with_2_4_sparsity_runs_and_keeps_groups() -> None:
         if sites[n].op_type == "Conv":
             groups = np.moveaxis(arr, 1, -1).reshape(arr.shape[0], *arr.shape[2:], -1, 4)
         else:
-            from fls_compress.io.activations import to_matrix
-
             mat = to_matrix(sites[n], uses[n][0], arr)
             groups = mat.reshape(mat.shape[0], -1, 4)
         assert ((groups == 0).sum(-1) >= 2).all(), n

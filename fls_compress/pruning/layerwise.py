@@ -50,7 +50,7 @@ from ..io.activations import (
 )
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
-from .selection import allocate_counts, nm_column_order, nm_groupable
+from .selection import allocate_counts, nm_groupable, nm_layout
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,6 @@ def rows_info_fields(rows: dict[str, LayerRows]) -> dict[str, float | str]:
     }
 
 
-def _nm_layout(site: PrunableSite, cols: int) -> tuple[int, torch.Tensor | None]:
-    """(size of the N:M reduction axis, column order making groups consecutive) of one layer."""
-    if site.op_type == "Conv":
-        return int(site.shape[1]), nm_column_order(int(site.shape[1]), int(math.prod(site.shape[2:])))
-    return cols, None
-
-
 class LayerwisePruner(Pruner):
     """Base of the activation-driven pruners; needs the ONNX model (``bind`` it or pass it).
 
@@ -255,7 +248,7 @@ class LayerwisePruner(Pruner):
             log.warning("%s: %r (%d-D kernel) is not supported and stays dense", self.name, n, len(sites[n].shape) - 2)
         info["unsupported_layers"] = ", ".join(unsupported)
         nm = spec.nm
-        layout = {n: _nm_layout(sites[n], matrix_shape(sites[n], uses[n][0])[1]) for n in active}
+        layout = {n: nm_layout(sites[n].op_type, sites[n].shape, matrix_shape(sites[n], uses[n][0])[1]) for n in active}
         if nm is not None:
             dense = [n for n in active if not nm_groupable(layout[n][0], nm[1])]
             for n in dense:

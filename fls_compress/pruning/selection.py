@@ -112,6 +112,14 @@ def nm_column_order(channels: int, kernel_size: int) -> torch.Tensor | None:
     return torch.arange(channels * kernel_size).reshape(channels, kernel_size).t().reshape(-1)
 
 
+def nm_layout(op_type: str, shape: tuple[int, ...], cols: int) -> tuple[int, torch.Tensor | None]:
+    """(size of the N:M reduction axis, :func:`nm_column_order`) of a weight with ONNX ``shape`` whose
+    matrix view has ``cols`` columns: Conv -> (C per group, channel-major order), else (cols, None)."""
+    if op_type == "Conv" and len(shape) > 2:
+        return int(shape[1]), nm_column_order(int(shape[1]), int(math.prod(shape[2:])))
+    return int(cols), None
+
+
 def nm_groupable(channels: int, m: int) -> bool:
     """Whether the reduction axis (input channels per group for Conv, input features otherwise) splits into M's."""
     return channels % m == 0

@@ -35,7 +35,7 @@ from ..io.activations import (
 )
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from ..pruning.layerwise import rows_info_fields, sweep_layers
-from ..pruning.selection import allocate_counts, nm_column_order, nm_groupable, parse_pattern
+from ..pruning.selection import allocate_counts, nm_groupable, nm_layout, parse_pattern
 from .gptq import fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
 from .grid import Grid, QuantSpec
 from .qdq import QuantizedWeight, refuse_quantized, write_qdq
@@ -44,12 +44,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "fls")
 ACTIVATIONS = ("none", "int8")
-
-
-def _nm_layout(site: PrunableSite, cols: int) -> tuple[int, torch.Tensor | None]:
-    if site.op_type == "Conv":
-        return int(site.shape[1]), nm_column_order(int(site.shape[1]), int(math.prod(site.shape[2:])))
-    return cols, None
 
 
 def _magnitude_keep(mat: np.ndarray, count: int, nm: tuple[int, int] | None, order: torch.Tensor | None) -> np.ndarray:
@@ -126,7 +120,7 @@ def quantize_weights(
             raise InvalidOptionError(f"granularity block:{spec.block} does not divide the {mats[n].shape[1]} input "
                                      f"columns of {n!r}; choose a divisor or per-channel")
         grids[n] = Grid.fit(mats[n], spec)
-    layout = {n: _nm_layout(sites[n], mats[n].shape[1]) for n in active}
+    layout = {n: nm_layout(sites[n].op_type, sites[n].shape, mats[n].shape[1]) for n in active}
     counts = {n: 0 for n in active}
     dense: list[str] = []
     if nm is not None:
