@@ -20,7 +20,7 @@ from fls_compress.quantize import Grid, QuantSpec, quantize_model, quantize_weig
 from fls_compress.quantize.gptq import act_order, fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
 from fls_compress.quantize.qdq import write_qdq
 
-from .test_baselines import conv_model
+from .test_baselines import conv_model, np_conv
 
 SPECS = [QuantSpec(b, s, g) for b, s, g in itertools.product((4, 8), (True, False), ("tensor", "channel", "block:4"))]
 
@@ -255,6 +255,12 @@ def test_qdq_round_trip_is_bit_exact_in_onnxruntime(spec: QuantSpec) -> None:
     assert set(ref) == {"y", "y2"}
     for k, b in ref.items():
         np.testing.assert_allclose(deq[k], b, rtol=1e-5, atol=1e-5)
+    # and what numpy computes with the dequantized weights
+    w = {k: v.astype(np.float64) for k, v in float_arrays.items()}
+    h = np.maximum(np_conv(feeds["x"].astype(np.float64), w["Wc"], 1, (0, 0, 0, 0), 1), 0).reshape(len(feeds["x"]), -1)
+    y = (np.maximum(h @ w["Wg0"], 0) @ w["Wg1"].T) @ w["Wm"]
+    np.testing.assert_allclose(deq["y"], y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(deq["y2"], w["Wl"] @ feeds["z"], rtol=1e-4, atol=1e-4)
 
 
 def test_qdq_opset_rules_and_refusals() -> None:

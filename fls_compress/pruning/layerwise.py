@@ -45,6 +45,7 @@ from ..io.activations import (
     layer_input_rows,
     layer_sites,
     matrix_shape,
+    prepare_feeds,
     to_matrix,
     usable_samples,
 )
@@ -135,7 +136,8 @@ def sweep_layers(
         if n in current:
             current[n] = np.asarray(arr, dtype=current[n].dtype).reshape(current[n].shape)
             work.graph.initializer[index[n]].CopyFrom(numpy_helper.from_array(current[n], n))
-    n_samples = int(np.asarray(next(iter(feeds.values()))).shape[0]) if feeds else 0
+    feeds = prepare_feeds(work, feeds)
+    n_samples = int(next(iter(feeds.values())).shape[0]) if feeds else 0
     rows_info: dict[str, LayerRows] = {}
     done = 0
     for wave in layer_waves(work, uses, sequential):
@@ -292,7 +294,7 @@ class LayerwisePruner(Pruner):
             else:
                 out[n] = base[n]
         info.update(rows_info_fields(rows))
-        info["num_samples"] = float(min(self.num_samples, int(np.asarray(next(iter(feeds.values()))).shape[0])))
+        info["num_samples"] = float(min(self.num_samples, int(next(iter(prepare_feeds(model, feeds).values())).shape[0])))
         info["sequential"] = "yes" if self.sequential else "no"
         info["max_rows_per_layer"] = float(self.max_rows_per_layer or 0)
         self.last_info = info

@@ -31,6 +31,7 @@ from ..io.activations import (
     conv_supported,
     from_matrix,
     layer_sites,
+    prepare_feeds,
     to_matrix,
 )
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
@@ -189,7 +190,7 @@ def quantize_weights(
         _, rows = sweep_layers(work, feeds, active, transform, full=True, sequential=sequential, chunk=chunk,
                                max_rows=max_rows_per_layer, seed=seed, label="gptq")
         info.update(rows_info_fields(rows))
-        info["num_samples"] = float(min(num_samples, len(next(iter(feeds.values())))))
+        info["num_samples"] = float(len(next(iter(prepare_feeds(work, feeds).values()))))
         info["sequential"] = "yes" if sequential else "no"
 
     result: dict[str, QuantizedWeight] = {}
