@@ -393,3 +393,29 @@ def test_gptq_on_depthwise_and_1d_convolutions_beats_rtn() -> None:
         q, _ = quantize_model(model, {"x": smooth}, method=method, bits=4, granularity="channel")
         errs[method] = float(np.linalg.norm(_run(q, {"x": smooth})["y"] - y))
     assert errs["gptq"] < 0.95 * errs["rtn"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["channel", "block:16"])
+def test_int4_matmul_below_opset_21_uses_matmulnbits(symmetric: bool, granularity: str) -> None:
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((32, 48)).astype(np.float32)  # K = 32: one block of 32 per channel
+    w2 = rng.standard_normal((48, 16)).astype(np.float32)  # K = 48: three blocks of 16 (odd: padded zero points)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.standard_normal((10, 32)).astype(np.float32)
+    q, info = quantize_model(model, {"x": x}, method="gptq", bits=4, symmetric=symmetric, granularity=granularity,
+                             allow_opset_raise=False)
+    assert info["opset"] == 13.0 and info["matmul_nbits"] == 2.0 and "MatMulNBits" in info["fallback"]
+    assert [n.op_type for n in q.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits"]
+    weights, _ = quantize_weights(model, {"x": x}, method="gptq", bits=4, symmetric=symmetric, granularity=granularity)
+    deq = {n: wq.grid.dequantize(wq.codes).astype(np.float64) for n, wq in weights.items()}  # (out, in) views
+    expect = np.maximum(x.astype(np.float64) @ deq["W1"].T, 0) @ deq["W2"].T
+    np.testing.assert_allclose(_run(q, {"x": x})["y"], expect, rtol=1e-4, atol=1e-4)

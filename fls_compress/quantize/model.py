@@ -237,6 +237,8 @@ def quantize_model(
     sites, uses = layer_sites(work, list(weights))
     out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise)
     info.update({k: (float(v) if not isinstance(v, bool) else ("yes" if v else "no")) for k, v in opset.items()})
+    if opset.get("matmul_nbits"):
+        info["fallback"] = "opset kept: 4-bit MatMul weights as com.microsoft.MatMulNBits (onnxruntime only)"
     info["activations"] = activations
     if activations == "int8":
         from .activations import add_activation_qdq

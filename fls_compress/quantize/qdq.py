@@ -12,7 +12,9 @@ reads it unchanged and the rest of the graph is untouched. Grid layout in the ON
   Gemm B -> 0 with transB=1 else 1, MatMul ``X @ W`` ([in, out]) -> 1, ``W @ X`` -> 0) (opset >= 13);
 * block:g: ``block_size`` = g along the INPUT axis (opset >= 21). A Conv's input axis is the flattened
   C*kh*kw, so its codes are stored as the (O, C*kh*kw) matrix and a ``Reshape`` restores [O, C, kh, kw];
-* int4 / uint4 codes need opset >= 21.
+* int4 / uint4 codes need opset >= 21. When the opset cannot be raised, 4-bit MatMul weights read as
+  ``X @ W`` are written as ``com.microsoft.MatMulNBits`` (:mod:`fls_compress.quantize.nbits`,
+  onnxruntime only; logged and counted in ``matmul_nbits``); any other weight is refused.
 
 The default-domain opset is raised only when the grid needs it: by renumbering when no operator of
 the graph changes its definition between the two versions, else with ``onnx.version_converter``; the
@@ -33,6 +35,7 @@ from ..errors import UnsupportedModelError
 from ..io.activations import LayerUse, from_matrix
 from ..io.onnx_model import PrunableSite
 from .grid import Grid
+from .nbits import DOMAIN, nbits_supported, write_matmul_nbits
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +154,32 @@ def write_qdq(
     refuse_quantized(model)
     before = default_opset(model)
     need = required_opset([q.grid for q in weights.values()])
-    if need > before and not allow_opset_raise:
-        raise UnsupportedModelError(
-            f"these weights need DequantizeLinear from opset {need} (int4 codes or block_size need 21, "
-            f"per-channel axis 13); the model has opset {before} and raising it is not allowed; use bits=8 "
-            "with per-tensor/per-channel granularity")
-    out = raise_opset(model, need) if need > before else _copy(model)
+    nbits: list[str] = []
+    out = None
+    if need > before:
+        problem = None
+        if allow_opset_raise:
+            try:
+                out = raise_opset(model, need)
+            except UnsupportedModelError as exc:
+                problem = exc
+        else:
+            problem = UnsupportedModelError(
+                f"these weights need DequantizeLinear from opset {need} (int4 codes or block_size need 21, "
+                f"per-channel axis 13); the model has opset {before} and raising it is not allowed")
+        if problem is not None:  # 4-bit MatMul weights can still use com.microsoft.MatMulNBits
+            for n, q in weights.items():
+                if required_opset([q.grid]) > before:
+                    why = nbits_supported(sites[n], uses[n], q.grid, n)
+                    if why is not None or q.grid.spec.bits != 4:
+                        raise UnsupportedModelError(f"{problem} ({n!r} cannot use MatMulNBits either: "
+                                                    f"{why or 'only 4-bit weights'}); use bits=8 with per-tensor or "
+                                                    "per-channel granularity") from problem
+                    nbits.append(n)
+            log.warning("opset %d kept: %d 4-bit MatMul weight(s) written as com.microsoft.MatMulNBits "
+                        "(onnxruntime only)", before, len(nbits))
+    if out is None:
+        out = _copy(model)
     graph = out.graph
     taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
     taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
@@ -166,6 +189,12 @@ def write_qdq(
     for name, q in weights.items():
         site, use = sites[name], uses[name][0]
         tensor = graph.initializer[index[name]]
+        if name in nbits:
+            if tensor.data_type != TensorProto.FLOAT:
+                raise UnsupportedModelError(f"weight {name!r}: only float32 weights can be written as MatMulNBits")
+            write_matmul_nbits(graph, name, q.codes, q.grid, uses[name], lambda base: _unique(base, taken))
+            drop.add(name)
+            continue
         if tensor.data_type != TensorProto.FLOAT:
             raise UnsupportedModelError(f"weight {name!r}: only float32 weights can be written as QDQ")
         out_axis, in_axis = _axes(site, use)
@@ -211,10 +240,12 @@ def write_qdq(
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
+    if nbits and not any(op.domain == DOMAIN for op in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     after = default_opset(out)
     if after != before:
         log.info("default-domain opset raised from %d to %d for DequantizeLinear", before, after)
-    return out, {"opset": after, "opset_before": before, "opset_raised": after != before}
+    return out, {"opset": after, "opset_before": before, "opset_raised": after != before, "matmul_nbits": len(nbits)}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
