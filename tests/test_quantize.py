@@ -419,3 +419,29 @@ def test_int4_matmul_below_opset_21_uses_matmulnbits(symmetric: bool, granularit
     deq = {n: wq.grid.dequantize(wq.codes).astype(np.float64) for n, wq in weights.items()}  # (out, in) views
     expect = np.maximum(x.astype(np.float64) @ deq["W1"].T, 0) @ deq["W2"].T
     np.testing.assert_allclose(_run(q, {"x": x})["y"], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_fls_takes_u_and_row_scale_per_layer() -> None:
+    """The fls hook: with U = chol_upper(H^-1) of each layer's own Hessian it reproduces GPTQ (percdamp 0)."""
+    model = layout_model()
+    weights, _ = quantize_weights(model, None, method="rtn", bits=4)
+    sites, uses = layer_sites(model)
+    rng = np.random.default_rng(11)
+    curvature, hessians = {}, {}
+    for n in weights:
+        cols = weights[n].codes.shape[1]
+        a = rng.standard_normal((cols, 2 * cols))
+        h = torch.from_numpy(a @ a.T / (2 * cols) + 0.1 * np.eye(cols))
+        hessians[n] = h
+        curvature[n] = (torch.linalg.cholesky(torch.linalg.inv(h), upper=True), torch.ones(weights[n].codes.shape, dtype=torch.float64))
+    got, info = quantize_weights(model, None, method="fls", bits=4, curvature=curvature)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n, q in got.items():
+        w = torch.from_numpy(to_matrix(sites[n], uses[n][0], arrays[n]).astype(np.float64))
+        ref = gptq_quantize_matrix(w, hessians[n], q.grid, percdamp=0.0).weight.numpy().astype(np.float32)
+        assert np.array_equal(q.grid.dequantize(q.codes), ref), n
+    assert info["obs_loss"] > 0
+    bad = dict(curvature)
+    bad["Wc"] = (curvature["Wc"][0], torch.ones(3, 3))
+    with pytest.raises(InvalidOptionError, match="row_scale"):
+        quantize_weights(model, None, method="fls", bits=4, curvature=bad)

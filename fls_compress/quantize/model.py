@@ -177,6 +177,9 @@ def quantize_weights(
             in_per = mats[n].shape[1]
             if tuple(u.shape) != (in_per, in_per):
                 raise InvalidOptionError(f"curvature U of {n!r} must be ({in_per}, {in_per}), got {tuple(u.shape)}")
+            row_scale = curvature[n][1]  # type: ignore[index]
+            if row_scale is not None and tuple(row_scale.shape) != mats[n].shape:
+                raise InvalidOptionError(f"curvature row_scale of {n!r} must be {mats[n].shape}, got {tuple(row_scale.shape)}")
             values[n] = quantize_groups(n, sites[n], uses[n][0], mats[n], None)
     else:
         if not calib_inputs:
