@@ -104,3 +104,33 @@ def test_session_from_file_with_external_data_equals_bytes() -> None:
     acts = next(iter_activations(model, {"x": x}, ["x", "y"]))
     np.testing.assert_array_equal(acts["y"], a)
     np.testing.assert_array_equal(capture_layer_inputs(model, {"x": x}, ["W"])["W"], x)
+
+
+def test_sequential_waves_see_the_new_weights_of_earlier_layers() -> None:
+    """One session for all waves: the weights changed by wave 1 are fed when wave 2 is captured."""
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    before = model.SerializeToString()
+    for sequential in (True, False):
+        seen = {}
+
+        def scale_w1(name, site, uses, stats, arr):
+            seen[name] = stats.hessian()
+            return arr * np.float32(-2.0) if name == "W1" else arr
+
+        new, _ = sweep_layers(model, {"x": x}, ["W1", "W2"], scale_w1, full=True, sequential=sequential, chunk=7)
+        w1_used = w1 * np.float32(-2.0) if sequential else w1
+        r = np.maximum(x.astype(np.float64) @ w1_used.astype(np.float64), 0)
+        torch.testing.assert_close(seen["W2"], torch.from_numpy(2 * r.T @ r / len(x)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(new["W1"], w1 * np.float32(-2.0))
+    assert model.SerializeToString() == before  # the caller's model is left as it was

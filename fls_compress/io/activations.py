@@ -208,6 +208,62 @@ def usable_samples(model: onnx.ModelProto, n: int, chunk: int) -> tuple[int, int
     return step, usable
 
 
+class ActivationSession:
+    """One onnxruntime session exposing intermediate ``values`` as outputs, optionally with some
+    initializers made overridable (listed as graph inputs, so each run may feed new values for them).
+
+    Layer-wise methods that process the graph in waves feed the weights already changed by earlier
+    waves instead of building a new session per wave (a new session re-serialises, and above 2 GiB
+    re-writes, the whole model). ``model`` is restored after the session is built (no copy of it).
+    """
+
+    def __init__(self, model: onnx.ModelProto, values: list[str], overridable: list[str] | tuple[str, ...] = ()):
+        self.model = model
+        inputs = {vi.name for vi in _graph_inputs(model)}
+        existing = {vi.name for vi in model.graph.output}
+        self.values = [v for v in dict.fromkeys(values) if v not in inputs]
+        added = [v for v in self.values if v not in existing]
+        listed = {vi.name for vi in model.graph.input}
+        inits = {t.name: t for t in model.graph.initializer}
+        extra_inputs = [n for n in dict.fromkeys(overridable) if n in inits and n not in listed]
+        for v in added:
+            model.graph.output.append(onnx.ValueInfoProto(name=v))
+        for n in extra_inputs:
+            model.graph.input.append(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)))
+        try:
+            self.session = ort_session(model)
+        finally:
+            if added:
+                del model.graph.output[len(model.graph.output) - len(added) :]
+            if extra_inputs:
+                del model.graph.input[len(model.graph.input) - len(extra_inputs) :]
+        feedable = {i.name for i in self.session.get_inputs()} | {
+            i.name for i in self.session.get_overridable_initializers()}
+        self.overridable = set(overridable) & feedable
+
+    def iterate(self, feeds: dict[str, np.ndarray], values: list[str], *, chunk: int = 64,
+                overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Run over the feeds in chunks of samples (``overrides``: new values of overridable
+        initializers); yield the requested values (graph inputs or exposed intermediates) per chunk."""
+        feeds = prepare_feeds(self.model, feeds)
+        unknown = sorted(set(overrides or {}) - self.overridable)
+        if unknown:
+            raise ValueError(f"not overridable in this session: {', '.join(unknown)}")
+        wanted = [v for v in dict.fromkeys(values) if v not in feeds]
+        missing = [v for v in wanted if v not in self.values]
+        if missing:
+            raise ValueError(f"values not exposed by this session: {', '.join(missing)}")
+        n = int(next(iter(feeds.values())).shape[0])
+        step, usable = usable_samples(self.model, n, chunk)
+        if usable < n:
+            log.warning("model takes batches of %d; using %d of %d calibration samples", step, usable, n)
+        fixed = {k: np.ascontiguousarray(v) for k, v in (overrides or {}).items()}
+        for start in range(0, usable, step):
+            part = {k: v[start : start + step] for k, v in feeds.items()}
+            got = dict(zip(wanted, self.session.run(wanted, {**part, **fixed}))) if wanted else {}
+            yield {v: (part[v] if v in part else got[v]) for v in values}
+
+
 def iter_activations(
     model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: list[str], chunk: int = 64
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -217,25 +273,7 @@ def iter_activations(
     outputs while the session is built (element type left unspecified, onnxruntime infers it) and
     removed again, so ``model`` is unchanged afterwards.
     """
-    feeds = prepare_feeds(model, feeds)
-    existing = {vi.name for vi in model.graph.output}
-    wanted = [v for v in dict.fromkeys(values) if v not in feeds]
-    added = [v for v in wanted if v not in existing]
-    for v in added:  # exposed only while the session is created (no copy of a large model)
-        model.graph.output.append(onnx.ValueInfoProto(name=v))
-    try:
-        sess = ort_session(model)
-    finally:
-        if added:
-            del model.graph.output[len(model.graph.output) - len(added) :]
-    n = int(next(iter(feeds.values())).shape[0])
-    step, usable = usable_samples(model, n, chunk)
-    if usable < n:
-        log.warning("model takes batches of %d; using %d of %d calibration samples", step, usable, n)
-    for start in range(0, usable, step):
-        part = {k: v[start : start + step] for k, v in feeds.items()}
-        got = dict(zip(wanted, sess.run(wanted, part))) if wanted else {}
-        yield {v: (part[v] if v in part else got[v]) for v in values}
+    return ActivationSession(model, values).iterate(feeds, values, chunk=chunk)
 
 
 def capture_layer_inputs(

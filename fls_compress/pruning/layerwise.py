@@ -7,8 +7,9 @@ they also run on graphs onnx2torch cannot convert (``prune_arrays``).
 Sequential mode (default, as in the reference implementations of SparseGPT and GPTQ): layers are
 processed in waves in graph order; a wave holds the layers whose inputs do not depend on any layer not
 yet processed, and its inputs are recaptured on the model that already carries the new weights of the
-earlier waves (layers sharing an input - e.g. Q/K/V - are one wave). ``sequential=False`` captures
-every input once on the original model.
+earlier waves (layers sharing an input - e.g. Q/K/V - are one wave). One onnxruntime session serves
+every wave: the layer weights are made overridable graph inputs and the already-changed ones are fed
+with each run. ``sequential=False`` captures every input once on the original model.
 
 Sparsity allocation: these methods are uniform per layer by design (the papers' setting). A target s
 prunes ceil(s * total) weights overall, split over the layers by largest remainder so that every layer
@@ -32,16 +33,16 @@ import torch
 from onnx import numpy_helper
 
 from ..curvature.problem import FisherProblem
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, UnsupportedModelError
 from ..io.activations import (
     DEFAULT_MAX_ROWS,
+    ActivationSession,
     LayerUse,
     RowStatistics,
     conv_groups,
     conv_supported,
     count_rows,
     from_matrix,
-    iter_activations,
     layer_input_rows,
     layer_sites,
     matrix_shape,
@@ -128,19 +129,25 @@ def sweep_layers(
     X used per layer. Row subsampling: the stream length of each layer is extrapolated from the first
     chunk (rows are proportional to samples), then :class:`RowStatistics` keeps ``max_rows`` of them.
     """
-    work = densify_sparse_initializers(model)
-    index = {t.name: i for i, t in enumerate(work.graph.initializer)}
+    work = densify_sparse_initializers(model) if model.graph.sparse_initializer else model
+    inits = {t.name: t for t in work.graph.initializer}
     sites, uses = layer_sites(work, list(names))
-    current = {n: numpy_helper.to_array(work.graph.initializer[index[n]]) for n in names}
+    current = {n: numpy_helper.to_array(inits[n]) for n in names}
+    fed: dict[str, np.ndarray] = {}  # weights whose value differs from the initializer: fed to the session
     for n, arr in (arrays or {}).items():
         if n in current:
-            current[n] = np.asarray(arr, dtype=current[n].dtype).reshape(current[n].shape)
-            work.graph.initializer[index[n]].CopyFrom(numpy_helper.from_array(current[n], n))
+            current[n] = fed[n] = np.asarray(arr, dtype=current[n].dtype).reshape(current[n].shape)
     feeds = prepare_feeds(work, feeds)
     n_samples = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+    waves = layer_waves(work, uses, sequential)
+    all_values = [u.activation for n in names for u in uses[n]]
+    session = ActivationSession(work, all_values, overridable=list(names)) if names else None
+    if session is not None and set(names) - session.overridable:
+        raise UnsupportedModelError("onnxruntime does not let the layer weights be fed (IR version < 4?); "
+                                    "re-export the model with IR version >= 4")
     rows_info: dict[str, LayerRows] = {}
     done = 0
-    for wave in layer_waves(work, uses, sequential):
+    for wave in waves:
         values = [u.activation for n in wave for u in uses[n]]
         stats = {}
         for n in wave:
@@ -148,7 +155,8 @@ def sweep_layers(
             layer_seed = (int(seed) * 1_000_003 + zlib.crc32(n.encode())) % 2**32
             stats[n] = RowStatistics(conv_groups(sites[n], uses[n][0]), cols, full=full, max_rows=max_rows, seed=layer_seed)
         first = True
-        for acts in iter_activations(work, feeds, values, chunk):
+        assert session is not None
+        for acts in session.iterate(feeds, values, chunk=chunk, overrides=fed):
             if first:
                 first = False
                 chunk_n = int(np.asarray(next(iter(acts.values()))).shape[0]) if acts else 1
@@ -165,8 +173,8 @@ def sweep_layers(
             if new.shape != current[n].shape or new.dtype != current[n].dtype:
                 raise ValueError(f"{label}: transform changed the shape/dtype of {n!r}")
             current[n] = new
-            if sequential:
-                work.graph.initializer[index[n]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), n))
+            if sequential:  # later waves see this layer's new weights
+                fed[n] = new
             rows_info[n] = LayerRows(stats[n].rows_used, stats[n].rows_total)
             if rows_info[n].subsampled:
                 log.info("%s: %s statistics from %d of %d rows (random subsample)", label, n,
