@@ -1,6 +1,6 @@
 """One-shot test loss vs sparsity for every pruning method on the MNIST autoencoder sample model.
 
-Every method runs through the same job as the CLI (`fls_compress.pipeline.prune_model`): same
+Every method runs through the same job as the CLI (`fls_compress.compress`): same
 calibration samples, same write-back, same onnxruntime verification on the 1000 held-out test images.
 The metric is the test reconstruction loss (Bernoulli NLL summed over pixels, mean over images) of the
 pruned ONNX model as onnxruntime computes it.
@@ -20,9 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fls_compress.curvature.fishleg import FishLegConfig  # noqa: E402
+from fls_compress import MagnitudeConfig, RunOptions, compress, config_from_dict  # noqa: E402
 from fls_compress.errors import FlsError  # noqa: E402
-from fls_compress.pipeline import PruneOptions, prune_model  # noqa: E402
 from fls_compress.progress import configure_logging  # noqa: E402
 
 DEFAULT_METHODS = ["magnitude", "magnitude-layer", "wanda", "sparsegpt", "obert", "mfac", "ief", "fls"]
@@ -34,12 +33,14 @@ def run_sweep(model: Path, calib: Path, test: Path, methods: list[str], sparsiti
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for s in sparsities:
-                opts = PruneOptions(sparsity=s, method=method, num_calibration=num_calibration, seed=seed, progress=False, fishleg=FishLegConfig())
+                opts = RunOptions(num_calibration=num_calibration, seed=seed, progress=False)
                 if method == "magnitude-layer":
-                    opts.method, opts.scope = "magnitude", "layer"
+                    config = MagnitudeConfig(sparsity=s, scope="layer")
+                else:
+                    config = config_from_dict({"method": method, "sparsity": s})
                 t0 = time.perf_counter()
                 try:
-                    rep = prune_model(str(model), str(Path(tmp) / f"{method}_{s}.onnx"), data=str(calib), eval_data=str(test), options=opts)
+                    rep = compress(model, config, calib, output=Path(tmp) / f"{method}_{s}.onnx", eval_data=test, options=opts)
                 except FlsError as exc:
                     rows.append({"method": method, "sparsity": s, "error": str(exc)})
                     print(f"{method:16s} {s:.2f}  failed: {exc}", file=sys.stderr, flush=True)

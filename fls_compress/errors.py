@@ -38,6 +38,23 @@ class InvalidOptionError(FlsError):
     exit_code = 2
 
 
+class OutputError(FlsError):
+    """An output or report cannot be written (permissions, full disk, path is a directory)."""
+
+    exit_code = 7
+
+
+class Interrupted(FlsError):
+    """SIGINT (exit 130) or SIGTERM (exit 143) arrived; partial outputs were removed."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}; no partial outputs were left")
+        self.exit_code = 128 + int(signum)
+
+
 class VerificationError(FlsError):
     """The compressed model failed verification against the original (see the report)."""
 

@@ -18,8 +18,10 @@ def stage_progress(total: int, description: str, enabled: bool = True) -> Iterat
     """Yield ``advance(message)``: one call per finished unit of work out of ``total``."""
     console = Console(stderr=True)
     if not enabled or not console.is_terminal:
+        emit = log.info if enabled else log.debug  # progress=False: no progress lines at the default level
+
         def advance(message: str) -> None:
-            log.info(message)
+            emit(message)
 
         yield advance
         return

@@ -10,9 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fls_compress.curvature.fishleg import FishLegConfig
+from fls_compress import FLSConfig, MagnitudeConfig, RunOptions, SparseGPTConfig, compress
 from fls_compress.io.onnx_model import prunable_initializers
-from fls_compress.pipeline import PruneOptions, prune_model
 
 from .models import small_autoencoder, small_cnn
 
@@ -27,10 +26,13 @@ def cnn(tmp_path_factory):
     return small_cnn(tmp_path_factory.mktemp("cnn"))
 
 
-def _fast_fls(**kw) -> FishLegConfig:
-    base = dict(fit_steps=30, refit_steps=10, aux_batch=32, diag_samples=64)
+def _fast_fls(**kw) -> FLSConfig:
+    base = dict(fit_steps=30, refit_steps=10, batch_size=32, moment_samples=64)
     base.update(kw)
-    return FishLegConfig(**base)
+    return FLSConfig(**base)
+
+
+QUIET = RunOptions(progress=False)
 
 
 def _structure(model: onnx.ModelProto):
@@ -50,9 +52,9 @@ def test_fls_prune_writes_back_into_the_original_graph(ae, tmp_path):
     src = ae["model"]
     before = hashlib.sha256(src.read_bytes()).hexdigest()
     out = tmp_path / "pruned.onnx"
-    report = prune_model(
-        str(src), str(out), data=str(ae["calib"]), eval_data=str(ae["test"]), report_path=str(tmp_path / "r.json"),
-        options=PruneOptions(sparsity=0.9, fishleg=_fast_fls(), num_calibration=256, progress=False),
+    report = compress(
+        src, _fast_fls(sparsity=0.9), ae["calib"], output=out, eval_data=ae["test"], report=tmp_path / "r.json",
+        options=RunOptions(num_calibration=256, progress=False),
     )
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before  # input untouched
     original, pruned = onnx.load(src), onnx.load(out)
@@ -81,19 +83,18 @@ def test_fls_beats_global_magnitude_on_the_autoencoder(ae, tmp_path):
     losses = {}
     for method in ("magnitude", "fls"):
         for s in (0.5, 0.7, 0.8, 0.9):
-            rep = prune_model(
-                str(ae["model"]), str(tmp_path / f"{method}{s}.onnx"), data=str(ae["calib"]), eval_data=str(ae["test"]),
-                options=PruneOptions(sparsity=s, method=method, fishleg=_fast_fls(), num_calibration=256, progress=False),
-            )
+            config = _fast_fls(sparsity=s) if method == "fls" else MagnitudeConfig(sparsity=s)
+            rep = compress(ae["model"], config, ae["calib"], output=tmp_path / f"{method}{s}.onnx", eval_data=ae["test"],
+                           options=RunOptions(num_calibration=256, progress=False))
             losses[method, s] = rep["verification"]["outputs"]["logits"]["bernoulli_nll_compressed"]
     for s in (0.5, 0.7, 0.8, 0.9):
         assert losses["fls", s] < losses["magnitude", s], (s, losses)
 
 
 def test_classifier_prune_with_labels_reports_accuracy_and_is_deterministic(cnn, tmp_path):
-    opts = PruneOptions(sparsity=0.7, fishleg=_fast_fls(fit_steps=10, refit_steps=5), num_calibration=128, seed=3, progress=False)
-    r1 = prune_model(str(cnn["model"]), str(tmp_path / "a.onnx"), data=str(cnn["calib"]), eval_data=str(cnn["test"]), options=opts)
-    r2 = prune_model(str(cnn["model"]), str(tmp_path / "b.onnx"), data=str(cnn["calib"]), eval_data=str(cnn["test"]), options=opts)
+    config, opts = _fast_fls(sparsity=0.7, fit_steps=10, refit_steps=5), RunOptions(num_calibration=128, seed=3, progress=False)
+    r1 = compress(cnn["model"], config, cnn["calib"], output=tmp_path / "a.onnx", eval_data=cnn["test"], options=opts)
+    r2 = compress(cnn["model"], config, cnn["calib"], output=tmp_path / "b.onnx", eval_data=cnn["test"], options=opts)
     assert r1["likelihood"] == "categorical"
     out = r1["verification"]["outputs"]["logits"]
     assert out["accuracy_original"] > 0.8
@@ -107,7 +108,8 @@ def test_classifier_prune_with_labels_reports_accuracy_and_is_deterministic(cnn,
 def test_sparse_storage_is_smaller_and_equivalent(ae, tmp_path):
     dense, sparse = tmp_path / "d.onnx", tmp_path / "s.onnx"
     for path, flag in ((dense, False), (sparse, True)):
-        rep = prune_model(str(ae["model"]), str(path), data=str(ae["calib"]), options=PruneOptions(sparsity=0.9, method="magnitude", sparse_storage=flag, progress=False))
+        rep = compress(ae["model"], MagnitudeConfig(sparsity=0.9), ae["calib"], output=path,
+                       options=RunOptions(sparse_storage=flag, progress=False))
     assert sparse.stat().st_size < 0.5 * dense.stat().st_size
     assert rep["output"]["sparse_bytes_saved"] > 0
     x = np.load(ae["test"])["input"][:8]
@@ -118,7 +120,8 @@ def test_sparse_storage_is_smaller_and_equivalent(ae, tmp_path):
 
 def test_n_of_m_pattern(ae, tmp_path):
     out = tmp_path / "nm.onnx"
-    prune_model(str(ae["model"]), str(out), data=str(ae["calib"]), options=PruneOptions(method="fls", pattern="2:4", fishleg=_fast_fls(fit_steps=5), num_calibration=128, progress=False))
+    compress(ae["model"], _fast_fls(pattern="2:4", fit_steps=5), ae["calib"], output=out,
+             options=RunOptions(num_calibration=128, progress=False))
     model = onnx.load(out)
     for site in prunable_initializers(model):
         w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == site.name))
@@ -135,9 +138,9 @@ def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.onnx.export(net, (x,), tmp_path / "r18.onnx", input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
     np.savez(tmp_path / "r18.npz", input=np.random.default_rng(0).normal(size=(24, 3, 32, 32)).astype(np.float32))
-    rep = prune_model(
-        str(tmp_path / "r18.onnx"), str(tmp_path / "r18_p.onnx"), data=str(tmp_path / "r18.npz"),
-        options=PruneOptions(sparsity=0.5, fishleg=FishLegConfig(init="diag", fit_steps=0, refit_steps=0, aux_batch=4, diag_samples=4), steps=1, batch_size=8, progress=False),
+    rep = compress(
+        tmp_path / "r18.onnx", FLSConfig(sparsity=0.5, q_init="diag", fit_steps=0, refit_steps=0, batch_size=4, moment_samples=4, steps=1),
+        tmp_path / "r18.npz", output=tmp_path / "r18_p.onnx", options=QUIET,
     )
     assert len(rep["sparsity"]["per_layer"]) == 21
     assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
@@ -148,10 +151,8 @@ def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
     seq = torch.randn(2, 6, 32)
     torch.onnx.export(enc, (seq,), tmp_path / "enc.onnx", input_names=["tokens"], output_names=["hidden"], dynamic_axes={"tokens": {0: "n"}}, opset_version=17, dynamo=False)
     np.savez(tmp_path / "enc.npz", tokens=np.random.default_rng(1).normal(size=(40, 6, 32)).astype(np.float32))
-    rep = prune_model(
-        str(tmp_path / "enc.onnx"), str(tmp_path / "enc_p.onnx"), data=str(tmp_path / "enc.npz"),
-        options=PruneOptions(sparsity=0.5, fishleg=_fast_fls(fit_steps=10, refit_steps=5), progress=False),
-    )
+    rep = compress(tmp_path / "enc.onnx", _fast_fls(sparsity=0.5, fit_steps=10, refit_steps=5), tmp_path / "enc.npz",
+                   output=tmp_path / "enc_p.onnx", options=QUIET)
     assert rep["likelihood"] == "gaussian"
     # nn.TransformerEncoder clones one layer, so the exporter stores each of the 4 weight matrices once
     # and both layers read it: the shared initializers are pruned as one tied tensor.
@@ -181,7 +182,7 @@ def test_sparsegpt_prunes_graphs_onnx2torch_cannot_convert(tmp_path):
     onnx.save(model, tmp_path / "shrink.onnx")
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(128, 24)).astype(np.float32))
     with pytest.raises(UnsupportedModelError, match="Shrink"):
-        prune_model(str(tmp_path / "shrink.onnx"), str(tmp_path / "f.onnx"), data=str(tmp_path / "d.npz"), options=PruneOptions(sparsity=0.5, progress=False))
-    rep = prune_model(str(tmp_path / "shrink.onnx"), str(tmp_path / "s.onnx"), data=str(tmp_path / "d.npz"), options=PruneOptions(sparsity=0.5, method="sparsegpt", progress=False))
+        compress(tmp_path / "shrink.onnx", FLSConfig(sparsity=0.5), tmp_path / "d.npz", output=tmp_path / "f.onnx", options=QUIET)
+    rep = compress(tmp_path / "shrink.onnx", SparseGPTConfig(sparsity=0.5), tmp_path / "d.npz", output=tmp_path / "s.onnx", options=QUIET)
     assert rep["sparsity"]["achieved"] >= 0.5 and set(rep["sparsity"]["per_layer"]) == {"w1", "w2"}
     assert rep["verification"]["outputs"]["y"]["cosine_similarity"] > 0.5

@@ -1,0 +1,20 @@
+"""Results to stdout (strict JSON), a human summary to stderr."""
+
+from __future__ import annotations
+
+import sys
+
+from fls_compress.report import Report
+
+
+def emit_report(report: Report) -> None:
+    from fls_compress.verify import summarize
+
+    sp = report.get("sparsity")
+    if sp:
+        total = report.get("timing_s", {}).get("total", 0.0)
+        print(f"{report['command']}: {sp['prunable_weights']} weights with {report['method']}: sparsity "
+              f"{sp['achieved']:.4f} (target {sp['target']:.4f}) in {total:.1f}s", file=sys.stderr)
+    if report.get("verification"):
+        print(summarize(report["verification"]), file=sys.stderr)
+    print(report.to_json())

@@ -1,0 +1,61 @@
+"""``fls-compress prune``: options generated from the pruning configs and the run options."""
+
+from __future__ import annotations
+
+import inspect
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fls_compress.configs import RunOptions, config_types
+
+from .options import knob_params, plain, split_knobs, with_signature
+from .output import emit_report
+
+PRUNE_TYPES = config_types("prune")
+Method = Enum("Method", {name: name for name in PRUNE_TYPES}, type=str)  # type: ignore[misc]
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def path_params(command: str) -> list[inspect.Parameter]:
+    """Model argument and the file options every compression command takes."""
+    P = inspect.Parameter
+    return [
+        P("model", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(help="Input ONNX model (never modified).", show_default=False)]),
+        P("output", _KW, annotation=Annotated[Path, typer.Option("--output", "-o", help=f"Where to write the {command}d ONNX model (atomic).", show_default=False)]),
+        P("data", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option("--data", "-d", help="Calibration data: .npz keyed by input name (optional 'labels'), .npy, or a directory of them. Omitted: synthetic inputs (rough).")]),
+        P("eval_data", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out data for verification (default: a hold-out split of --data).")]),
+        P("labels", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option("--labels", help="Class labels (.npy) for --data, if not inside the .npz.")]),
+        P("weights", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option("--weights", help="safetensors file whose tensors replace the model's weights first.")]),
+        P("report", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option("--report", "-r", help="Also write the JSON report here (written on failure too).")]),
+    ]
+
+
+def run_options(values: dict[str, Any]) -> RunOptions:
+    return RunOptions(**{k: plain(v) for k, v in values.items() if v is not None})
+
+
+def register(app: typer.Typer) -> None:
+    classes = list(PRUNE_TYPES.values())
+    run_names = [f.name for f in RunOptions.knobs()]
+    params = path_params("prune") + [
+        inspect.Parameter("method", _KW, default=Method("fls"), annotation=Annotated[
+            Method, typer.Option("--method", "-m", help="Pruning method (see `fls-compress methods`).", rich_help_panel="Pruning target")]),
+    ] + knob_params(classes) + knob_params([RunOptions], list_methods=False)
+
+    def prune(**kw: Any) -> None:
+        """Prune MODEL to the target sparsity, write the weights back into the original graph and verify with onnxruntime."""
+        from fls_compress.engine import compress
+
+        method = plain(kw.pop("method"))
+        paths = {k: kw.pop(k) for k in ("model", "output", "data", "eval_data", "labels", "weights", "report")}
+        opts = run_options({k: kw.pop(k) for k in run_names})
+        config = split_knobs(PRUNE_TYPES[method], kw, classes)
+        report = compress(paths["model"], config, paths["data"], output=paths["output"], eval_data=paths["eval_data"],
+                          labels=paths["labels"], weights=paths["weights"], report=paths["report"], options=opts)
+        emit_report(report)
+
+    app.command("prune")(with_signature(prune, params))

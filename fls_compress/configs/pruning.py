@@ -1,0 +1,264 @@
+"""One frozen config per pruning method; each holds only the knobs its handler reads.
+
+Class hierarchy (a field is declared once, on the class that introduces it):
+
+* :class:`PruneConfig` - the target every method reaches: ``sparsity`` or an N:M ``pattern``, ``exclude``.
+* :class:`GlobalScope` - methods that rank weights with one score across layers can choose ``scope``.
+* :class:`CurvatureConfig` - OBS methods driven by an inverse-Fisher estimate of a likelihood on the
+  model's output (needs the torch graph): sub-``steps``, ``likelihood``, ``output_name``, damping.
+* concrete configs: :class:`FLSConfig`, :class:`OBertConfig`, :class:`IEFConfig`, :class:`MFACConfig`,
+  :class:`SparseGPTConfig`, :class:`WandaConfig`, :class:`MagnitudeConfig`.
+
+``needs`` declares what a handler consumes: ``"torch"`` (an onnx2torch graph for gradients and Fisher
+products), ``"activations"`` (layer inputs captured with onnxruntime), or nothing (weights alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import InvalidOptionError
+from .base import Config, knob
+
+TORCH = "torch"
+ACTIVATIONS = "activations"
+
+LIKELIHOODS = ("auto", "categorical", "bernoulli", "gaussian")
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """Parse ``"N:M"`` (``"2:4"``: 2 zeros in every 4 consecutive weights along the reduction axis)."""
+    if pattern is None or pattern == "":
+        return None
+    try:
+        n_str, m_str = pattern.split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError:
+        raise InvalidOptionError(f"--pattern must look like N:M (e.g. 2:4), got {pattern!r}") from None
+    if not 0 < n < m:
+        raise InvalidOptionError(f"--pattern N:M needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+@dataclass(frozen=True)
+class MethodConfig(Config):
+    """A compression method's config; ``method`` names it in job specs and the CLI."""
+
+    method: ClassVar[str] = ""
+    command: ClassVar[str] = "prune"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    summary: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **super().to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        data = dict(data)
+        name = data.pop("method", cls.method)
+        if name != cls.method:
+            raise InvalidOptionError(f"config for method {name!r} given to {cls.__name__}")
+        return super().from_dict(data)  # type: ignore[return-value]
+
+
+DEFAULT_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class PruneConfig(MethodConfig):
+    panel: ClassVar[str] = "Pruning target"
+
+    sparsity: float | None = knob(
+        None, f"Target fraction of zeros in the prunable weights, in [0, 1) (default {DEFAULT_SPARSITY}; N/M with --pattern).",
+        min=0.0, max=1.0, max_open=True, short="-s",
+    )
+    pattern: str | None = knob(None, "Semi-structured N:M sparsity, e.g. 2:4 (N zeros in every M weights along the input channels).")
+    exclude: tuple[str, ...] = knob((), "Glob of weight names to keep dense (repeatable).")
+
+    def validate(self) -> None:
+        super().validate()
+        nm = parse_pattern(self.pattern)
+        if nm is not None and self.sparsity is not None:
+            raise InvalidOptionError("give --sparsity or --pattern, not both (an N:M pattern fixes the sparsity at N/M)")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target(self) -> float:
+        """The overall sparsity this config reaches."""
+        nm = self.nm
+        if nm is not None:
+            return nm[0] / nm[1]
+        return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
+
+
+@dataclass(frozen=True)
+class GlobalScope(PruneConfig):
+    scope: str = knob("global", "global: rank all layers together; layer: the same sparsity in every layer.",
+                      choices=("global", "layer"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nm is not None and self.scope != "global":
+            raise InvalidOptionError("--scope does not apply to --pattern (N:M is per group by construction)")
+
+
+DEFAULT_STEPS = 4
+DEFAULT_RELATIVE_DAMPING = 0.1
+
+
+@dataclass(frozen=True)
+class CurvatureConfig(GlobalScope):
+    """OBS with an inverse-Fisher estimate (needs the torch graph for gradients)."""
+
+    panel: ClassVar[str] = "Curvature methods (fls, obert, ief, mfac)"
+    needs: ClassVar[frozenset[str]] = frozenset({TORCH})
+
+    steps: int | None = knob(
+        None, f"Pruning sub-steps with curvature refits in between (default {DEFAULT_STEPS}; 1 for --pattern).", min=1, max=1000,
+    )
+    likelihood: str = knob("auto", "Output likelihood that defines the Fisher.", choices=LIKELIHOODS)
+    output_name: str | None = knob(None, "Model output the likelihood applies to (default: the first).")
+    damping: float | None = knob(None, "Absolute damping gamma of (F + gamma I)^-1 (default: relative, see --relative-damping).",
+                                 min=0.0, min_open=True)
+    relative_damping: float | None = knob(
+        None, f"gamma = this x mean diag(F) (default {DEFAULT_RELATIVE_DAMPING}); not with --damping.", min=0.0, min_open=True,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.damping is not None and self.relative_damping is not None:
+            raise InvalidOptionError("give --damping (absolute) or --relative-damping, not both")
+        if self.nm is not None and self.steps not in (None, 1):
+            raise InvalidOptionError("--steps > 1 does not apply to --pattern (N:M is reached in one step)")
+
+    @property
+    def num_steps(self) -> int:
+        if self.nm is not None:
+            return 1
+        return DEFAULT_STEPS if self.steps is None else self.steps
+
+    @property
+    def gamma_relative(self) -> float:
+        return DEFAULT_RELATIVE_DAMPING if self.relative_damping is None else self.relative_damping
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(GlobalScope):
+    method: ClassVar[str] = "magnitude"
+    summary: ClassVar[str] = "|w| (Han et al. 2015), global or per layer; no data, no update"
+
+
+@dataclass(frozen=True)
+class EmpiricalFisherConfig(CurvatureConfig):
+    panel: ClassVar[str] = "Empirical Fisher (obert, ief, mfac)"
+    num_grads: int = knob(256, "Per-example gradients m for the empirical Fisher (oBERT / iEF / M-FAC).", min=1, max=1_000_000)
+
+
+@dataclass(frozen=True)
+class OBertConfig(EmpiricalFisherConfig):
+    method: ClassVar[str] = "obert"
+    panel: ClassVar[str] = "oBERT / iEF"
+    summary: ClassVar[str] = "OBS with the block-diagonal empirical-Fisher inverse (Kurtic et al. 2022; WoodFisher)"
+    block_size: int = knob(50, "Block size B of the block-diagonal curvature (oBERT / iEF).", min=1, max=100_000)
+
+
+@dataclass(frozen=True)
+class IEFConfig(OBertConfig):
+    method: ClassVar[str] = "ief"
+    summary: ClassVar[str] = "oBERT with improved-empirical-Fisher vectors (Wu et al. 2024)"
+
+
+@dataclass(frozen=True)
+class MFACConfig(EmpiricalFisherConfig):
+    method: ClassVar[str] = "mfac"
+    summary: ClassVar[str] = "OBS with the matrix-free inverse empirical Fisher over all weights (Frantar et al. 2021)"
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig(PruneConfig):
+    """Layer-wise methods: uniform sparsity per layer from captured layer inputs (onnxruntime, no torch)."""
+
+    panel: ClassVar[str] = "Layer-wise (sparsegpt, wanda)"
+    needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
+    sequential: bool = knob(True, "Recapture each layer's inputs on the model already pruned upstream (as the papers do).")
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(LayerwiseConfig):
+    method: ClassVar[str] = "sparsegpt"
+    panel: ClassVar[str] = "SparseGPT"
+    summary: ClassVar[str] = "layer-wise OBS, Cholesky sweep with lazy blocks (Frantar & Alistarh 2023)"
+    percdamp: float = knob(0.01, "Damping of the layer Hessian, as a fraction of its mean diagonal.", min=0.0, max=10.0)
+    lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
+
+
+@dataclass(frozen=True)
+class WandaConfig(LayerwiseConfig):
+    method: ClassVar[str] = "wanda"
+    summary: ClassVar[str] = "|W_ij| * ||X_j|| per output row, no update (Sun et al. 2024)"
+
+
+DEFAULT_Q_BLOCK = 50
+
+
+@dataclass(frozen=True)
+class FLSConfig(CurvatureConfig):
+    """FishLeg Surgeon: OBS with the learned inverse Fisher Q(lambda) (Garcia et al. 2023; McGowan et al. 2024)."""
+
+    method: ClassVar[str] = "fls"
+    panel: ClassVar[str] = "FishLeg Surgeon (fls)"
+    summary: ClassVar[str] = "OBS with the FishLeg learned inverse Fisher Q(lambda) (the FishLeg Surgeon)"
+
+    q_form: str = knob("kron", "FishLeg Q structure: kron (Kronecker D_A(R^T R x L L^T)D_A) or block (block-diagonal).",
+                       choices=("kron", "block"))
+    block_size: int | None = knob(None, f"Block size of the block-diagonal Q (--q-form block only; default {DEFAULT_Q_BLOCK}).",
+                                  min=1, max=100_000)
+    q_init: str | None = knob(
+        None, "Q start: kfac (damped inverse Kronecker factors of per-example gradients; kron only), diag "
+        "(1/(diag F + gamma)) or identity (I/gamma). Default: kfac for kron, diag for block.",
+        choices=("kfac", "diag", "identity"),
+    )
+    fit_steps: int = knob(50, "FishLeg auxiliary-loss steps before the first pruning step.", min=0, max=1_000_000)
+    refit_steps: int = knob(20, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
+    aux_lr: float = knob(3e-3, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
+    batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
+    precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
+    obs_update: str | None = knob(
+        None, "Compensation: row-exact (exact group OBS per output row with Q's factors; kron only) or decoupled (-Q z). "
+        "Default: row-exact for kron, decoupled for block.", choices=("row-exact", "decoupled"),
+    )
+    moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
+                               min=1, max=1_000_000)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.q_form == "kron" and self.block_size is not None:
+            raise InvalidOptionError("--block-size applies to --q-form block only")
+        if self.q_form == "block" and self.q_init == "kfac":
+            raise InvalidOptionError("--q-init kfac needs --q-form kron (Kronecker factors)")
+        if self.q_form == "block" and self.obs_update not in (None, "decoupled"):
+            raise InvalidOptionError(f"--obs-update {self.obs_update} needs --q-form kron")
+
+    @property
+    def resolved_init(self) -> str:
+        return self.q_init or ("kfac" if self.q_form == "kron" else "diag")
+
+    @property
+    def resolved_update(self) -> str:
+        return self.obs_update or ("row-exact" if self.q_form == "kron" else "decoupled")
+
+
+@dataclass(frozen=True)
+class AutoConfig(PruneConfig):
+    """``-m auto``: FLS when onnx2torch converts the graph, else SparseGPT (the choice is in the report)."""
+
+    method: ClassVar[str] = "auto"
+    summary: ClassVar[str] = "fls when the graph converts to torch, else sparsegpt (recorded in the report)"
+
+    def resolve(self, convertible: bool) -> PruneConfig:
+        target = FLSConfig if convertible else SparseGPTConfig
+        return target(sparsity=self.sparsity, pattern=self.pattern, exclude=self.exclude)

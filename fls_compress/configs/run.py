@@ -1,0 +1,37 @@
+"""Options of one compression run that are not a method's knobs: data handling, output, gates, device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import InvalidOptionError
+from .base import Config, knob
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class RunOptions(Config):
+    panel: ClassVar[str] = "Run"
+
+    seed: int = knob(0, "Random seed: runs are deterministic for a given seed (and thread count).", min=0, max=2**32 - 1)
+    num_calibration: int = knob(1024, "Calibration samples used at most.", min=1, max=10_000_000)
+    holdout_fraction: float = knob(0.2, "Fraction of --data held out for verification when --eval-data is not given.",
+                                   min=0.0, min_open=True, max=0.9)
+    device: str = knob("cpu", "Where calibration runs: cpu, cuda, or auto (cuda when available).", choices=DEVICES)
+    threads: int | None = knob(None, "torch / onnxruntime intra-op threads (default: the libraries' own choice). "
+                               "Outputs are byte-identical only for the same thread count.", min=1, max=1024)
+    sparse_storage: bool = knob(False, "Store pruned tensors as ONNX sparse_initializer where that is smaller (disk only).")
+    min_agreement: float | None = knob(None, "Fail (exit 6) if top-1 agreement with the original is below this (classifiers).",
+                                       min=0.0, max=1.0)
+    max_rel_error: float | None = knob(None, "Fail (exit 6) if any output's relative L2 error exceeds this.", min=0.0)
+    min_cosine: float | None = knob(None, "Fail (exit 6) if any output's mean cosine similarity is below this.",
+                                    min=-1.0, max=1.0)
+    keep_failed: bool = knob(False, "Keep the compressed model at -o when a verification gate fails (the report says so).")
+    progress: bool = knob(True, "Progress bar on stderr (on a terminal).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.keep_failed and self.min_agreement is None and self.max_rel_error is None and self.min_cosine is None:
+            raise InvalidOptionError("--keep-failed needs a verification gate (--min-agreement, --max-rel-error or --min-cosine)")

@@ -1,0 +1,239 @@
+"""``compress()``: the one job behind every command (ONNX in, verified compressed ONNX and a report out).
+
+Stages (each failure is a :class:`~fls_compress.errors.FlsError` with its exit code; a failure after
+the arguments were accepted still returns a ``status: failed`` report to ``report`` when given):
+
+1. validate everything cheap first (config, run options, paths: :func:`~fls_compress.io.paths.check_paths`);
+2. load and check the model (the input file is only ever read), substitute safetensors weights;
+3. load and validate calibration data (or synthesise it, with a warning) and the held-out split;
+4. compress with the handler the config type selects, from what the config ``needs``: an onnx2torch
+   graph (curvature methods), onnxruntime activations (layer-wise methods) or the weights alone;
+5. write the new weights back into a copy of the ORIGINAL ModelProto, staged next to the output;
+6. verify staged vs original with onnxruntime, apply the gates, then move the output into place
+   (a failed gate leaves no model at the output path unless ``keep_failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .configs import AutoConfig, MethodConfig, RunOptions
+from .configs.pruning import PruneConfig
+from .errors import InvalidOptionError, OutputError, UnsupportedModelError, VerificationError
+from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
+from .io.paths import check_paths
+from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
+from .runtime import file_sha256, resolve_device, seed_everything, set_threads
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+SPEED_NOTE = (
+    "unstructured sparsity does not make onnxruntime faster (its CPU/CUDA kernels are dense); it shrinks files only "
+    "with --sparse-storage or compression. Speed comes from N:M patterns on runtimes with sparse kernels "
+    "(TensorRT 2:4) and from quantization."
+)
+
+
+def compress(
+    model: PathLike,
+    config: MethodConfig,
+    data: PathLike | None = None,
+    *,
+    output: PathLike | None = None,
+    eval_data: PathLike | None = None,
+    labels: PathLike | None = None,
+    weights: PathLike | None = None,
+    report: PathLike | None = None,
+    device: str | None = None,
+    options: RunOptions | None = None,
+) -> Report:
+    """Compress ``model`` as ``config`` says, verify it against the original and return the report.
+
+    ``output`` is where the compressed model goes (atomically; ``None`` keeps it in memory only, as
+    ``report.model``); ``report`` also receives the JSON. ``device`` (``cpu``/``cuda``/``auto``)
+    overrides ``options.device``. Raises the :mod:`fls_compress.errors` types; the exception's
+    ``report`` attribute holds the failure report.
+    """
+    opts = options or RunOptions()
+    rep = new_report(config.command)
+    t_start = time.perf_counter()
+    with collect_warnings() as warnings:
+        try:
+            _run(rep, Path(model), config, data, output, eval_data, labels, weights, report, device, opts, t_start)
+        except BaseException as exc:
+            mark_failed(rep, exc)
+            rep["warnings"] = list(warnings)
+            rep.setdefault("timing_s", {})["total"] = time.perf_counter() - t_start
+            if report is not None and getattr(rep, "paths_ok", False):
+                try:
+                    write_json_atomic(rep, report)
+                except OutputError as write_exc:
+                    log.error("%s", write_exc)
+            exc.report = rep  # type: ignore[attr-defined]
+            raise
+        rep["warnings"] = list(warnings)
+    if report is not None:
+        write_json_atomic(rep, report)
+    return rep
+
+
+def _run(
+    rep: Report, model_path: Path, config: MethodConfig, data: PathLike | None, output: PathLike | None,
+    eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None, report: PathLike | None,
+    device: str | None, opts: RunOptions, t_start: float,
+) -> None:
+    if not isinstance(config, PruneConfig):
+        raise InvalidOptionError(f"{type(config).__name__} is not a pruning config")
+    from .pruning.registry import make_pruner, spec_for
+
+    rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
+    check_paths(
+        {"model": model_path, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights_path},
+        {"-o": output, "--report": report},
+    )
+    rep.paths_ok = True  # type: ignore[attr-defined]  # the report path may now be written, even on failure
+    dev = resolve_device(device or opts.device)
+    rep["device"] = dev
+    seed_everything(opts.seed)
+    set_threads(opts.threads)
+
+    rep["input"] = {"path": str(model_path), "sha256": file_sha256(model_path) if model_path.is_file() else None,
+                    "size_bytes": model_path.stat().st_size if model_path.is_file() else None}
+    proto = load_onnx(model_path)
+    if weights_path is not None:
+        from .io.safetensors_weights import apply_safetensors
+
+        proto = apply_safetensors(proto, weights_path)
+    if isinstance(config, AutoConfig):
+        config = _resolve_auto(rep, proto, config)
+    pruner = make_pruner(config, opts)
+    spec = spec_for(config)
+    from .io.splits import prepare_data
+
+    calib, holdout = prepare_data(proto, data, eval_data, labels, opts)
+    rep["calibration"] = {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic}
+
+    t0 = time.perf_counter()
+    from .pruning.stage import run_pruner
+
+    outcome = run_pruner(proto, config, pruner, spec, calib, dev, opts)
+    rep["timing_s"] = {"convert": outcome.convert_s, "prune": time.perf_counter() - t0 - outcome.convert_s}
+    rep["likelihood"] = outcome.likelihood
+    rep["steps"] = outcome.steps
+    rep["method_info"] = outcome.info
+
+    pruned = write_back(proto, outcome.arrays, sparse=opts.sparse_storage)
+    t0 = time.perf_counter()
+    with _staged(output, pruned) as staged_path:
+        from .verify import verify_models
+
+        written = load_onnx(staged_path) if staged_path is not None else pruned
+        per_layer = weight_sparsity(written, list(outcome.layers))
+        rep["verification"] = verify_models(proto, written, holdout)
+        rep["timing_s"]["verify"] = time.perf_counter() - t0
+        total = sum(meta[0] for meta in outcome.layers.values())
+        achieved = sum(per_layer[n] * outcome.layers[n][0] for n in outcome.layers) / max(total, 1)
+        rep["sparsity"] = {
+            "target": spec.sparsity, "pattern": config.pattern, "achieved": achieved, "prunable_weights": total,
+            "per_layer": {n: {"sparsity": per_layer[n], "numel": numel, "shape": shape, "op_type": op}
+                          for n, (numel, shape, op) in outcome.layers.items()},
+            "excluded": outcome.excluded,
+        }
+        rep["notes"] = [SPEED_NOTE] if config.pattern is None else []
+        failure = check_gates(rep["verification"], opts)
+        kept = failure is None or opts.keep_failed
+        if output is not None:
+            rep["output"] = {"path": str(output), "kept": kept,
+                             "size_bytes": staged_path.stat().st_size if staged_path is not None else None,
+                             "sparse_storage": opts.sparse_storage,
+                             "sparse_bytes_saved": sparse_bytes_saved(written) if opts.sparse_storage else 0}
+        else:
+            rep.model = written  # type: ignore[attr-defined]
+        if kept and staged_path is not None:
+            _publish(staged_path, Path(output))  # type: ignore[arg-type]
+    rep["timing_s"]["total"] = time.perf_counter() - t_start
+    if failure is not None:
+        raise VerificationError(failure)
+    rep["status"] = "ok"
+
+
+def _resolve_auto(rep: Report, proto: onnx.ModelProto, config: AutoConfig) -> PruneConfig:
+    """``-m auto``: FLS when onnx2torch converts the graph, else SparseGPT; the choice goes in the report."""
+    from .bridge.convert import convert_to_torch
+
+    try:
+        convert_to_torch(proto)
+        chosen, reason = config.resolve(convertible=True), "the graph converts to torch"
+    except UnsupportedModelError as exc:
+        chosen, reason = config.resolve(convertible=False), f"no torch graph ({exc}); SparseGPT needs only onnxruntime"
+        log.warning("-m auto: using sparsegpt because %s", reason)
+    rep.update(method=chosen.method, config=chosen.to_dict(),
+               method_choice={"requested": "auto", "chosen": chosen.method, "reason": reason})
+    return chosen
+
+
+def check_gates(verification: dict[str, Any], opts: RunOptions) -> str | None:
+    """The first verification gate that fails (``--min-agreement``, ``--max-rel-error``, ``--min-cosine``)."""
+    for name, out in verification["outputs"].items():
+        agreement = out.get("top1_agreement")
+        if opts.min_agreement is not None:
+            if agreement is None and not any(o.get("top1_agreement") is not None for o in verification["outputs"].values()):
+                return ("--min-agreement needs a classifier output ([N, C] logits); "
+                        "use --max-rel-error or --min-cosine for this model")
+            if agreement is not None and agreement < opts.min_agreement:
+                return f"top-1 agreement on output '{name}' is {agreement:.4f}, below --min-agreement {opts.min_agreement}"
+        rel = out.get("relative_l2_error")
+        if opts.max_rel_error is not None and (rel is None or not np.isfinite(rel) or rel > opts.max_rel_error):
+            return f"relative L2 error on output '{name}' is {rel}, above --max-rel-error {opts.max_rel_error}"
+        cos = out.get("cosine_similarity")
+        if opts.min_cosine is not None and (cos is None or not np.isfinite(cos) or cos < opts.min_cosine):
+            return f"cosine similarity on output '{name}' is {cos}, below --min-cosine {opts.min_cosine}"
+    return None
+
+
+class _staged:
+    """Write the model into a hidden directory beside ``output``; removed on exit unless published."""
+
+    def __init__(self, output: PathLike | None, model: onnx.ModelProto):
+        self.output = None if output is None else Path(output)
+        self.model = model
+        self.dir: Path | None = None
+
+    def __enter__(self) -> Path | None:
+        if self.output is None:
+            return None
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", dir=self.output.parent))
+            path = self.dir / self.output.name
+            save_onnx_atomic(self.model, path)
+        except OSError as exc:
+            self.__exit__(None, None, None)
+            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from exc
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Move the staged model (and its external-data file, if any) into place."""
+    try:
+        data = staged.parent / f"{staged.name}.data"
+        if data.exists():
+            os.replace(data, output.parent / data.name)
+        os.replace(staged, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc

@@ -1,0 +1,174 @@
+"""Bind a pruner to a model and its calibration data, by what the method's config ``needs``.
+
+* ``torch``: onnx2torch graph -> :class:`~fls_compress.curvature.problem.FisherProblem` (gradients,
+  Fisher products) with the likelihood :func:`~fls_compress.task.infer_task` chooses;
+* ``activations``: layer inputs captured with onnxruntime, no torch graph (serves graphs onnx2torch
+  cannot convert);
+* nothing: the weights alone, read from the ONNX file (magnitude).
+
+Returns the pruned arrays in ONNX layout, keyed by weight name, plus what the report needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..bridge.weights import PrunableWeight
+from ..configs import ACTIVATIONS, TORCH, RunOptions
+from ..configs.pruning import CurvatureConfig, PruneConfig
+from ..curvature.likelihoods import make_likelihood
+from ..curvature.problem import FisherProblem
+from ..errors import UnsupportedModelError
+from ..io.calibration import CalibrationData
+from ..io.onnx_model import prunable_initializers
+from ..progress import stage_progress
+from ..task import infer_task
+from .base import Pruner, SparsitySpec
+
+log = logging.getLogger(__name__)
+
+TORCH_FREE_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass
+class Outcome:
+    arrays: dict[str, np.ndarray]
+    layers: dict[str, tuple[int, list[int], str]]  # name -> (numel, ONNX shape, op type)
+    excluded: list[str]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    likelihood: str | None = None
+    convert_s: float = 0.0
+
+
+def is_excluded(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether a weight name matches any ``exclude`` glob."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def run_pruner(
+    model: onnx.ModelProto, config: PruneConfig, pruner: Pruner, spec: SparsitySpec, calib: CalibrationData,
+    device: str, opts: RunOptions,
+) -> Outcome:
+    if TORCH in config.needs:
+        return _with_torch(model, config, pruner, spec, calib, device, opts)
+    if ACTIVATIONS in config.needs:
+        return _with_activations(model, config, pruner, spec, calib, opts)
+    return _weights_only(model, config, pruner, spec, opts)
+
+
+def _layers(weights: dict[str, PrunableWeight]) -> dict[str, tuple[int, list[int], str]]:
+    return {n: (w.numel, list(w.onnx_shape), w.op_type) for n, w in weights.items()}
+
+
+def _select(weights: dict[str, PrunableWeight], exclude: tuple[str, ...]) -> tuple[dict[str, PrunableWeight], list[str]]:
+    chosen = {n: w for n, w in weights.items() if not is_excluded(n, exclude)}
+    excluded = sorted(set(weights) - set(chosen))
+    for n in excluded:
+        weights[n].parameter.requires_grad_(False)
+    if not chosen:
+        raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights left to prune" + (" after --exclude" if exclude else ""))
+    return chosen, excluded
+
+
+def _run_steps(pruner: Pruner, problem: FisherProblem, spec: SparsitySpec, opts: RunOptions) -> tuple[list, dict]:
+    from dataclasses import asdict
+
+    with stage_progress(len(spec.schedule()), f"pruning with {pruner.name}", enabled=opts.progress) as advance:
+        result = pruner.prune(problem, spec, advance)
+    info = dict(result.info)
+    layer_info = getattr(getattr(pruner, "estimator", None), "layer_info", None)
+    if layer_info:
+        info["per_layer"] = layer_info
+    return [asdict(st) for st in result.steps], info
+
+
+def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opts) -> Outcome:
+    from ..bridge.convert import convert_to_torch
+
+    t0 = time.perf_counter()
+    try:
+        bridge = convert_to_torch(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(
+            f"{exc}; methods that need no torch graph still work: -m {'|'.join(TORCH_FREE_METHODS)} (or -m auto)"
+        ) from exc
+    convert_s = time.perf_counter() - t0
+    if device != "cpu":
+        bridge.module.to(device)
+    weights, excluded = _select(bridge.weights, config.exclude)
+    output_index = 0
+    if config.output_name is not None:
+        if config.output_name not in bridge.output_names:
+            from ..errors import InvalidOptionError
+
+            raise InvalidOptionError(f"model has no output {config.output_name!r}; outputs are {bridge.output_names}")
+        output_index = bridge.output_names.index(config.output_name)
+    with torch.no_grad():
+        probe = {k: torch.from_numpy(v[:2]).to(device) for k, v in calib.inputs.items()}
+        out = bridge.forward(probe)[output_index].detach().cpu().numpy()
+    guess = infer_task({p.key: p.value for p in model.metadata_props}, {k: v[:2] for k, v in calib.inputs.items()}, out,
+                       has_labels=calib.labels is not None, likelihood=config.likelihood)
+    log.info("calibrating on %d samples (%s), likelihood %s, %d prunable tensors (%d weights)", calib.num_samples,
+             calib.source, guess.likelihood, len(weights), sum(w.numel for w in weights.values()))
+    problem = FisherProblem(
+        forward=bridge.forward, weights=weights, inputs=calib.inputs, likelihood=make_likelihood(guess.likelihood),
+        labels=calib.labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
+        targets_from_input=guess.target_input,
+    )
+    steps, info = _run_steps(pruner, problem, spec, opts)
+    arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
+    return Outcome(arrays, _layers(problem.weights), excluded, steps, info, guess.likelihood, convert_s)
+
+
+def _with_activations(model, config: PruneConfig, pruner, spec, calib, opts) -> Outcome:
+    sites = [s for s in prunable_initializers(model)]
+    names = [s.name for s in sites if not is_excluded(s.name, config.exclude)]
+    if not names:
+        raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights to prune" + (" after --exclude" if config.exclude else ""))
+    pruner.bind(model)  # type: ignore[attr-defined]
+    with stage_progress(1, f"pruning with {pruner.name}", enabled=opts.progress) as advance:
+        arrays = pruner.prune_arrays(calib.inputs, spec, names=names)  # type: ignore[attr-defined]
+        advance(f"{pruner.name}: done")
+    layers = {s.name: (int(np.prod(s.shape)), list(s.shape), s.op_type) for s in sites if s.name in names}
+    info = {"num_samples": min(calib.num_samples, opts.num_calibration), "sequential": bool(getattr(config, "sequential", False)),
+            "allocation": "uniform per layer (the method's design)"}
+    return Outcome(arrays, layers, sorted(s.name for s in sites if s.name not in names), [{"target": spec.sparsity}], info)
+
+
+def onnx_weights(model: onnx.ModelProto) -> dict[str, PrunableWeight]:
+    """Prunable weights read straight from the ONNX arrays (no torch graph), with their matrix view."""
+    inits = {t.name: t for t in model.graph.initializer}
+    labels = {(n.name or f"{n.op_type}_{i}"): n for i, n in enumerate(model.graph.node)}
+    out: dict[str, PrunableWeight] = {}
+    for site in prunable_initializers(model):
+        arr = numpy_helper.to_array(inits[site.name])
+        node = labels.get(site.node_names[0])
+        if site.op_type == "MatMul":
+            matrix_transpose = site.input_index == 1
+        elif site.op_type == "Gemm":
+            trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0) if node else 0
+            matrix_transpose = not trans_b
+        else:
+            matrix_transpose = False
+        param = torch.nn.Parameter(torch.from_numpy(arr.astype(np.float64)), requires_grad=False)
+        out[site.name] = PrunableWeight(site.name, site.op_type, param, tuple(arr.shape), arr.dtype,
+                                        matrix_transpose=matrix_transpose, consumers=site.node_names)
+    return out
+
+
+def _weights_only(model, config: PruneConfig, pruner, spec, opts) -> Outcome:
+    weights, excluded = _select(onnx_weights(model), config.exclude)
+    problem = FisherProblem(forward=None, weights=weights, inputs={}, likelihood=None)  # type: ignore[arg-type]
+    steps, info = _run_steps(pruner, problem, spec, opts)
+    arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
+    return Outcome(arrays, _layers(problem.weights), excluded, steps, info)

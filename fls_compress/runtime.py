@@ -1,0 +1,64 @@
+"""Process-level settings of a run: seeds, thread counts, device choice, file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import InvalidOptionError
+
+
+def seed_everything(seed: int) -> None:
+    """Make the run reproducible: Python, numpy and torch RNGs, deterministic torch kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads (onnxruntime sessions read :func:`ort_threads`)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["FLS_COMPRESS_THREADS"] = str(threads)
+
+
+def ort_threads() -> int:
+    """Intra-op threads for onnxruntime sessions (0 = onnxruntime's default)."""
+    return int(os.environ.get("FLS_COMPRESS_THREADS", "0"))
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` (refused when torch sees no CUDA device) or ``auto`` (cuda when available)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise InvalidOptionError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def ort_providers(device: str) -> list[str]:
+    """onnxruntime execution providers for ``device``; cuda needs the onnxruntime-gpu package."""
+    if device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InvalidOptionError(
+                "--device cuda: onnxruntime has no CUDAExecutionProvider (pip install fls-compress[gpu] for onnxruntime-gpu)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
