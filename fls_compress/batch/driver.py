@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -129,7 +130,7 @@ def run_batch(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[
         log.info("job %s: unchanged since a successful run, reused", name)
     t0 = time.perf_counter()
     interrupted: int | None = None
-    old_term = None
+    old_handlers: dict[int, Any] = {}
     in_main = threading.current_thread() is threading.main_thread()
 
     def on_term(signum: int, frame: Any) -> None:
@@ -138,7 +139,7 @@ def run_batch(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     with BatchProgress(len(manifest.jobs), enabled=progress, done=len(reused)) as bar:
         pool = make_executor(executor, workers, threads, address)
         if in_main:
-            old_term = signal.signal(signal.SIGTERM, on_term)
+            old_handlers = {sig: signal.signal(sig, on_term) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             stopped = False
             for row in pool.run(tasks, tick=lambda: bar.update(pool.running())):
@@ -163,10 +164,11 @@ def run_batch(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[
             for task in pool.in_flight.values():
                 rows[task.name] = _placeholder(task, "interrupted", f"batch interrupted by {signal.Signals(interrupted).name}")
         finally:
-            if in_main and old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             pool.close()
     meta["wall_s"] = round(time.perf_counter() - t0, 3)
+    meta["parent_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     result = BatchResult(rows=[rows[j.name] for j in manifest.jobs], meta=meta)
     meta.update(ok=len(result.rows) - len(result.failed), failed=len(result.failed))
     write_outputs(out, result.rows, meta)

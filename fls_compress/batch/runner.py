@@ -4,6 +4,7 @@ Every job runs in its own process (``job_command``), so a crash, an OOM kill or 
 that job's row as failed. The child gets pinned thread counts (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
 ... and the spec's ``options.threads`` when the library supports it), so N concurrent jobs do not
 oversubscribe the cores and a job's output bytes do not depend on how many jobs run beside it.
+The spec is the library's job spec (``fls_compress.jobspec``); the child is ``fls-compress job SPEC``.
 On Linux the child is killed if the process that started it dies (``PR_SET_PDEATHSIG``), so killing a
 batch never leaves orphan jobs writing into the output directory.
 """
@@ -71,9 +72,9 @@ class JobTask:
 def build_spec(job: Any, job_dir: Path, threads: int, *, set_threads_option: bool) -> dict[str, Any]:
     """The JSON spec of ``job`` (what ``fls-compress job SPEC`` runs), with outputs inside ``job_dir``."""
     options = dict(job.options)
-    options.setdefault("progress", False)
-    if set_threads_option:
-        options.setdefault("threads", threads)
+    options["progress"] = False  # the job's stderr goes to its log file, not a terminal
+    if set_threads_option and options.get("threads") is None:
+        options["threads"] = threads
     return {
         "command": job.command,
         "model": str(job.model),
@@ -85,40 +86,9 @@ def build_spec(job: Any, job_dir: Path, threads: int, *, set_threads_option: boo
     }
 
 
-def _flag_args(values: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
-    """Translate a config/options dict into CLI flags (``fit_steps=5`` -> ``--fit-steps 5``)."""
-    args: list[str] = []
-    for key, value in values.items():
-        if key in skip or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key == "progress":
-            args += [] if value else ["--no-progress"]
-        elif isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                args += [flag, str(item)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 def job_command(spec_path: str | os.PathLike[str]) -> list[str]:
-    """The subprocess command line that runs the job spec at ``spec_path`` (the one place to change).
-
-    The ``fls-compress job SPEC`` command is not on this branch yet, so the spec is translated to the
-    equivalent ``fls-compress prune|quantize`` call; with it, this becomes
-    ``[sys.executable, "-m", "cli", "job", str(spec_path)]``.
-    """
-    spec = json.loads(Path(spec_path).read_text())
-    cmd = [sys.executable, "-m", "cli", spec["command"], spec["model"], "--output", spec["output"],
-           "--report", spec["report"]]
-    for key in ("data", "eval_data", "labels", "weights"):
-        if spec.get(key) is not None:
-            cmd += ["--" + key.replace("_", "-"), spec[key]]
-    cmd += _flag_args(spec["config"]) + _flag_args(spec["options"])
-    return cmd
+    """The subprocess command line that runs the job spec at ``spec_path`` (``fls-compress job SPEC``)."""
+    return [sys.executable, "-m", "cli", "job", str(spec_path)]
 
 
 def job_env(threads: int) -> dict[str, str]:
