@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -193,6 +194,31 @@ def _job_processes(spec_fragment: str) -> list[int]:
             if spec_fragment in cmdline:
                 pids.append(int(proc.name))
     return pids
+
+
+def test_crashed_job_is_isolated(tmp_path, zoo):
+    """A job killed by SIGKILL (as by the OOM killer) is marked crashed; a timed-out one, timeout."""
+    (zoo / "crash.yaml").write_text(
+        "defaults: {data: calib.npz, config: {method: magnitude}, options: {num_calibration: 32}}\n"
+        "jobs:\n  - model: tiny_a.onnx\n  - model: tiny_b.onnx\n    timeout: 0.3\n")
+    spec = str(tmp_path / "tiny_a" / "spec.json")
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for pid in _job_processes(spec):
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    result = run_batch(zoo / "crash.yaml", tmp_path, workers=2, progress=False)
+    thread.join()
+    rows = {r["name"]: r for r in result.rows}
+    assert rows["tiny_a"]["status"] == "crashed" and rows["tiny_a"]["exit_code"] == -signal.SIGKILL
+    assert rows["tiny_a"]["error"] == "killed by SIGKILL (out of memory?)"
+    assert rows["tiny_b"]["status"] == "timeout"
 
 
 def test_killed_batch_resumes_without_redoing_finished_jobs(tmp_path, zoo, local_run):
