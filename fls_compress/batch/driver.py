@@ -87,7 +87,8 @@ def plan(manifest: Manifest, out_dir: Path, threads: int, *, resume: bool,
         if resume and reusable(previous.get(job.name), keys, out_dir):
             reused[job.name] = previous[job.name]
             continue
-        tasks.append(JobTask(name=job.name, job_dir=str(job_dir), spec=spec, keys=keys, threads=threads,
+        job_threads = int(spec["options"].get("threads") or threads)  # a job's own options.threads wins
+        tasks.append(JobTask(name=job.name, job_dir=str(job_dir), spec=spec, keys=keys, threads=job_threads,
                              timeout=job.timeout if job.timeout is not None else default_timeout, gpus=job.num_gpus))
     return tasks, reused
 

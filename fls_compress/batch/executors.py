@@ -132,9 +132,11 @@ class RayExecutor(Executor):
                 ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
             self.started = True
         self.remote = ray.remote(run_job)
+        self.cluster_cpus = float(ray.cluster_resources().get("CPU", workers * threads))
 
     def _submit(self, task: JobTask) -> Any:
-        return self.remote.options(num_cpus=task.threads, num_gpus=task.gpus,
+        # a request larger than the cluster would never be scheduled: ask for at most all of its CPUs
+        return self.remote.options(num_cpus=min(float(task.threads), self.cluster_cpus), num_gpus=task.gpus,
                                    max_retries=self.max_retries, retry_exceptions=False,
                                    name=f"fls-job:{task.name}").remote(task)
 

@@ -46,6 +46,6 @@ class BatchProgress:
 
     def echo(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(message, markup=False, highlight=False)
+            self.progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
         else:
             print(message, file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,3 @@ def run_job(task: JobTask) -> dict[str, Any]:
         row["output_bytes"] = output.stat().st_size
         row["output_sha256"] = file_sha256(output)
     return row
-
-
-def task_dict(task: JobTask) -> dict[str, Any]:
-    return asdict(task)
