@@ -139,3 +139,83 @@ def test_inspect_and_verify_commands(mlp, tmp_path):
     rep = json.loads(proc.stdout)["verification"]
     assert rep["outputs"]["logits"]["max_abs_error"] == 0.0
     assert rep["outputs"]["logits"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "no command given"),
+    (["prune", "{model}", "--bogus"], "No such option: --bogus"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--likelihood", "poisson"], "'poisson' is not one of"),
+    (["prune", "{model}"], "Missing option '--output'"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--steps", "0"], "--steps"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--seed", "-1"], "--seed"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "-m", "sparsegpt", "--fit-steps", "3"], "--fit-steps does not apply to -m sparsegpt"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--damping", "inf"], "--damping must be a finite number"),
+    (["prune", "{model}", "-o", "{tmp}/x.onnx", "--report", "{tmp}/x.onnx"], "are the same file"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--report", "{model}"], "would be overwritten"),
+    (["prune", "{model}", "-o", "{tmp}/o.onnx", "--data", "{data}", "--report", "{data}"], "would be overwritten"),
+    (["verify", "{model}", "{model}", "--report", "{model}"], "would be overwritten"),
+])
+def test_usage_errors_exit_2_with_one_line(mlp, tmp_path, args, fragment):
+    before = _digest(mlp["model"]), _digest(mlp["dir"] / "calib.npz")
+    fmt = dict(model=mlp["model"], tmp=tmp_path, data=mlp["dir"] / "calib.npz")
+    proc = run_cli(*[a.format(**fmt) for a in args])
+    assert_one_line_error(proc, 2, fragment)
+    assert (_digest(mlp["model"]), _digest(mlp["dir"] / "calib.npz")) == before
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_typer_cli_runner_sees_the_same_commands(mlp):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["methods"]).exit_code == 0
+    res = runner.invoke(app, ["prune", str(mlp["model"]), "-o", "x.onnx", "--bogus"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["prune", "--help"])
+    assert res.exit_code == 0 and "FishLeg Surgeon (fls)" in res.output and "--fit-steps" in res.output
+
+
+def test_failure_after_parsing_still_writes_a_report(mlp, tmp_path):
+    rep = tmp_path / "r.json"
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--data", str(mlp["dir"] / "nan.npz"),
+                   "--report", str(rep), "--fit-steps", "1")
+    assert_one_line_error(proc, 5, "NaN")
+    written = json.loads(rep.read_text())
+    assert written["status"] == "failed" and written["exit_code"] == 5 and written["error_class"] == "InvalidDataError"
+    assert json.loads(proc.stdout) == written  # stdout carries the same JSON
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--aux-lr", "-1", "--report", str(rep))
+    assert_one_line_error(proc, 2, "--aux-lr")
+    written = json.loads(rep.read_text())
+    assert written["status"] == "failed" and written["exit_code"] == 2 and json.loads(proc.stdout) == written
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--data", str(mlp["dir"] / "calib.npz"),
+                   "-m", "magnitude", "-s", "0.9", "--min-agreement", "1.0", "--report", str(rep))
+    assert proc.returncode == 6
+    written = json.loads(rep.read_text())
+    assert written["status"] == "failed" and written["exit_code"] == 6 and "verification" in written
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_job_spec_from_config_to_dict_gives_byte_identical_models(mlp, tmp_path):
+    from fls_compress import FLSConfig, RunOptions, compress
+    from fls_compress.jobspec import make_spec
+
+    config = FLSConfig(sparsity=0.7, fit_steps=5, refit_steps=2, moment_samples=32)
+    opts = RunOptions(progress=False, num_calibration=64, threads=1, seed=4)
+    outs = []
+    for i in range(2):
+        spec = make_spec("prune", str(mlp["model"]), str(tmp_path / f"job{i}.onnx"), config, options=opts,
+                         data=str(mlp["dir"] / "calib.npz"), report=str(tmp_path / f"job{i}.json"))
+        (tmp_path / f"spec{i}.json").write_text(json.dumps(spec))
+        proc = run_cli("job", str(tmp_path / f"spec{i}.json"))
+        assert proc.returncode == 0, proc.stderr
+        outs.append((tmp_path / f"job{i}.onnx").read_bytes())
+    assert outs[0] == outs[1]
+    direct = tmp_path / "direct.onnx"
+    compress(mlp["model"], config, mlp["dir"] / "calib.npz", output=direct, options=opts)
+    assert direct.read_bytes() == outs[0]
+    r0, r1 = (json.loads((tmp_path / f"job{i}.json").read_text()) for i in range(2))
+    for r in (r0, r1):
+        r.pop("timing_s"), r.pop("steps"), r["output"].pop("path"), r["method_info"].pop("fit_seconds", None)
+    assert r0 == r1
