@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fls_compress.datasets import load_mnist5k, split_train_test  # noqa: E402
+from sample_models.datasets import load_mnist5k, split_train_test  # noqa: E402
 from sample_models.build_samples import (  # noqa: E402
     N_TEST,
     SPLIT_SEED,
