@@ -252,3 +252,16 @@ def _publish(staged: Path, output: Path) -> None:
         os.replace(staged, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def verify(original, compressed, data=None, *, labels=None, seed: int = 0, device: str = "cpu") -> Report:
+    """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``)."""
+    from .io.calibration import load_calibration
+    from .verify import verify_models
+
+    ref = original if isinstance(original, onnx.ModelProto) else load_onnx(original)
+    calib = load_calibration(None if data is None else str(data), ref, seed=seed,
+                             labels_path=None if labels is None else str(labels))
+    rep = new_report("verify")
+    rep.update(status="ok", verification=verify_models(ref, compressed, calib))
+    return rep
