@@ -123,9 +123,9 @@ def methods() -> None:
     """List the compression methods with what each needs."""
     from fls_compress.configs import config_types
 
-    for name, cls in config_types().items():
+    for cls in config_types().values():
         needs = ", ".join(sorted(cls.needs)) or "weights only"
-        typer.echo(f"{cls.command:9s} {name:10s} {cls.summary}  (needs: {needs})")
+        typer.echo(f"{cls.command:9s} {cls.method:10s} {cls.summary}  (needs: {needs})")
 
 
 @app.command()

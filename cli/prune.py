@@ -48,12 +48,19 @@ def register(app: typer.Typer) -> None:
 
     def prune(**kw: Any) -> None:
         """Prune MODEL to the target sparsity, write the weights back into the original graph and verify with onnxruntime."""
-        from fls_compress.engine import compress
+        from fls_compress.engine import compress, report_early_failure
+        from fls_compress.errors import FlsError
 
         method = plain(kw.pop("method"))
         paths = {k: kw.pop(k) for k in ("model", "output", "data", "eval_data", "labels", "weights", "report")}
-        opts = run_options({k: kw.pop(k) for k in run_names})
-        config = split_knobs(PRUNE_TYPES[method], kw, classes)
+        try:
+            opts = run_options({k: kw.pop(k) for k in run_names})
+            config = split_knobs(PRUNE_TYPES[method], kw, classes)
+        except FlsError as exc:
+            inputs = {"model": paths["model"], "--data": paths["data"], "--eval-data": paths["eval_data"],
+                      "--labels": paths["labels"], "--weights": paths["weights"]}
+            report_early_failure(exc, "prune", paths["report"], inputs, {"-o": paths["output"]})
+            raise
         report = compress(paths["model"], config, paths["data"], output=paths["output"], eval_data=paths["eval_data"],
                           labels=paths["labels"], weights=paths["weights"], report=paths["report"], options=opts)
         emit_report(report)

@@ -88,6 +88,21 @@ def compress(
     return rep
 
 
+def report_early_failure(exc: BaseException, command: str, report: PathLike | None,
+                         inputs: dict[str, PathLike | None], outputs: dict[str, PathLike | None]) -> None:
+    """A failure before :func:`compress` started (e.g. an invalid option): attach a failure report to
+    ``exc`` and write it to ``report`` when that path is safe to write."""
+    rep = mark_failed(new_report(command), exc)
+    exc.report = rep  # type: ignore[attr-defined]
+    if report is None:
+        return
+    try:
+        check_paths(inputs, {**outputs, "--report": report})
+        write_json_atomic(rep, report)
+    except (InvalidOptionError, OutputError) as guard:
+        log.error("no failure report written: %s", guard)
+
+
 def _run(
     rep: Report, model_path: Path, config: MethodConfig, data: PathLike | None, output: PathLike | None,
     eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None, report: PathLike | None,
@@ -237,3 +252,16 @@ def _publish(staged: Path, output: Path) -> None:
         os.replace(staged, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def verify(original, compressed, data=None, *, labels=None, seed: int = 0, device: str = "cpu") -> Report:
+    """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``)."""
+    from .io.calibration import load_calibration
+    from .verify import verify_models
+
+    ref = original if isinstance(original, onnx.ModelProto) else load_onnx(original)
+    calib = load_calibration(None if data is None else str(data), ref, seed=seed,
+                             labels_path=None if labels is None else str(labels))
+    rep = new_report("verify")
+    rep.update(status="ok", verification=verify_models(ref, compressed, calib))
+    return rep

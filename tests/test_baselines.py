@@ -119,10 +119,10 @@ def test_obert_blocks_equal_dense_inverse(chunk: int, stored: bool) -> None:
     stats = est.fit(prob)
     g = torch.stack(dense_vectors(prob, m))
     alive = sum(int(mk.sum()) for mk in prob.masks.values())
-    assert est.lam == pytest.approx(0.05 * float((g**2).sum()) / (m * alive), rel=1e-10)
+    assert est.gamma == pytest.approx(0.05 * float((g**2).sum()) / (m * alive), rel=1e-10)
     assert stats.extra["gradient_passes"] == (1.0 if stored else 2.0)
     for n, sl in layer_slices(prob).items():
-        dense = dense_block_inverses(g[:, sl], est.lam, sl.stop - sl.start, block)
+        dense = dense_block_inverses(g[:, sl], est.gamma, sl.stop - sl.start, block)
         got = est.block_matrices(n)
         for b, inv in enumerate(dense):
             assert rel(got[b], inv) < 1e-4
@@ -142,7 +142,7 @@ def test_obert_absolute_damping_and_masked_coordinates() -> None:
     prob.apply_masks()
     est = BlockWoodburyEstimator(20, 10, damping=0.3, chunk_size=4)
     est.fit(prob)
-    assert est.lam == 0.3
+    assert est.gamma == 0.3
     g = torch.stack(dense_vectors(prob, 20))
     g[:, :30] *= mask.reshape(-1).double()  # pruned coordinates excluded
     for n, sl in layer_slices(prob).items():
@@ -201,7 +201,7 @@ def test_ief_vectors_and_inverse_match_definition() -> None:
     est.fit(prob)
     g = torch.stack(expect)
     for n, sl in layer_slices(prob).items():
-        (inv,) = dense_block_inverses(g[:, sl], est.lam, sl.stop - sl.start, 50)
+        (inv,) = dense_block_inverses(g[:, sl], est.gamma, sl.stop - sl.start, 50)
         assert rel(est.block_matrices(n)[0], inv) < 1e-4
 
 
@@ -225,10 +225,10 @@ def test_mfac_equals_dense_inverse(scope: str) -> None:
     g = torch.stack(dense_vectors(prob, m))
     sl = layer_slices(prob)
     if scope == "joint":
-        inv = torch.linalg.inv(est.lam * torch.eye(50, dtype=torch.float64) + g.T @ g / m)
+        inv = torch.linalg.inv(est.gamma * torch.eye(50, dtype=torch.float64) + g.T @ g / m)
         blocks = {n: inv[s, s] for n, s in sl.items()}
     else:
-        blocks = {n: torch.linalg.inv(est.lam * torch.eye(s.stop - s.start, dtype=torch.float64) + g[:, s].T @ g[:, s] / m)
+        blocks = {n: torch.linalg.inv(est.gamma * torch.eye(s.stop - s.start, dtype=torch.float64) + g[:, s].T @ g[:, s] / m)
                   for n, s in sl.items()}
     z = {n: torch.randn(w.parameter.shape, dtype=torch.float64) for n, w in prob.weights.items()}
     for n, w in prob.weights.items():
@@ -239,10 +239,10 @@ def test_mfac_equals_dense_inverse(scope: str) -> None:
         out = est.matvec_joint(z)
         got = torch.cat([prob.weights[n].to_matrix(out[n]).reshape(-1) for n in prob.names])
         assert rel(got, inv @ zz) < 1e-4
-        # the literal static recursion of the memo (3.1)
+        # the literal static recursion (Frantar et al. 2021, eq. 5)
         v_ref, c_ref = [], []
         for i in range(m):
-            v = g[i] / est.lam
+            v = g[i] / est.gamma
             for vj, cj in zip(v_ref, c_ref):
                 v = v - (vj @ g[i]) / cj * vj
             v_ref.append(v)
@@ -311,7 +311,7 @@ def test_sparsegpt_lazy_blocks_are_exact() -> None:
     b, kb = sparsegpt_prune_matrix(w, h, nm=(2, 4), block_size=128)
     assert torch.equal(ka, kb)
     assert rel(a, b) < 1e-10
-    # and one column of the sweep equals explicit OBS with elimination (memo 7.9 check 5)
+    # and one column of the sweep equals explicit OBS with elimination (OBC, Frantar & Alistarh 2022, eq. 3)
     hd = h + 0.01 * h.diagonal().mean() * torch.eye(64, dtype=torch.float64)
     hinv = torch.linalg.inv(hd)
     row = w[0].clone()

@@ -185,6 +185,10 @@ def test_failure_after_parsing_still_writes_a_report(mlp, tmp_path):
     written = json.loads(rep.read_text())
     assert written["status"] == "failed" and written["exit_code"] == 5 and written["error_class"] == "InvalidDataError"
     assert json.loads(proc.stdout) == written  # stdout carries the same JSON
+    proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--aux-lr", "-1", "--report", str(rep))
+    assert_one_line_error(proc, 2, "--aux-lr")
+    written = json.loads(rep.read_text())
+    assert written["status"] == "failed" and written["exit_code"] == 2 and json.loads(proc.stdout) == written
     proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--data", str(mlp["dir"] / "calib.npz"),
                    "-m", "magnitude", "-s", "0.9", "--min-agreement", "1.0", "--report", str(rep))
     assert proc.returncode == 6
