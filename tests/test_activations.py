@@ -8,15 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fls_compress.io.activations import (
-    RowStatistics,
-    capture_layer_inputs,
-    count_rows,
-    iter_activations,
-    layer_input_rows,
-    layer_sites,
-    ort_session,
-)
+from fls_compress.io.activations import capture_layer_inputs, iter_activations, layer_sites, ort_session
+from fls_compress.io.layer_rows import RowStatistics, count_rows, layer_input_rows
 from fls_compress.pruning.layerwise import sweep_layers
 
 

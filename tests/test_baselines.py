@@ -24,7 +24,8 @@ from fls_compress.curvature.problem import FisherProblem
 from fls_compress.errors import InvalidOptionError
 from fls_compress.io.onnx_model import write_back
 from fls_compress.pruning.base import SparsitySpec
-from fls_compress.io.activations import capture_layer_inputs, conv_groups, layer_input_rows, layer_sites, to_matrix
+from fls_compress.io.activations import capture_layer_inputs, conv_groups, layer_sites, to_matrix
+from fls_compress.io.layer_rows import layer_input_rows
 from fls_compress.pruning.selection import nm_dense_layers, select_n_of_m
 from fls_compress.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune_matrix
 from fls_compress.pruning.wanda import WandaPruner, wanda_prune_matrix

@@ -35,21 +35,17 @@ from onnx import numpy_helper
 from ..curvature.problem import FisherProblem
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..io.activations import (
-    DEFAULT_MAX_ROWS,
     ActivationSession,
     LayerUse,
-    RowStatistics,
     conv_groups,
-    conv_supported,
-    count_rows,
     from_matrix,
-    layer_input_rows,
     layer_sites,
     matrix_shape,
     prepare_feeds,
     to_matrix,
     usable_samples,
 )
+from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported, count_rows, layer_input_rows
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
 from .selection import allocate_counts, nm_groupable, nm_layout

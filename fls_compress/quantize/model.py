@@ -23,17 +23,8 @@ import onnx
 import torch
 
 from ..errors import InvalidDataError, InvalidOptionError
-from ..io.activations import (
-    DEFAULT_MAX_ROWS,
-    LayerUse,
-    RowStatistics,
-    conv_groups,
-    conv_supported,
-    from_matrix,
-    layer_sites,
-    prepare_feeds,
-    to_matrix,
-)
+from ..io.activations import LayerUse, conv_groups, from_matrix, layer_sites, prepare_feeds, to_matrix
+from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from ..pruning.layerwise import rows_info_fields, sweep_layers
 from ..pruning.selection import allocate_counts, nm_groupable, nm_layout, parse_pattern
