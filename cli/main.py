@@ -20,7 +20,7 @@ import typer
 from fls_compress import __version__
 from fls_compress.errors import FlsError, Interrupted
 
-from . import prune as prune_cmd
+from . import commands
 from .output import emit_report
 
 app = typer.Typer(
@@ -61,7 +61,8 @@ class _UsageError(FlsError):
     exit_code = 2
 
 
-prune_cmd.register(app)
+commands.register(app, "prune")
+commands.register(app, "quantize")
 
 
 @app.command()

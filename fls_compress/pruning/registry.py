@@ -102,12 +102,13 @@ def _mfac(config: MFACConfig, run: RunOptions) -> Pruner:
 @handles(SparseGPTConfig)
 def _sparsegpt(config: SparseGPTConfig, run: RunOptions) -> Pruner:
     return SparseGPTPruner(num_samples=run.num_calibration, block_size=config.lazy_block, percdamp=config.percdamp,
-                           sequential=config.sequential)
+                           sequential=config.sequential, max_rows_per_layer=config.max_rows_per_layer, seed=run.seed)
 
 
 @handles(WandaConfig)
 def _wanda(config: WandaConfig, run: RunOptions) -> Pruner:
-    return WandaPruner(num_samples=run.num_calibration, sequential=config.sequential)
+    return WandaPruner(num_samples=run.num_calibration, sequential=config.sequential,
+                       max_rows_per_layer=config.max_rows_per_layer, seed=run.seed)
 
 
 @handles(MagnitudeConfig)

@@ -139,6 +139,21 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
+def code_tensor(name: str, onnx_type: int, np_type: type, values: np.ndarray) -> onnx.TensorProto:
+    """Integer codes as raw bytes: one byte each for 8-bit types; two per byte for 4-bit types, the
+    first element in the low nibble (ONNX INT4/UINT4 layout). Without ``raw_data`` onnx would store
+    them as varint ``int32_data``, which makes a quantized file larger than the float one."""
+    flat = np.ascontiguousarray(values).astype(np_type).reshape(-1)
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
+        nib = (flat.astype(np.int16) & 0x0F).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        raw = (nib[0::2] | (nib[1::2] << 4)).tobytes()
+    else:
+        raw = flat.tobytes()
+    return helper.make_tensor(name, onnx_type, list(np.shape(values)), raw, raw=True)
+
+
 def write_qdq(
     model: onnx.ModelProto,
     weights: dict[str, QuantizedWeight],
@@ -214,14 +229,12 @@ def write_qdq(
             attrs = {"axis": axis, "block_size": int(spec.block)}
         codes_name = _unique(f"{name}_quantized", taken)
         scale_name = _unique(f"{name}_scale", taken)
-        graph.initializer.append(helper.make_tensor(codes_name, onnx_type, list(codes.shape),
-                                                    np.ascontiguousarray(codes).astype(np_type).reshape(-1)))
+        graph.initializer.append(code_tensor(codes_name, onnx_type, np_type, codes))
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), scale_name))
         inputs = [codes_name, scale_name]
         if not spec.symmetric:
             zp_name = _unique(f"{name}_zero_point", taken)
-            graph.initializer.append(helper.make_tensor(zp_name, onnx_type, list(zero.shape),
-                                                        np.ascontiguousarray(zero).astype(np_type).reshape(-1)))
+            graph.initializer.append(code_tensor(zp_name, onnx_type, np_type, zero))
             inputs.append(zp_name)
         dq_out = _unique(f"{name}_dequantized_2d", taken) if conv_block else name
         new_nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_out],
