@@ -119,13 +119,15 @@ def test_fishleg_kfac_initialisation_is_close_before_any_fit():
 def test_row_exact_obs_update_matches_the_constrained_quadratic_minimiser():
     """w* = argmin (w - theta)^T Q_r^{-1} (w - theta) s.t. w_P = 0, row by row, with Q_r = D_A L L^T D_A."""
     problem, _ = tiny_mlp_problem("categorical", sizes=(8, 6, 4))
-    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64))
+    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64, update="row-exact"))
     est.fit(problem)
     name = problem.names[0]
     w = problem.weights[name]
-    q = est.modules[name]
+    group = est.group_of[name]
+    i = group.index[name]
     with torch.no_grad():
-        q.a.mul_(torch.rand_like(q.a) + 0.5)  # a non-trivial diagonal rescaling
+        group.q.a[i].mul_(torch.rand_like(group.q.a[i]) + 0.5)  # a non-trivial diagonal rescaling
+    _, L, A = group.member(name)
     theta = w.parameter.detach().clone()
     problem.masks[name][0, 1] = False  # already pruned earlier: must stay at zero
     theta[0, 1] = 0.0
@@ -135,13 +137,13 @@ def test_row_exact_obs_update_matches_the_constrained_quadratic_minimiser():
     prune[0, [0, 3]] = True
     prune[2, 5] = True
     delta = est.block_exact_update(name, theta, prune)
-    L = q.L.detach().double()
+    L = L.double()
     for r in range(theta.shape[0]):
         removed = (~problem.masks[name][r]) | prune[r]
         if not bool(prune[r].any()):
             assert bool((delta[r] == 0).all())
             continue
-        d = q.A.detach().double()[r]
+        d = A.double()[r]
         H = torch.linalg.inv(torch.diag(d) @ L @ L.t() @ torch.diag(d))
         kept = ~removed
         t = theta[r].double()
