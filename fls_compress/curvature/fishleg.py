@@ -275,9 +275,10 @@ class FishLegEstimator(InverseFisherEstimator):
                 aux += float(0.5 * (v[n] * h).sum() - (u[n] * v[n]).sum())
             c = self._apply_all(r, mmask)[0] if cfg.precondition else r
             for g, cache in zip(self.groups, caches):
-                grads = g.q.surrogate_grads(g.pack(u), g.pack(c), cache)
+                outs = [p.grad if p.grad is not None and p.grad.shape == p.shape else None for p in g.params]
+                grads = g.q.surrogate_grads(g.pack(u), g.pack(c), cache, scale=1.0 / norm, out=outs)
                 for p, gr in zip(g.params, grads):
-                    p.grad = gr / norm
+                    p.grad = gr  # written in place for the big block factors (no B-sized temporaries)
         optimizer.step()
         return aux / norm
 

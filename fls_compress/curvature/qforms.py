@@ -67,10 +67,13 @@ class KroneckerQ(nn.Module):
         kx = nxl @ L.transpose(-1, -2)
         return A * kx, (xl, p, nxl, kx)
 
+    @torch.no_grad()
     def surrogate_grads(
-        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None
+        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
+        scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of s = <c, Q u> w.r.t. (a, R, L), summed over leading probe dimensions.
+        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L), summed over leading probe dimensions.
+        (``out`` is accepted for interface symmetry with :class:`BlockQ`; these gradients are small.)
 
         With X = A * u, Y = A * c, s = <R Y L, R X L>, so
         ds/dR = (R Y L)(X L)^T + (R X L)(Y L)^T, ds/dL = Y^T (R^T R X L) + X^T (R^T R Y L),
@@ -80,6 +83,7 @@ class KroneckerQ(nn.Module):
         if cache is None:
             cache = self.products(u)[1]
         xl, p, nxl, kx = cache
+        c = c * scale  # s is linear in c
         x = A * u
         y = A * c
         yl = y @ L
@@ -136,15 +140,25 @@ class BlockQ(nn.Module):
         return flat.reshape(*probes, *self.shape)
 
     def blocked_products(self, x: torch.Tensor, blocks: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q x, B^T x) for blocked x (k, b, P), optionally only for a range of blocks."""
+        """(Q x, B^T x) for blocked x (k, b, P), optionally only for a range of blocks.
+
+        B^T x is computed as (x^T B)^T so that B is read row-major (several times faster on CPU).
+        """
         B = self.B[blocks]
-        t = torch.bmm(B.transpose(1, 2), x)
+        t = torch.bmm(x.transpose(1, 2), B).transpose(1, 2)
         return torch.bmm(B, t), t
 
-    def blocked_grad(self, xu: torch.Tensor, xc: torch.Tensor, tu: torch.Tensor) -> torch.Tensor:
-        """d<c, B B^T u>/dB = c (B^T u)^T + u (B^T c)^T per block, summed over probes."""
-        tc = torch.bmm(self.B.transpose(1, 2), xc)
-        return torch.bmm(xc, tu.transpose(1, 2)) + torch.bmm(xu, tc.transpose(1, 2))
+    def blocked_grad(
+        self, xu: torch.Tensor, xc: torch.Tensor, tu: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """scale * d<c, B B^T u>/dB = scale * (c (B^T u)^T + u (B^T c)^T) per block, summed over probes.
+
+        One bmm with inner dimension 2P, written into ``out`` if given (no B-sized temporaries).
+        """
+        tc_t = torch.bmm(xc.transpose(1, 2), self.B)
+        left = torch.cat([xc, xu], 2) * scale
+        right = torch.cat([tu.transpose(1, 2), tc_t], 1)
+        return torch.bmm(left, right, out=out) if out is not None else torch.bmm(left, right)
 
     # ---------------------------------------------------------------- shaped interface
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -156,13 +170,15 @@ class BlockQ(nn.Module):
         y, t = self.blocked_products(x)
         return self.from_blocks(y, probes), (x, t)
 
+    @torch.no_grad()
     def surrogate_grads(
-        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None
+        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
+        scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor]:
-        """Gradient of s = <c, Q u> w.r.t. B (closed form, see :meth:`blocked_grad`)."""
+        """scale * gradient of s = <c, Q u> w.r.t. B (closed form, see :meth:`blocked_grad`)."""
         xu, tu = cache if cache is not None else self.products(u)[1]
         xc, _ = self.to_blocks(c)
-        return (self.blocked_grad(xu, xc, tu),)
+        return (self.blocked_grad(xu, xc, tu, scale, None if out is None else out[0]),)
 
     def diag(self) -> torch.Tensor:
         return (self.B**2).sum(-1).reshape(-1)[: self.n].reshape(self.shape)
