@@ -365,3 +365,19 @@ def test_block_form_exact_group_update_matches_the_constrained_minimiser():
     t = theta.reshape(-1).double()
     expected = -Q[:, gone] @ torch.linalg.solve(Q[gone][:, gone], t[gone])
     assert torch.allclose(delta.reshape(-1).double(), expected, atol=1e-5)
+
+
+def test_everything_follows_the_parameter_dtype():
+    """Tensors the curvature code creates take the device/dtype of the weights (here float64)."""
+    from fls_compress.pruning.base import SparsitySpec
+    from fls_compress.pruning.obs import OBSPruner
+
+    for form in ("kron", "block"):
+        p2, n2 = tiny_mlp_problem("categorical", sizes=(6, 5, 4))
+        n2.double()
+        p2.inputs = {k: v.astype("float64") for k, v in p2.inputs.items()}
+        est = FishLegEstimator(FishLegConfig(form=form, block_size=7, fit_steps=3, refit_steps=2, damping=0.05, diag_samples=16))
+        result = OBSPruner(est).prune(p2, SparsitySpec(0.5, steps=2))
+        assert all(p.dtype == torch.float64 for g in est.groups for p in g.params)
+        assert result.info["obs_update"] == ("sweep" if form == "kron" else "block-exact")
+        assert abs(p2.sparsity() - 0.5) < 0.05

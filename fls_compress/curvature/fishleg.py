@@ -154,7 +154,8 @@ class FishLegEstimator(InverseFisherEstimator):
             self.gamma = max(cfg.relative_damping * total / max(count, 1), 1e-12)
         a0: dict[str, torch.Tensor] = {}
         for n, w in problem.weights.items():
-            opts = {"dtype": torch.float32, "device": w.parameter.device}
+            # Q lives on its weight's device, in at least single precision
+            opts = {"dtype": torch.promote_types(w.parameter.dtype, torch.float32), "device": w.parameter.device}
             if cfg.init == "diag" or (cfg.init == "kfac" and cfg.form == "block"):
                 a0[n] = (w.to_matrix(moments.diag[n]) + self.gamma).rsqrt()  # type: ignore[union-attr]
             elif cfg.init == "kfac":
@@ -195,7 +196,8 @@ class FishLegEstimator(InverseFisherEstimator):
 
     # ---------------------------------------------------------------- products
     def _mmask(self, problem: FisherProblem) -> dict[str, torch.Tensor]:
-        return {n: w.to_matrix(problem.masks[n]).to(torch.float32) for n, w in problem.weights.items()}
+        """Masks as matrix views in the dtype of each layer's Q."""
+        return {n: w.to_matrix(problem.masks[n]).to(self.group_of[n].params[0].dtype) for n, w in problem.weights.items()}
 
     def _apply_all(self, u: dict[str, torch.Tensor], mmask: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
         """v = Q u for every layer (matrix views with a probe dimension), masked; plus the caches."""
@@ -216,8 +218,9 @@ class FishLegEstimator(InverseFisherEstimator):
     def matvec(self, name: str, z: torch.Tensor) -> torch.Tensor:
         problem = self._problem
         w = problem.weights[name]  # type: ignore[union-attr]
+        group = self.group_of[name]
         with torch.no_grad():
-            out = self.group_of[name].apply_one(name, w.to_matrix(z.to(torch.float32)))
+            out = group.apply_one(name, w.to_matrix(z.to(group.params[0].dtype)))
         return w.from_matrix(out).to(z.dtype) * problem.masks[name]  # type: ignore[union-attr]
 
     def block_exact_update(self, name: str, weight: torch.Tensor, prune: torch.Tensor) -> torch.Tensor | None:
@@ -368,6 +371,6 @@ class FishLegEstimator(InverseFisherEstimator):
     def dense_block(self, name: str) -> torch.Tensor:
         """Explicit Q_l as a matrix over the parameter's row-major flattening (tests; small layers only)."""
         w = self._problem.weights[name]  # type: ignore[union-attr]
-        eye = torch.eye(w.numel, device=w.parameter.device)
+        eye = torch.eye(w.numel, dtype=w.parameter.dtype, device=w.parameter.device)
         cols = [self.matvec(name, eye[i].reshape(w.parameter.shape)).reshape(-1) for i in range(w.numel)]
         return torch.stack(cols, 1)

@@ -63,10 +63,11 @@ def gradient_moments(problem: FisherProblem, num_samples: int, kronecker: bool) 
     count = max(count, 1)
     diag_mean = {n: (d / count).to(problem.weights[n].parameter.dtype) for n, d in diag.items()}
     sq = {n: float(d.sum()) / count for n, d in diag.items()}
+    dtypes = {n: torch.promote_types(w.parameter.dtype, torch.float32) for n, w in problem.weights.items()}
     return GradientMoments(
         diag_mean,
-        {n: (v / count).float() for n, v in left.items()},
-        {n: (v / count).float() for n, v in right.items()},
+        {n: (v / count).to(dtypes[n]) for n, v in left.items()},
+        {n: (v / count).to(dtypes[n]) for n, v in right.items()},
         sq,
     )
 

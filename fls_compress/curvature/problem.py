@@ -148,7 +148,8 @@ class FisherProblem:
     def target(self, out: torch.Tensor, batch: Batch, labels: str = "sampled") -> torch.Tensor:
         """Labels ``"sampled"`` from the model's predictive distribution, or the ``"true"`` ones."""
         if labels == "sampled":
-            return self.likelihood.sample(out, self.generator)
+            # drawn on the CPU with the problem's generator: the same labels on every device
+            return self.likelihood.sample(out.detach().cpu(), self.generator).to(out.device)
         if batch.labels is None:
             raise ValueError("true labels requested but the calibration data has none")
         return batch.labels
