@@ -381,3 +381,41 @@ def test_everything_follows_the_parameter_dtype():
         assert all(p.dtype == torch.float64 for g in est.groups for p in g.params)
         assert result.info["obs_update"] == ("sweep" if form == "kron" else "block-exact")
         assert abs(p2.sparsity() - 0.5) < 0.05
+
+
+def test_hooked_per_example_gradients_through_converted_onnx_matmuls():
+    """onnx2torch keeps MatMul weights as inputs of OnnxMatMul modules; a tied weight used twice sums."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fls_compress.bridge.convert import convert_to_torch
+    from fls_compress.curvature.problem import FisherProblem
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["h"], name="mm1"),
+        helper.make_node("Tanh", ["h"], ["t"]),
+        helper.make_node("MatMul", ["t", "W2"], ["y1"], name="mm2"),
+        helper.make_node("MatMul", ["y1", "W3"], ["y2"], name="mm3"),
+        helper.make_node("MatMul", ["y2", "W3"], ["Y"], name="mm4"),  # W3 tied: used twice
+    ]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n)
+             for n, s in (("W1", (8, 6)), ("W2", (6, 4)), ("W3", (4, 4)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 5, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 5, 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    bridge = convert_to_torch(model)
+    x = rng.standard_normal((12, 5, 8)).astype(np.float32)
+    problem = FisherProblem(bridge.forward, bridge.weights, {"X": x}, make_likelihood("categorical"), module=bridge.module)
+    batch = problem.next_batch(12)
+    state = problem.generator.get_state()
+    hooked = dict(problem.per_example_gradient_batch(batch))
+    assert problem.per_example_info["per_example"] == "hooks"
+    problem.generator.set_state(state)
+    problem.module = None
+    loop = dict(problem.per_example_gradient_batch(batch))
+    for n in problem.names:
+        assert torch.allclose(hooked[n], loop[n], atol=1e-5), n

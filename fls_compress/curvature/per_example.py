@@ -3,10 +3,14 @@
 For a layer y = x W^T (+ b) applied at positions t (sequence, pixels), the gradient of example n's
 loss is G_n = sum_t g_nt x_nt^T with g = dL/dy (Goodfellow 2015, "Efficient per-example gradient
 computations"; the same identity underlies K-FAC, Martens & Grosse 2015). A convolution is such a
-layer on the unfolded (im2col) input. Multiplying the batch-mean NLL by B makes g_n the gradient of
-example n's own loss. The result is checked against the batch gradient from the same backward pass;
-any mismatch (a weight also used outside the hooked layers, an in-place op on a layer output) makes
-the caller fall back to one backward per example.
+layer on the unfolded (im2col) input; a MatMul with a constant right operand W ([in, out]) gives
+G_n = sum_t x_nt g_nt^T, with a constant left operand W ([out, in]) G_n = sum_t g_nt x_nt^T.
+Multiplying the batch-mean NLL by B makes g_n the gradient of example n's own loss.
+
+Two checks guard against layouts the identity does not cover (a weight also used outside its layer,
+an in-place op on a layer output, a batch axis that is not the first one): the per-example gradients
+must add up to the batch gradient, and example 0's must equal its own backward pass. On failure the
+caller falls back to one backward per example.
 """
 
 from __future__ import annotations
@@ -20,40 +24,54 @@ from torch import nn
 if TYPE_CHECKING:
     from .problem import Batch, FisherProblem
 
+Record = tuple[str, nn.Module, torch.Tensor, torch.Tensor]  # kind, module, input, output
 
-def _hookable(module: nn.Module) -> bool:
+
+def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    return False
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return "conv2d"
+    return None
 
 
-def _layer_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _is_matmul(module: nn.Module) -> bool:
+    return type(module).__name__ == "OnnxMatMul"  # onnx2torch's MatMul: forward(x, y) = x @ y
+
+
+def _layer_grad(kind: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(B, *weight shape) per-example gradients of one layer call from its input x and output grad g."""
     b = x.shape[0]
-    if isinstance(module, nn.Linear):
-        xs = x.reshape(b, -1, x.shape[-1])
-        gs = g.reshape(b, -1, g.shape[-1])
-        return torch.bmm(gs.transpose(1, 2), xs)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    gs = g.reshape(b, g.shape[1], -1)
-    return torch.bmm(gs, cols.transpose(1, 2)).reshape(b, *module.weight.shape)
+    if kind == "linear":
+        return torch.bmm(g.reshape(b, -1, g.shape[-1]).transpose(1, 2), x.reshape(b, -1, x.shape[-1]))
+    if kind == "conv2d":
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
+    if kind == "matmul_right":  # y = x @ W, W [in, out]
+        return torch.bmm(x.reshape(b, -1, x.shape[-1]).transpose(1, 2), g.reshape(b, -1, g.shape[-1]))
+    # y = W @ x, W [out, in], x [B, ..., in, N]
+    xs = x.reshape(b, -1, x.shape[-2], x.shape[-1])
+    gs = g.reshape(b, -1, g.shape[-2], g.shape[-1])
+    return torch.einsum("bkon,bkin->boi", gs, xs)
+
+
+def _layer_grad_total(kind: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_n G_n without materialising the per-example gradients where the layout allows."""
+    if kind in ("linear", "matmul_right"):
+        return _layer_grad(kind, module, x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]))[0]
+    return _layer_grad(kind, module, x, g).sum(0)
 
 
 class LazyGrads(Mapping):
     """name -> (B, *parameter shape), computed from the recorded layer calls on first access."""
 
-    def __init__(self, problem: "FisherProblem", calls: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]):
+    def __init__(self, problem: "FisherProblem", calls: dict[str, list[Record]]):
         self._problem = problem
         self._calls = calls
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        total = None
-        for module, x, g in self._calls[name]:
-            part = _layer_grad(module, x, g)
-            total = part if total is None else total + part
-        return total * self._problem.masks[name]
+        parts = [_layer_grad(kind, m, x, g) for kind, m, x, g in self._calls[name]]
+        return sum(parts[1:], parts[0]) * self._problem.masks[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._problem.names)
@@ -67,38 +85,64 @@ def hooked_per_example_gradients(
 ) -> tuple[LazyGrads | None, str]:
     """Per-example gradients via hooks, or (None, reason) when the hooks cannot give them exactly."""
     owner = {id(w.parameter): n for n, w in problem.weights.items()}
-    layers = [m for m in problem.module.modules() if id(getattr(m, "weight", None)) in owner]  # type: ignore[union-attr]
-    unhookable = sorted({owner[id(m.weight)] for m in layers if not _hookable(m)})
-    if unhookable:
-        return None, f"weights in layers without a per-example rule: {', '.join(unhookable[:3])}"
-    covered = {owner[id(m.weight)] for m in layers}
-    missing = [n for n in problem.names if n not in covered]
-    if missing:
-        return None, f"weights not held by nn.Linear/nn.Conv2d layers: {', '.join(missing[:3])}"
-    records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    module = problem.module
+    assert module is not None
+    records: list[tuple[str, str, nn.Module, torch.Tensor, torch.Tensor]] = []  # name, kind, module, x, y
+    handles, unhookable = [], set()
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if id(weight) in owner:
+            kind = _kind(m)
+            if kind is None:
+                unhookable.add(owner[id(weight)])
+                continue
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out, k=kind, n=owner[id(weight)]: records.append((n, k, mod, inp[0].detach(), out))))
+        elif _is_matmul(m):
+            def matmul_hook(mod, inp, out):
+                x, y = inp[0], inp[1]
+                if id(y) in owner and id(x) not in owner:
+                    records.append((owner[id(y)], "matmul_right", mod, x.detach(), out))
+                elif id(x) in owner and id(y) not in owner and y.dim() >= 3:
+                    records.append((owner[id(x)], "matmul_left", mod, y.detach(), out))
+                elif id(x) in owner or id(y) in owner:
+                    unhookable.add(owner.get(id(x), owner.get(id(y))))
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        records.append((module, inputs[0].detach(), output))
-
-    handles = [m.register_forward_hook(hook) for m in layers]
+            handles.append(m.register_forward_hook(matmul_hook))
     try:
         out = problem.output(batch)
     finally:
         for h in handles:
             h.remove()
+    if unhookable:
+        return None, f"weights in layers without a per-example rule: {', '.join(sorted(unhookable)[:3])}"
+    missing = sorted(set(problem.names) - {r[0] for r in records})
+    if missing:
+        return None, f"weights not used by a hookable layer: {', '.join(missing[:3])}"
+    if any(r[3].shape[0] != batch.size for r in records):
+        return None, "a hooked layer input does not carry the batch on its first axis"
     loss = problem.likelihood.nll(out, target) * batch.size
-    outs = [y for _, _, y in records]
+    outs = [r[4] for r in records]
     grads = torch.autograd.grad(loss, outs + problem.params, allow_unused=True)
-    calls: dict[str, list] = {n: [] for n in problem.names}
-    for (module, x, _), g in zip(records, grads[: len(outs)]):
+    calls: dict[str, list[Record]] = {n: [] for n in problem.names}
+    for (n, kind, m, x, _), g in zip(records, grads[: len(outs)]):
         if g is not None:
-            calls[owner[id(module.weight)]].append((module, x, g.detach()))
+            calls[n].append((kind, m, x, g.detach()))
     result = LazyGrads(problem, calls)
-    # exactness check: the per-example gradients must add up to the batch gradient
-    for n, p, g in zip(problem.names, problem.params, grads[len(outs):]):
-        full = (torch.zeros_like(p) if g is None else g.detach()) * problem.masks[n]
-        summed = sum((_layer_grad(m, x, gy).sum(0) for m, x, gy in calls[n]), torch.zeros_like(p)) * problem.masks[n]
-        scale = float(full.abs().max()) + 1e-30
-        if float((summed - full).abs().max()) > rtol * scale:
-            return None, f"hooked gradients of {n} do not add up to the batch gradient (weight used outside its layer?)"
+    single = problem.likelihood.nll(problem.output(_first(batch)), target[:1])
+    first = torch.autograd.grad(single, problem.params, allow_unused=True)
+    for n, p, g_sum, g_one in zip(problem.names, problem.params, grads[len(outs):], first):
+        total = sum(_layer_grad_total(k, m, x, g) for k, m, x, g in calls[n])
+        one = sum(_layer_grad(k, m, x[:1], g[:1])[0] for k, m, x, g in calls[n])
+        for ref, got, what in ((g_sum, total, "add up to the batch gradient"), (g_one, one, "match example 0's own gradient")):
+            ref = (torch.zeros_like(p) if ref is None else ref.detach()) * problem.masks[n]
+            got = got * problem.masks[n]
+            if float((got - ref).abs().max()) > rtol * (float(ref.abs().max()) + 1e-30):
+                return None, f"hooked gradients of {n} do not {what}"
     return result, ""
+
+
+def _first(batch: "Batch") -> "Batch":
+    from .problem import Batch
+
+    return Batch({k: v[:1] for k, v in batch.inputs.items()}, None if batch.labels is None else batch.labels[:1])
