@@ -33,7 +33,8 @@ class KronGroup:
         return [self.q.a, self.q.R, self.q.L]
 
     def lr_dims(self) -> list[int]:
-        return [1, self.q.R.shape[-1], self.q.L.shape[-1]]
+        """The dimension that scales each parameter's learning rate (1/sqrt(dim)): a (out x in) uses in."""
+        return [self.q.a.shape[-1], self.q.R.shape[-1], self.q.L.shape[-1]]
 
     def pack(self, mats: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([mats[n] for n in self.names], -3)
