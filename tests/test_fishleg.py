@@ -279,10 +279,23 @@ def test_hooked_per_example_gradients_of_a_convolution_equal_the_loop():
     hooked = dict(problem.per_example_gradient_batch(batch))
     assert problem.per_example_info["per_example"] == "hooks"
     problem.generator.set_state(state)
-    problem.module = None
+    module, problem.module = problem.module, None
     loop = dict(problem.per_example_gradient_batch(batch))
     for n in problem.names:
         assert torch.allclose(hooked[n], loop[n], atol=1e-6), n
+    from fls_compress.curvature.kfac import gradient_moments
+
+    state = problem.generator.get_state()
+    slow = gradient_moments(problem, 8, kronecker=True)
+    problem.generator.set_state(state)
+    problem.module = module
+    fast = gradient_moments(problem, 8, kronecker=True)
+    for n in problem.names:
+        assert _rel(fast.left[n], slow.left[n]) < 1e-5 and _rel(fast.right[n], slow.right[n]) < 1e-5
+    lazy = problem.per_example_gradient_batch(batch)
+    for n, w in problem.weights.items():  # G_n = A_n^T X_n (im2col positions for the convolution)
+        a, x = lazy.factors(n)
+        assert torch.allclose(a.transpose(1, 2) @ x, torch.stack([w.to_matrix(g) for g in lazy[n]]), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,3 +432,20 @@ def test_hooked_per_example_gradients_through_converted_onnx_matmuls():
     loop = dict(problem.per_example_gradient_batch(batch))
     for n in problem.names:
         assert torch.allclose(hooked[n], loop[n], atol=1e-5), n
+
+
+def test_kronecker_moments_from_position_grams_equal_the_per_example_ones():
+    """gradient_moments via hooks (G = A^T X, Gram trick) equals the loop over per-example gradients."""
+    from fls_compress.curvature.kfac import gradient_moments
+
+    problem, _ = tiny_mlp_problem("categorical", sizes=(6, 5, 4))
+    state = problem.generator.get_state()
+    fast = gradient_moments(problem, 64, kronecker=True)
+    assert problem.per_example_info["per_example"] == "hooks"
+    problem.generator.set_state(state)
+    problem.module = None
+    slow = gradient_moments(problem, 64, kronecker=True)
+    for n in problem.names:
+        for a, b in ((fast.diag[n], slow.diag[n]), (fast.left[n], slow.left[n]), (fast.right[n], slow.right[n])):
+            assert _rel(a, b) < 1e-5
+        assert fast.sq_norm[n] == pytest.approx(slow.sq_norm[n], rel=1e-5)

@@ -53,12 +53,20 @@ def gradient_moments(problem: FisherProblem, num_samples: int, kronecker: bool) 
     for batch in problem.iter_batches(num_samples):
         grads = problem.per_example_gradient_batch(batch, labels="sampled")
         for n, w in problem.weights.items():
+            factors = grads.factors(n) if kronecker and hasattr(grads, "factors") else None
+            if factors is not None and _gram_is_cheaper(*factors):
+                a, x = factors
+                mats = a.transpose(1, 2) @ x  # G_n = A_n^T X_n
+                left[n] += (a.transpose(1, 2) @ (x @ x.transpose(1, 2)) @ a).sum(0).double()
+                right[n] += (x.transpose(1, 2) @ (a @ a.transpose(1, 2)) @ x).sum(0).double()
+                diag[n] += w.from_matrix((mats.double() ** 2).sum(0))
+                continue
             g = grads[n].detach()  # (B, *parameter shape)
             diag[n] += (g.double() ** 2).sum(0)
             if kronecker:
-                mats = torch.stack([w.to_matrix(gi) for gi in g]).double()
-                left[n] += torch.einsum("noi,npi->op", mats, mats)
-                right[n] += torch.einsum("noi,noj->ij", mats, mats)
+                mats = torch.stack([w.to_matrix(gi) for gi in g])
+                left[n] += torch.einsum("noi,npi->op", mats, mats).double()
+                right[n] += torch.einsum("noi,noj->ij", mats, mats).double()
         count += batch.size
     count = max(count, 1)
     diag_mean = {n: (d / count).to(problem.weights[n].parameter.dtype) for n, d in diag.items()}
@@ -70,6 +78,15 @@ def gradient_moments(problem: FisherProblem, num_samples: int, kronecker: bool) 
         {n: (v / count).to(dtypes[n]) for n, v in right.items()},
         sq,
     )
+
+
+def _gram_is_cheaper(a: torch.Tensor, x: torch.Tensor) -> bool:
+    """G G^T = A^T (X X^T) A costs T^2 (in + out) + T out^2 per example, instead of forming G (T out in)
+    and G G^T (out^2 in); likewise for G^T G. Worth it when the positions T are few (K-FAC's regime)."""
+    t, o, i = a.shape[1], a.shape[2], x.shape[2]
+    gram = 2 * t * t * (i + o) + t * (o * o + i * i) + t * o * i
+    direct = t * o * i + o * o * i + o * i * i
+    return gram < direct
 
 
 def damped_inverse_factor(matrix: torch.Tensor, damping: float, lower: bool) -> torch.Tensor:

@@ -73,6 +73,27 @@ class LazyGrads(Mapping):
         parts = [_layer_grad(kind, m, x, g) for kind, m, x, g in self._calls[name]]
         return sum(parts[1:], parts[0]) * self._problem.masks[name]
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, X) with G_n = A_n^T X_n in the (out, in) matrix view, A: (B, T, out), X: (B, T, in).
+
+        Available for an unmasked weight used by a single hooked call; lets Kronecker moments use the
+        T x T Gram matrices of the positions instead of forming every G_n. ``None`` otherwise.
+        """
+        calls = self._calls[name]
+        if len(calls) != 1 or not bool(self._problem.masks[name].all()):
+            return None
+        kind, m, x, g = calls[0]
+        b = x.shape[0]
+        if kind in ("linear", "matmul_right"):
+            return g.reshape(b, -1, g.shape[-1]), x.reshape(b, -1, x.shape[-1])
+        if kind == "conv2d":
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            return g.reshape(b, g.shape[1], -1).transpose(1, 2), cols.transpose(1, 2)
+        # matmul_left: G = sum_{k, n} g_kn x_kn^T over the leading and last axes
+        gs = g.reshape(b, -1, g.shape[-2], g.shape[-1]).transpose(-1, -2).reshape(b, -1, g.shape[-2])
+        xs = x.reshape(b, -1, x.shape[-2], x.shape[-1]).transpose(-1, -2).reshape(b, -1, x.shape[-2])
+        return gs, xs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._problem.names)
 
