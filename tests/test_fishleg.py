@@ -449,3 +449,35 @@ def test_kronecker_moments_from_position_grams_equal_the_per_example_ones():
         for a, b in ((fast.diag[n], slow.diag[n]), (fast.left[n], slow.left[n]), (fast.right[n], slow.right[n])):
             assert _rel(a, b) < 1e-5
         assert fast.sq_norm[n] == pytest.approx(slow.sq_norm[n], rel=1e-5)
+
+
+def test_hooked_per_example_gradients_for_a_constant_left_matmul_operand():
+    """Y = W @ X with W [out, in] (ONNX MatMul with the initializer first) and X [B, in, N]."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fls_compress.bridge.convert import convert_to_torch
+    from fls_compress.curvature.problem import FisherProblem
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["W", "X"], ["h"], name="mm"), helper.make_node("Tanh", ["h"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 8, 5])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 6, 5])],
+                              initializer=[numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    bridge = convert_to_torch(model)
+    x = rng.standard_normal((10, 8, 5)).astype(np.float32)
+    problem = FisherProblem(bridge.forward, bridge.weights, {"X": x}, make_likelihood("gaussian"), module=bridge.module)
+    batch = problem.next_batch(10)
+    state = problem.generator.get_state()
+    hooked = problem.per_example_gradient_batch(batch)
+    assert problem.per_example_info["per_example"] == "hooks"
+    a, xs = hooked.factors("W")
+    assert torch.allclose(a.transpose(1, 2) @ xs, hooked["W"], atol=1e-5)
+    problem.generator.set_state(state)
+    problem.module = None
+    loop = problem.per_example_gradient_batch(batch)
+    assert torch.allclose(hooked["W"], loop["W"], atol=1e-5)
