@@ -173,36 +173,40 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Validation error vs fit steps (top) and vs fit wall time (bottom), one line per learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, form in zip(axes, FORMS):
+    fig, axes = plt.subplots(2, len(FORMS), figsize=(11, 7.5))
+    for col, form in enumerate(FORMS):
         val = [r for r in result["rows"] if r["form"] == form and r["split"] == "validation"]
         for lr in sorted({r["lr"] for r in val}):
             steps = sorted({r["steps"] for r in val if r["lr"] == lr})
-            xs = [_mean(val, "seconds", lr=lr, steps=s) for s in steps]
             ys = [_mean(val, "error", lr=lr, steps=s) for s in steps]
-            ax.plot(xs, ys, marker="o", label=f"lr {lr:g}")
-            for x, y, s in zip(xs, ys, steps):
-                ax.annotate(str(s), (x, y), fontsize=6)
-        ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlabel("fit wall time (s, labels = steps)")
-        ax.set_ylabel("relative error of Q")
-        ax.set_title(form)
-        ax.legend(fontsize=7)
+            axes[0, col].plot([max(s, 1) for s in steps], ys, marker="o", label=f"lr {lr:g}")
+            axes[1, col].plot([_mean(val, "seconds", lr=lr, steps=s) for s in steps], ys, marker="o", label=f"lr {lr:g}")
+        axes[0, col].set_xscale("log")
+        axes[0, col].set_xlabel("fit steps (0 plotted at 1)")
+        axes[1, col].set_xscale("symlog", linthresh=0.05)
+        axes[1, col].set_xlabel("fit wall time (s, 1 thread, shared machine)")
+        axes[0, col].set_title(form)
+        for ax in axes[:, col]:
+            ax.set_ylabel("relative error of Q")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--quick", action="store_true", help="a smoke run on a small grid (not for the committed results)")
+    ap.add_argument("--from-json", type=Path, help="re-render the markdown and plot from an earlier JSON result")
     args = ap.parse_args(argv)
-    result = run(args.quick)
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fishleg_convergence.json").write_text(json.dumps(result, indent=2) + "\n")
     md = render(result)
