@@ -481,3 +481,36 @@ def test_hooked_per_example_gradients_for_a_constant_left_matmul_operand():
     problem.module = None
     loop = problem.per_example_gradient_batch(batch)
     assert torch.allclose(hooked["W"], loop["W"], atol=1e-5)
+
+
+def test_layers_that_merge_the_batch_take_the_loop_the_others_keep_hooks():
+    import numpy as np
+    from torch import nn
+
+    from fls_compress.curvature.problem import problem_from_module
+
+    class Merged(nn.Module):  # like exported attention projections: rows are (seq * batch)
+        def __init__(self):
+            super().__init__()
+            self.first, self.inner, self.last = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            h = torch.tanh(self.first(x)).transpose(0, 1).reshape(t * b, 5)
+            h = torch.tanh(self.inner(h)).reshape(t, b, 5).transpose(0, 1)
+            return self.last(h).sum(1)
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(6, 3, 4)).astype(np.float32)
+    problem = problem_from_module(Merged(), x, make_likelihood("categorical"), batch_size=6)
+    batch = problem.next_batch(6)
+    state = problem.generator.get_state()
+    mixed = problem.per_example_gradient_batch(batch)
+    assert problem.per_example_info["per_example"] == "hooks+loop"
+    assert "inner.weight" in problem.per_example_info["per_example_reason"]
+    assert set(mixed.fixed) == {"inner.weight"}
+    problem.generator.set_state(state)
+    problem.module = None
+    loop = problem.per_example_gradient_batch(batch)
+    for n in problem.names:
+        assert torch.allclose(mixed[n], loop[n], atol=1e-6), n

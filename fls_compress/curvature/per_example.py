@@ -9,8 +9,9 @@ Multiplying the batch-mean NLL by B makes g_n the gradient of example n's own lo
 
 Two checks guard against layouts the identity does not cover (a weight also used outside its layer,
 an in-place op on a layer output, a batch axis that is not the first one): the per-example gradients
-must add up to the batch gradient, and example 0's must equal its own backward pass. On failure the
-caller falls back to one backward per example.
+must add up to the batch gradient, and example 0's must equal its own backward pass. Weights that fail
+them, or whose layer has no rule (or merges the batch into other axes, e.g. attention projections on
+(seq * batch, d) rows), are returned to the caller, which computes them with one backward per example.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ class LazyGrads(Mapping):
     def __init__(self, problem: "FisherProblem", calls: dict[str, list[Record]]):
         self._problem = problem
         self._calls = calls
+        #: per-example gradients computed otherwise (one backward per example), name -> (B, *shape)
+        self.fixed: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.fixed:
+            return self.fixed[name]
         parts = [_layer_grad(kind, m, x, g) for kind, m, x, g in self._calls[name]]
         return sum(parts[1:], parts[0]) * self._problem.masks[name]
 
@@ -79,8 +84,8 @@ class LazyGrads(Mapping):
         Available for an unmasked weight used by a single hooked call; lets Kronecker moments use the
         T x T Gram matrices of the positions instead of forming every G_n. ``None`` otherwise.
         """
-        calls = self._calls[name]
-        if len(calls) != 1 or not bool(self._problem.masks[name].all()):
+        calls = self._calls.get(name, [])
+        if name in self.fixed or len(calls) != 1 or not bool(self._problem.masks[name].all()):
             return None
         kind, m, x, g = calls[0]
         b = x.shape[0]
@@ -103,19 +108,20 @@ class LazyGrads(Mapping):
 
 def hooked_per_example_gradients(
     problem: "FisherProblem", batch: "Batch", target: torch.Tensor, *, rtol: float = 1e-4
-) -> tuple[LazyGrads | None, str]:
-    """Per-example gradients via hooks, or (None, reason) when the hooks cannot give them exactly."""
+) -> tuple[LazyGrads, dict[str, str]]:
+    """Per-example gradients via hooks where they are exact; the rest as {name: reason} for a loop."""
     owner = {id(w.parameter): n for n, w in problem.weights.items()}
     module = problem.module
     assert module is not None
     records: list[tuple[str, str, nn.Module, torch.Tensor, torch.Tensor]] = []  # name, kind, module, x, y
-    handles, unhookable = [], set()
+    rest: dict[str, str] = {}
+    handles = []
     for m in module.modules():
         weight = getattr(m, "weight", None)
         if id(weight) in owner:
             kind = _kind(m)
             if kind is None:
-                unhookable.add(owner[id(weight)])
+                rest[owner[id(weight)]] = f"no per-example rule for {type(m).__name__}"
                 continue
             handles.append(m.register_forward_hook(
                 lambda mod, inp, out, k=kind, n=owner[id(weight)]: records.append((n, k, mod, inp[0].detach(), out))))
@@ -127,7 +133,7 @@ def hooked_per_example_gradients(
                 elif id(x) in owner and id(y) not in owner and y.dim() >= 3:
                     records.append((owner[id(x)], "matmul_left", mod, y.detach(), out))
                 elif id(x) in owner or id(y) in owner:
-                    unhookable.add(owner.get(id(x), owner.get(id(y))))
+                    rest[owner.get(id(x), owner.get(id(y)))] = "no per-example rule for this MatMul"
 
             handles.append(m.register_forward_hook(matmul_hook))
     try:
@@ -135,32 +141,35 @@ def hooked_per_example_gradients(
     finally:
         for h in handles:
             h.remove()
-    if unhookable:
-        return None, f"weights in layers without a per-example rule: {', '.join(sorted(unhookable)[:3])}"
-    missing = sorted(set(problem.names) - {r[0] for r in records})
-    if missing:
-        return None, f"weights not used by a hookable layer: {', '.join(missing[:3])}"
-    if any(r[3].shape[0] != batch.size for r in records):
-        return None, "a hooked layer input does not carry the batch on its first axis"
+    for n in sorted(set(problem.names) - {r[0] for r in records}):
+        rest.setdefault(n, "not used by a hookable layer")
+    for r in records:
+        if r[3].shape[0] != batch.size:
+            rest.setdefault(r[0], "its layer input does not carry the batch on its first axis")
+    keep = [r for r in records if r[0] not in rest]
+    calls: dict[str, list[Record]] = {n: [] for n in problem.names if n not in rest}
+    result = LazyGrads(problem, calls)
+    if not keep:
+        return result, rest
     loss = problem.likelihood.nll(out, target) * batch.size
-    outs = [r[4] for r in records]
-    grads = torch.autograd.grad(loss, outs + problem.params, allow_unused=True)
-    calls: dict[str, list[Record]] = {n: [] for n in problem.names}
-    for (n, kind, m, x, _), g in zip(records, grads[: len(outs)]):
+    names = list(calls)
+    params = [problem.weights[n].parameter for n in names]
+    grads = torch.autograd.grad(loss, [r[4] for r in keep] + params, allow_unused=True)
+    for (n, kind, m, x, _), g in zip(keep, grads[: len(keep)]):
         if g is not None:
             calls[n].append((kind, m, x, g.detach()))
-    result = LazyGrads(problem, calls)
     single = problem.likelihood.nll(problem.output(_first(batch)), target[:1])
-    first = torch.autograd.grad(single, problem.params, allow_unused=True)
-    for n, p, g_sum, g_one in zip(problem.names, problem.params, grads[len(outs):], first):
+    first = torch.autograd.grad(single, params, allow_unused=True)
+    for n, p, g_sum, g_one in zip(names, params, grads[len(keep):], first):
         total = sum(_layer_grad_total(k, m, x, g) for k, m, x, g in calls[n])
         one = sum(_layer_grad(k, m, x[:1], g[:1])[0] for k, m, x, g in calls[n])
         for ref, got, what in ((g_sum, total, "add up to the batch gradient"), (g_one, one, "match example 0's own gradient")):
             ref = (torch.zeros_like(p) if ref is None else ref.detach()) * problem.masks[n]
-            got = got * problem.masks[n]
-            if float((got - ref).abs().max()) > rtol * (float(ref.abs().max()) + 1e-30):
-                return None, f"hooked gradients of {n} do not {what}"
-    return result, ""
+            if float(((got - ref) * problem.masks[n]).abs().max()) > rtol * (float(ref.abs().max()) + 1e-30):
+                rest[n] = f"hooked gradients do not {what}"
+                del calls[n]
+                break
+    return result, rest
 
 
 def _first(batch: "Batch") -> "Batch":

@@ -172,31 +172,41 @@ class FisherProblem:
         """Per-example NLL gradients, name -> (B, *parameter shape), masked.
 
         Labels are drawn once for the whole batch (from the model's predictive distribution, or the
-        true ones). With ``module`` set and every prunable weight held by a hookable layer, one forward
-        and one backward give all of them (G_n = g_n^T x_n summed over positions; checked against the
-        batch gradient). Otherwise, or if that check fails, one backward per example (logged once).
-        The hooked result is computed lazily, one layer per access.
+        true ones). With ``module`` set, one forward and one backward give those of every weight held by
+        a hookable layer (G_n = g_n^T x_n summed over positions; checked, see :mod:`.per_example`),
+        computed lazily one layer per access; the other weights (all of them without ``module``) take
+        one backward per example (logged; ``per_example_info`` says which and why).
         """
         with torch.no_grad():
             out = self.output(batch)
         target = self.target(out, batch, labels)
         if self.module is not None:
-            grads, why = hooked_per_example_gradients(self, batch, target)
-            if grads is not None:
-                self.per_example_info = {"per_example": "hooks"}
-                return grads
+            grads, rest = hooked_per_example_gradients(self, batch, target)
         else:
-            why = "no torch module given to the FisherProblem"
-        if self.per_example_info.get("per_example") != "loop":
-            log.warning("per-example gradients: one backward per example (%s)", why)
-        self.per_example_info = {"per_example": "loop", "per_example_reason": why}
-        rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+            grads, rest = None, {n: "no torch module given to the FisherProblem" for n in self.names}
+        mode = "hooks" if not rest else ("loop" if len(rest) == len(self.names) else "hooks+loop")
+        info = {"per_example": mode}
+        if rest:
+            reasons = sorted({f"{why} ({n})" for n, why in rest.items()})
+            info["per_example_reason"] = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+            if self.per_example_info.get("per_example") != mode:
+                log.warning("per-example gradients: one backward per example for %d of %d weights: %s",
+                            len(rest), len(self.names), info["per_example_reason"])
+        self.per_example_info = info
+        if not rest:
+            return grads  # type: ignore[return-value]
+        names = [n for n in self.names if n in rest]
+        params = [self.weights[n].parameter for n in names]
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for i, sub in enumerate(batch.examples()):
             loss = self.likelihood.nll(self.output(sub), target[i : i + 1])
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            for n, p, g in zip(self.names, self.params, grads):
+            for n, p, g in zip(names, params, torch.autograd.grad(loss, params, allow_unused=True)):
                 rows[n].append((torch.zeros_like(p) if g is None else g.detach()) * self.masks[n])
-        return {n: torch.stack(r) for n, r in rows.items()}
+        looped = {n: torch.stack(r) for n, r in rows.items()}
+        if grads is None:
+            return looped
+        grads.fixed.update(looped)
+        return grads
 
     def per_example_gradients(
         self, batch: Batch, *, labels: str = "sampled"
