@@ -514,3 +514,11 @@ def test_layers_that_merge_the_batch_take_the_loop_the_others_keep_hooks():
     loop = problem.per_example_gradient_batch(batch)
     for n in problem.names:
         assert torch.allclose(mixed[n], loop[n], atol=1e-6), n
+
+
+def test_fit_time_budget_stops_the_step_loop():
+    problem, _ = tiny_mlp_problem("categorical")
+    est = FishLegEstimator(FishLegConfig(fit_steps=10_000, damping=0.05, diag_samples=32, fit_seconds=0.05))
+    stats = est.fit(problem)
+    assert 1 <= stats.steps < 10_000 and stats.extra["stopped_after_steps"] == stats.steps
+    assert len(stats.history) == stats.steps

@@ -59,6 +59,8 @@ class FishLegConfig:
     update: group OBS update, see the module docstring. ``row_exact_max_in``: widest layer (inputs)
         the row-exact update accepts (it costs one dense in x in solve per output row).
     sweep_block: lazy-batch block size of the column sweep. probes: probes per Fisher product.
+    fit_seconds: optional wall-clock budget of each fit/refit; the step loop stops once it is spent
+        (recorded in ``FitStats.extra["stopped_after_steps"]``); ``None`` = run all steps.
     lr / fit_steps: chosen by ``benchmarks/fishleg_convergence.py`` on validation models (Kronecker form,
         K-FAC start): the lr with the lowest error to the exact damped inverse Fisher among those whose fit
         is not rejected on an MNIST MLP, and the fewest steps within 10% of its best error (relative error
@@ -81,6 +83,7 @@ class FishLegConfig:
     row_exact_max_in: int = 2048
     sweep_block: int = 128
     probes: int = 1
+    fit_seconds: float | None = None
     diag_samples: int = 128
     clamp: float = 1e-12
 
@@ -97,6 +100,8 @@ class FishLegConfig:
             raise InvalidOptionError("FishLeg steps must be >= 0, aux batch and block size >= 1")
         if self.probes < 1 or self.sweep_block < 1 or self.row_exact_max_in < 1:
             raise InvalidOptionError("FishLeg probes, sweep block and row-exact limit must be >= 1")
+        if self.fit_seconds is not None and not self.fit_seconds > 0:
+            raise InvalidOptionError(f"FishLeg fit time budget must be > 0 seconds, got {self.fit_seconds}")
         if self.update not in UPDATES:
             raise InvalidOptionError(f"FishLeg update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if self.form == "kron" and self.update == "block-exact":
@@ -331,12 +336,19 @@ class FishLegEstimator(InverseFisherEstimator):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - (1.0 - final) * k / max(steps - 1, 1))
         mmask = self._mmask(problem)
         t0 = time.perf_counter()
+        budget = self.config.fit_seconds
+        done = 0
         for _ in range(steps):
             stats.history.append(self.aux_step(problem, opt, mmask))
             sched.step()
+            done += 1
+            if budget is not None and time.perf_counter() - t0 >= budget and done < steps:
+                log.info("FishLeg fit: time budget of %.1fs spent after %d of %d steps", budget, done, steps)
+                stats.extra["stopped_after_steps"] = float(done)
+                break
         elapsed = time.perf_counter() - t0
         after = self.validation_loss(problem)
-        stats.extra["aux_steps_per_s"] = steps / max(elapsed, 1e-12)
+        stats.extra["aux_steps_per_s"] = done / max(elapsed, 1e-12)
         stats.extra["validation_aux_loss_before"] = before
         stats.extra["validation_aux_loss_after"] = after
         if not after < before:
@@ -344,8 +356,8 @@ class FishLegEstimator(InverseFisherEstimator):
             for g, state in zip(self.groups, start_state):
                 g.q.load_state_dict(state)
             stats.extra["reverted"] = 1.0
-        stats.steps += steps
-        stats.samples += steps * min(self.config.aux_batch, problem.num_samples)
+        stats.steps += done
+        stats.samples += done * min(self.config.aux_batch, problem.num_samples)
         stats.seconds += time.perf_counter() - t0
         return stats
 
