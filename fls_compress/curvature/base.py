@@ -2,7 +2,7 @@
 
 OBS (Hassibi & Stork 1993) needs two things from an approximation Q ~ F^{-1} (block-diagonal over
 layers): the diagonal [Q]_qq, for the saliency rho_q = w_q^2 / (2 [Q]_qq), and products Q z, for the
-compensating update delta = -Q z with z_q = w_q / [Q]_qq on the pruned set (FLS memo section 4.2).
+compensating update delta = -Q z with z_q = w_q / [Q]_qq on the pruned set (Hassibi & Stork 1993, eq. 5).
 Block estimators can also offer the exact group update inside a block (oBERT/WoodFisher).
 """
 
