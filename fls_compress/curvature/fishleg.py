@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..configs import FLSConfig  # the user-facing defaults live there, once
 from ..errors import InvalidOptionError
 from . import fishleg_obs
 from .base import FitStats, InverseFisherEstimator
@@ -73,18 +74,18 @@ class FishLegConfig:
     damping: float | None = None
     relative_damping: float = 0.1
     init: str = "kfac"  # "kfac" | "diag" | "identity"
-    fit_steps: int = 800
-    refit_steps: int = 320
-    aux_batch: int = 32
-    lr: float = 1e-2
+    fit_steps: int = FLSConfig.default_of("fit_steps")
+    refit_steps: int = FLSConfig.default_of("refit_steps")
+    aux_batch: int = FLSConfig.default_of("batch_size")
+    lr: float = FLSConfig.default_of("aux_lr")
     final_lr_fraction: float = 0.1
     precondition: bool = True
     update: str = "sweep"  # "sweep" | "row-exact" | "decoupled" | "block-exact" (block form)
     row_exact_max_in: int = 2048
     sweep_block: int = 128
-    probes: int = 1
+    probes: int = FLSConfig.default_of("probes")
     fit_seconds: float | None = None
-    diag_samples: int = 128
+    diag_samples: int = FLSConfig.default_of("moment_samples")
     clamp: float = 1e-12
 
     def validate(self) -> None:
@@ -272,6 +273,16 @@ class FishLegEstimator(InverseFisherEstimator):
                 log.warning("FLS sweep: L L^T of %s factorised only with a diagonal jitter %.3g", name, jitter)
                 info["cholesky_jitter"] = jitter
         return w.from_matrix(delta.to(weight.dtype))
+
+    def sweep_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, row_scale) for the OBS column sweep of ``name`` (Kronecker form): U upper-triangular with
+        U^T U = L L^T, row r scaled by A_r, i.e. H_r^{-1} = D_{A_r} L L^T D_{A_r} (used by quantization)."""
+        if self.config.form != "kron":
+            raise InvalidOptionError("the OBS sweep needs the Kronecker form of Q (--q-form kron)")
+        _, L, A = self.group_of[name].member(name)  # type: ignore[union-attr]
+        if name not in self._upper:
+            self._upper[name] = fishleg_obs.kron_upper_factor(L)
+        return self._upper[name][0], A.detach().double()
 
     # ---------------------------------------------------------------- fitting
     def aux_step(self, problem: FisherProblem, optimizer: torch.optim.Optimizer, mmask: dict[str, torch.Tensor] | None = None) -> float:

@@ -66,9 +66,10 @@ def _layer_grad_total(kind: str, module: nn.Module, x: torch.Tensor, g: torch.Te
 class LazyGrads(Mapping):
     """name -> (B, *parameter shape), computed from the recorded layer calls on first access."""
 
-    def __init__(self, problem: "FisherProblem", calls: dict[str, list[Record]]):
+    def __init__(self, problem: "FisherProblem", calls: dict[str, list[Record]], batch_size: int):
         self._problem = problem
         self._calls = calls
+        self._batch_size = batch_size
         #: per-example gradients computed otherwise (one backward per example), name -> (B, *shape)
         self.fixed: dict[str, torch.Tensor] = {}
 
@@ -76,6 +77,9 @@ class LazyGrads(Mapping):
         if name in self.fixed:
             return self.fixed[name]
         parts = [_layer_grad(kind, m, x, g) for kind, m, x, g in self._calls[name]]
+        if not parts:  # the weight does not reach the chosen output: its gradients are exactly zero
+            p = self._problem.weights[name].parameter
+            return torch.zeros((self._batch_size, *p.shape), dtype=p.dtype, device=p.device)
         return sum(parts[1:], parts[0]) * self._problem.masks[name]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -148,7 +152,7 @@ def hooked_per_example_gradients(
             rest.setdefault(r[0], "its layer input does not carry the batch on its first axis")
     keep = [r for r in records if r[0] not in rest]
     calls: dict[str, list[Record]] = {n: [] for n in problem.names if n not in rest}
-    result = LazyGrads(problem, calls)
+    result = LazyGrads(problem, calls, batch.size)
     if not keep:
         return result, rest
     loss = problem.likelihood.nll(out, target) * batch.size
