@@ -14,11 +14,15 @@ onnxruntime or torch. :func:`load_calibration` accepts
 
 Conventions: axis 0 of every array is the sample axis and every array has the graph input's rank
 (a directory file may also drop axis 0 to hold a single sample). Static dimensions must match;
-dynamic ones (``dim_param`` or unknown) are free. A model whose leading dimension is a static ``1``
+dynamic ones (``dim_param``, unknown, or the ``-1`` / ``0`` some exporters write) are free. A
+rank-0 input (e.g. a sample rate) has no sample axis: it takes ONE value for all samples, from a
+scalar (or one-element) array in the data or from ``consts={"sr": 16000}``; it is kept apart in
+:attr:`CalibrationData.constants` and added to every batch. A model whose leading dimension is a static ``1``
 is treated as taking one sample at a time: any number of samples is accepted and
 :meth:`CalibrationData.batches` never yields more than one. Float data is cast to the input's float
 type (float64 -> float32 silently); integer data feeds integer inputs only; float data for integer
-inputs is refused. Every problem is an :class:`~fls_compress.errors.InvalidDataError` with a
+inputs is refused; integer inputs used as ``Gather`` indices into a constant table (token ids)
+must lie inside the table. Every problem is an :class:`~fls_compress.errors.InvalidDataError` with a
 one-line message naming the file, the input and what is wrong.
 """
 
@@ -27,90 +31,31 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from fls_compress.errors import InvalidDataError, InvalidOptionError
+from fls_compress.io.input_specs import Dim, InputSpec, embedding_ranges, graph_input_specs, output_classes
+from fls_compress.io.synthesis import check_user_shape, synthesize_inputs
+
+__all__ = [
+    "CalibrationData",
+    "Dim",
+    "InputSpec",
+    "graph_input_specs",
+    "load_calibration",
+    "load_labels",
+    "output_classes",
+    "validate_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
 """Array name that holds labels in a ``.npz`` file (unless a graph input has that name)."""
-
-Dim = int | str | None
-"""A graph dimension: a static size, a symbolic name (``dim_param``) or ``None`` (unknown)."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What one graph input expects: name, numpy dtype and shape (``None`` when the rank is unknown)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[Dim, ...] | None
-
-    @property
-    def one_sample_at_a_time(self) -> bool:
-        """``True`` when the leading dimension is a static 1 (the model takes one sample per call)."""
-        return bool(self.shape) and self.shape[0] == 1
-
-    def describe_shape(self) -> str:
-        """The expected shape as users read it, e.g. ``(N, 784)``; dynamic dims by name or ``?``."""
-        if self.shape is None:
-            return "(any shape)"
-        parts = [str(d) if d is not None else "?" for d in self.shape]
-        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-
-
-def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real inputs of ``model``'s graph (``graph.input`` minus initializers), in graph order.
-
-    Raises :class:`InvalidDataError` for inputs that cannot be fed from numpy arrays (non-tensor or
-    string inputs).
-    """
-    graph = model.graph
-    constant = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    specs = []
-    for value_info in graph.input:
-        if value_info.name in constant:
-            continue
-        if value_info.type.WhichOneof("value") != "tensor_type":
-            raise InvalidDataError(f"model input '{value_info.name}' is not a tensor; it cannot be fed from arrays")
-        tensor_type = value_info.type.tensor_type
-        if tensor_type.elem_type == onnx.TensorProto.STRING:
-            raise InvalidDataError(f"model input '{value_info.name}' holds strings; string inputs are not supported")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape: tuple[Dim, ...] | None = None
-        if tensor_type.HasField("shape"):
-            dims: list[Dim] = []
-            for dim in tensor_type.shape.dim:
-                if dim.HasField("dim_value"):
-                    dims.append(int(dim.dim_value))
-                elif dim.HasField("dim_param"):
-                    dims.append(dim.dim_param)
-                else:
-                    dims.append(None)
-            shape = tuple(dims)
-        specs.append(InputSpec(value_info.name, dtype, shape))
-    return specs
-
-
-def output_classes(model: onnx.ModelProto) -> int | None:
-    """Number of classes of a classifier-shaped first output ``[N, C]`` with static ``C > 1``, else ``None``."""
-    if not model.graph.output:
-        return None
-    tensor_type = model.graph.output[0].type.tensor_type
-    if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 2:
-        return None
-    last = tensor_type.shape.dim[1]
-    if last.HasField("dim_value") and last.dim_value > 1:
-        return int(last.dim_value)
-    return None
-
 
 @dataclass
 class CalibrationData:
@@ -128,6 +73,13 @@ class CalibrationData:
         Where the data came from (a path, or ``"synthetic"``), for reports and messages.
     max_batch:
         Largest batch the model accepts (``1`` for a static leading dimension of 1), or ``None``.
+    constants:
+        Rank-0 inputs: one 0-d array per input, shared by every sample and added to every batch.
+    synthetic_shapes:
+        For synthetic data, the shape generated per input (sample axis first).
+    defaulted_dims:
+        For synthetic data, the axes per input whose dynamic size was not given and defaulted to
+        :data:`fls_compress.io.synthesis.DEFAULT_DYNAMIC_DIM` (each one logged as a warning).
     """
 
     inputs: dict[str, np.ndarray]
@@ -135,6 +87,9 @@ class CalibrationData:
     synthetic: bool
     source: str
     max_batch: int | None = None
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    synthetic_shapes: dict[str, list[int]] = field(default_factory=dict)
+    defaulted_dims: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -149,6 +104,9 @@ class CalibrationData:
             synthetic=self.synthetic,
             source=self.source,
             max_batch=self.max_batch,
+            constants=self.constants,
+            synthetic_shapes=self.synthetic_shapes,
+            defaulted_dims=self.defaulted_dims,
         )
 
     def subset(self, n: int) -> CalibrationData:
@@ -189,14 +147,18 @@ class CalibrationData:
         drawn from ``numpy.random.default_rng(seed)``; otherwise samples come in stored order.
         """
         for index in self._batch_indices(batch_size, shuffle, seed):
-            yield {name: arr[index] for name, arr in self.inputs.items()}
+            yield self.feed({name: arr[index] for name, arr in self.inputs.items()})
+
+    def feed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` plus the rank-0 :attr:`constants`: a complete onnxruntime feed."""
+        return {**batch, **self.constants}
 
     def labeled_batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
     ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Like :meth:`batches`, but yield ``(inputs, labels)`` pairs (labels ``None`` when absent)."""
         for index in self._batch_indices(batch_size, shuffle, seed):
-            inputs = {name: arr[index] for name, arr in self.inputs.items()}
+            inputs = self.feed({name: arr[index] for name, arr in self.inputs.items()})
             yield inputs, (None if self.labels is None else self.labels[index])
 
 
@@ -273,8 +235,11 @@ def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec])
     return result
 
 
-def _concatenate_parts(parts: list[tuple[str, dict[str, np.ndarray]]], where: str) -> dict[str, np.ndarray]:
-    """Join per-file arrays along axis 0; every file must name the same arrays."""
+def _concatenate_parts(
+    parts: list[tuple[str, dict[str, np.ndarray]]], where: str, scalars: frozenset[str] = frozenset()
+) -> dict[str, np.ndarray]:
+    """Join per-file arrays along axis 0; every file must name the same arrays. Arrays of rank-0
+    inputs (``scalars``) are not joined: every file must hold the same value, which is kept once."""
     first_file, first = parts[0]
     names = set(first)
     merged: dict[str, list[np.ndarray]] = {name: [] for name in first}
@@ -287,6 +252,11 @@ def _concatenate_parts(parts: list[tuple[str, dict[str, np.ndarray]]], where: st
             merged[name].append(arr)
     result = {}
     for name, pieces in merged.items():
+        if name in scalars:
+            if any(p.shape != pieces[0].shape or not np.array_equal(p, pieces[0]) for p in pieces):
+                raise InvalidDataError(f"{where}: files disagree on the value of scalar input '{name}'")
+            result[name] = pieces[0]
+            continue
         scalar = next((file for (file, _), p in zip(parts, pieces) if p.ndim == 0), None)
         if scalar is not None:
             raise InvalidDataError(f"{where}: '{name}' in {scalar} is a scalar; expected one sample or a batch")
@@ -311,7 +281,8 @@ def _read_directory(path: Path, specs: dict[str, InputSpec]) -> dict[str, np.nda
 
     if npz_files:
         parts = [(p.name, _add_sample_axis(_read_npz(p), specs)) for p in npz_files]
-        arrays = _concatenate_parts(parts, str(path))
+        scalars = frozenset(n for n, spec in specs.items() if spec.is_scalar)
+        arrays = _concatenate_parts(parts, str(path), scalars)
     elif all(p.stem in specs for p in npy_files):
         # One file per input, each holding that input's whole batch.
         arrays = {p.stem: _read_npy(p) for p in npy_files}
@@ -343,7 +314,8 @@ def _convert_dtype(where: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
         return arr
     if want.kind == "f":
         if have.kind == "f":
-            return arr.astype(want)
+            with np.errstate(over="ignore"):  # overflow becomes Inf, refused by _check_finite
+                return arr.astype(want)
         raise InvalidDataError(
             f"{where}: input '{spec.name}' is {have} data but the model expects {want}; "
             "convert it to float (integer pixel values usually also need scaling)"
@@ -364,8 +336,6 @@ def _check_shape(where: str, spec: InputSpec, arr: np.ndarray) -> None:
     """Rank and static dimensions must match; a static leading 1 accepts any sample count."""
     if spec.shape is None:
         return
-    if len(spec.shape) == 0:
-        raise InvalidDataError(f"{where}: input '{spec.name}' is a scalar (rank 0); scalar inputs have no sample axis")
     if arr.ndim != len(spec.shape):
         raise InvalidDataError(
             f"{where}: input '{spec.name}' has shape {arr.shape} (rank {arr.ndim}); "
@@ -378,6 +348,36 @@ def _check_shape(where: str, spec: InputSpec, arr: np.ndarray) -> None:
             raise InvalidDataError(
                 f"{where}: input '{spec.name}' has shape {arr.shape}; the model expects {spec.describe_shape()}"
             )
+
+
+def _check_index_range(where: str, name: str, arr: np.ndarray, rows: int) -> None:
+    """Token ids must index inside the embedding table they are gathered from (``[-rows, rows)``)."""
+    if arr.size and (int(arr.min()) < -rows or int(arr.max()) >= rows):
+        bad = int(arr.max()) if int(arr.max()) >= rows else int(arr.min())
+        raise InvalidDataError(
+            f"{where}: input '{name}' holds index {bad}, outside the {rows}-row table it is gathered from"
+        )
+
+
+def _scalar_value(where: str, spec: InputSpec, value: object) -> np.ndarray:
+    """One value for a rank-0 input, as a 0-d array of the input's dtype."""
+    arr = np.asarray(value)
+    if arr.size != 1:
+        if arr.ndim >= 1 and arr.size and np.all(arr == arr.reshape(-1)[0]):
+            arr = arr.reshape(-1)[:1]
+        else:
+            raise InvalidDataError(
+                f"{where}: input '{spec.name}' is a scalar (rank 0), shared by all samples; "
+                f"got an array of shape {arr.shape} with differing values"
+            )
+    arr = arr.reshape(())
+    if spec.dtype.kind in "iu" and arr.dtype.kind == "f":
+        if not float(arr) == int(arr):
+            raise InvalidDataError(f"{where}: input '{spec.name}' is {spec.dtype}; got non-integer value {float(arr)}")
+        arr = arr.astype(np.int64)
+    arr = _convert_dtype(where, spec, arr)
+    _check_finite(where, spec.name, arr)
+    return np.array(arr)  # ascontiguousarray would give a 0-d array a dimension
 
 
 def _check_finite(where: str, name: str, arr: np.ndarray) -> None:
@@ -408,12 +408,20 @@ def _check_labels(where: str, labels: np.ndarray, n_samples: int, n_classes: int
     return labels.astype(np.int64)
 
 
-def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, where: str) -> dict[str, np.ndarray]:
+def validate_inputs(
+    arrays: dict[str, np.ndarray],
+    model: onnx.ModelProto,
+    *,
+    where: str,
+    consts: dict[str, float | int] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Check ``arrays`` (input name -> batch) against ``model``'s graph inputs.
 
-    Returns the inputs cast to the graph dtypes, in graph order. ``where`` names the data source in
-    error messages.
+    Returns ``(inputs, constants)``: the batched inputs cast to the graph dtypes, in graph order,
+    and the rank-0 inputs as 0-d arrays (from ``consts`` when given there, else from ``arrays``).
+    ``where`` names the data source in error messages.
     """
+    consts = dict(consts or {})
     specs = {spec.name: spec for spec in graph_input_specs(model)}
     if not specs:
         raise InvalidDataError(f"{where}: the model has no inputs to feed")
@@ -422,14 +430,26 @@ def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, wh
         raise InvalidDataError(
             f"{where}: array '{unknown[0]}' is not a model input (inputs: {', '.join(repr(s) for s in specs)})"
         )
-    missing = [name for name in specs if name not in arrays]
+    _check_const_names(consts, specs)
+    missing = [name for name in specs if name not in arrays and name not in consts]
     if missing:
+        hint = f"; give a rank-0 input's value with --const {missing[0]}=VALUE" if specs[missing[0]].is_scalar else ""
         raise InvalidDataError(
-            f"{where}: input '{missing[0]}' is missing (the model needs {', '.join(repr(s) for s in specs)})"
+            f"{where}: input '{missing[0]}' is missing (the model needs {', '.join(repr(s) for s in specs)}){hint}"
         )
 
+    ranges = embedding_ranges(model)
     inputs: dict[str, np.ndarray] = {}
+    constants: dict[str, np.ndarray] = {}
     for name, spec in specs.items():
+        if spec.is_scalar:
+            if name in consts and name in arrays:
+                logger.warning("input '%s': the value given as a constant replaces the one in %s", name, where)
+            value = consts[name] if name in consts else arrays[name]
+            constants[name] = _scalar_value(where, spec, value)
+            continue
+        if name in consts:
+            raise InvalidOptionError(f"input '{name}' is not a scalar (shape {spec.describe_shape()}); it cannot be a constant")
         arr = np.asarray(arrays[name])
         if arr.dtype.kind not in "biuf":
             raise InvalidDataError(f"{where}: input '{name}' has unsupported dtype {arr.dtype}")
@@ -438,7 +458,11 @@ def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, wh
             raise InvalidDataError(f"{where}: input '{name}' is a scalar; expected a batch with a sample axis")
         arr = _convert_dtype(where, spec, arr)
         _check_finite(where, name, arr)
+        if name in ranges and arr.dtype.kind in "iu":
+            _check_index_range(where, name, arr, ranges[name])
         inputs[name] = np.ascontiguousarray(arr)
+    if not inputs:
+        raise InvalidDataError(f"{where}: every model input is a scalar; there is no sample axis to calibrate over")
     first = next(iter(inputs))
     for name, arr in inputs.items():
         if arr.shape[0] != inputs[first].shape[0]:
@@ -447,39 +471,24 @@ def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, wh
             )
     if inputs[first].shape[0] == 0:
         raise InvalidDataError(f"{where}: the data holds 0 samples")
-    return inputs
+    return inputs, constants
 
 
-def _synthetic(model: onnx.ModelProto, num_samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal inputs with the graph's shapes; only the leading (batch) dim may be dynamic."""
-    if num_samples < 1:
-        raise InvalidOptionError(f"number of synthetic samples must be at least 1, got {num_samples}")
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for spec in graph_input_specs(model):
-        if spec.dtype.kind != "f":
-            raise InvalidDataError(
-                f"input '{spec.name}' is {spec.dtype}; "
-                "synthetic data can only be generated for float inputs, pass --data"
+def _check_const_names(consts: dict[str, object], specs: dict[str, InputSpec]) -> None:
+    for name in consts:
+        if name not in specs:
+            raise InvalidOptionError(f"constant '{name}' is not a model input (inputs: {', '.join(repr(s) for s in specs)})")
+        if not specs[name].is_scalar:
+            raise InvalidOptionError(
+                f"input '{name}' is not a scalar (shape {specs[name].describe_shape()}); it cannot be a constant"
             )
-        if not spec.shape:
-            raise InvalidDataError(
-                f"input '{spec.name}' has no usable shape in the model; synthetic data needs one, pass --data"
-            )
-        shape = []
-        for axis, dim in enumerate(spec.shape):
-            if axis == 0 and (not isinstance(dim, int) or dim == 1):
-                shape.append(num_samples)
-            elif isinstance(dim, int):
-                shape.append(dim)
-            else:
-                label = f"'{dim}'" if isinstance(dim, str) else "of unknown size"
-                raise InvalidDataError(
-                    f"input '{spec.name}' has dynamic dimension {label} at axis {axis}; "
-                    "synthetic data cannot choose its size, pass --data"
-                )
-        arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return arrays
+
+
+def _check_shape_names(shapes: dict[str, tuple[int, ...]], specs: dict[str, InputSpec]) -> None:
+    for name, shape in shapes.items():
+        if name not in specs:
+            raise InvalidOptionError(f"shape given for '{name}', which is not a model input (inputs: {', '.join(repr(s) for s in specs)})")
+        check_user_shape(specs[name], tuple(int(d) for d in shape))
 
 
 def _max_batch(model: onnx.ModelProto) -> int | None:
@@ -510,6 +519,8 @@ def load_calibration(
     num_synthetic: int = 256,
     seed: int = 0,
     labels_path: str | Path | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    consts: dict[str, float | int] | None = None,
 ) -> CalibrationData:
     """Load and validate calibration data for ``model`` (see the module docstring for the formats).
 
@@ -526,7 +537,19 @@ def load_calibration(
         Seed of the synthetic data generator.
     labels_path:
         Optional separate labels file (``.npy`` or ``.npz``); it overrides labels stored with the data.
+    shapes:
+        Full input shapes (sample axis first), e.g. ``{"images": (1, 3, 320, 320)}`` (CLI
+        ``--shape images=1x3x320x320``): the sizes of dynamic dimensions for synthetic data (see
+        :mod:`fls_compress.io.synthesis`); with real data, the data's non-sample dimensions must
+        equal them.
+    consts:
+        Values of rank-0 inputs, e.g. ``{"sr": 16000}`` (CLI ``--const sr=16000``); they take
+        precedence over a value stored in the data.
     """
+    shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
+    specs = {spec.name: spec for spec in graph_input_specs(model)}
+    _check_shape_names(shapes, specs)
+    _check_const_names(consts or {}, specs)
     if source is None:
         if labels_path is not None:
             raise InvalidDataError(f"{labels_path}: labels were given without calibration data")
@@ -535,12 +558,25 @@ def load_calibration(
             "the Fisher estimate (and thus pruning quality) will only be rough",
             num_synthetic,
         )
-        inputs = _synthetic(model, num_synthetic, seed)
-        return CalibrationData(inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model))
+        arrays, used = synthesize_inputs(model, num_synthetic, seed, shapes)
+        missing = [n for n, spec in specs.items() if spec.is_scalar and n not in (consts or {})]
+        if missing:
+            raise InvalidDataError(
+                f"input '{missing[0]}' is a scalar (rank 0) whose value cannot be guessed; "
+                f"give it with --const {missing[0]}=VALUE, or pass --data"
+            )
+        inputs, constants = validate_inputs(arrays, model, where="synthetic", consts=consts)
+        defaulted = {
+            n: [a for a, d in enumerate(specs[n].shape or ()) if a > 0 and not isinstance(d, int) and n not in shapes]
+            for n in used
+        }
+        return CalibrationData(
+            inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model), constants=constants,
+            synthetic_shapes=used, defaulted_dims={n: a for n, a in defaulted.items() if a},
+        )
 
     path = Path(source)
     where = str(path)
-    specs = {spec.name: spec for spec in graph_input_specs(model)}
     if not path.exists():
         raise InvalidDataError(f"{where}: data file or directory does not exist")
     if path.is_dir():
@@ -548,12 +584,13 @@ def load_calibration(
     elif path.suffix == ".npz":
         arrays = _read_npz(path)
     elif path.suffix == ".npy":
-        if len(specs) != 1:
+        fed = [n for n, spec in specs.items() if not spec.is_scalar]
+        if len(fed) != 1:
             raise InvalidDataError(
                 f"{where}: a .npy file can only feed a single-input model; this model has inputs "
                 f"{', '.join(repr(s) for s in specs)}, use a .npz keyed by input name"
             )
-        arrays = {next(iter(specs)): _read_npy(path)}
+        arrays = {fed[0]: _read_npy(path)}
     else:
         raise InvalidDataError(
             f"{where}: unsupported data file type '{path.suffix}' (expected .npz, .npy or a directory)"
@@ -566,11 +603,18 @@ def load_calibration(
             logger.warning("labels in %s are replaced by those in %s", where, labels_path)
         labels = load_labels(labels_path)
         labels_where = str(labels_path)
-    inputs = validate_inputs(arrays, model, where=where)
+    inputs, constants = validate_inputs(arrays, model, where=where, consts=consts)
+    for name, shape in shapes.items():
+        if name in inputs and tuple(inputs[name].shape[1:]) != shape[1:]:
+            raise InvalidDataError(
+                f"{where}: input '{name}' has shape {inputs[name].shape}, but --shape gives {'x'.join(map(str, shape))}"
+            )
     if labels is not None:
         n_samples = next(iter(inputs.values())).shape[0]
         labels = _check_labels(labels_where, np.asarray(labels), n_samples, output_classes(model))
-    data = CalibrationData(inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model))
+    data = CalibrationData(
+        inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model), constants=constants
+    )
     logger.info(
         "loaded %d calibration samples from %s%s", data.num_samples, where, " with labels" if labels is not None else ""
     )
