@@ -10,6 +10,7 @@ writes opset 18-20) therefore fail on ops whose schema was bumped only to admit 
 * aliases to onnx2torch's existing converter where the new version is a type-only bump;
 * guarded aliases where the new version adds a feature (the guard raises ``NotImplementedError``
   when the feature is used, so nothing is converted silently wrong);
+* LSTM and GRU (:mod:`.rnn`);
 * small exact modules where the semantics changed: Reduce*-18/20 (constant ``axes`` input),
   Gelu-20, Reshape-19/21 with ``allowzero=1`` and Split-18 with ``num_outputs``.
 
@@ -35,6 +36,8 @@ from onnx2torch.utils.common import (
     onnx_mapping_from_node,
 )
 from torch import nn
+
+from fls_compress.bridge.rnn import install_recurrent
 
 _LOG = logging.getLogger(__name__)
 
@@ -257,5 +260,6 @@ def install_compat() -> None:
         _register("Pad", version, _guarded("Pad", 13, _pad_axes_used))
     _register("AveragePool", 19, _guarded("AveragePool", 11, _pool_dilated))
     _register("IsInf", 20, _guarded("IsInf", 10, _isinf_one_sided))
+    install_recurrent()
     _installed = True
     _LOG.debug("onnx2torch compatibility converters installed")

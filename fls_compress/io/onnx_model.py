@@ -34,8 +34,14 @@ from fls_compress.errors import InvalidModelError, InvalidOptionError
 
 _LOG = logging.getLogger(__name__)
 
-#: Operators whose weight initializers can be pruned.
+#: Operators whose weight initializers can be pruned by every method (the default).
 SUPPORTED_PRUNABLE_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+
+#: Recurrent operators whose W (input 1) and R (input 2) can be pruned through the torch bridge.
+RECURRENT_OPS: tuple[str, ...] = ("LSTM", "GRU")
+
+#: Every operator :func:`prunable_sites` can be asked about.
+ALL_PRUNABLE_OPS: tuple[str, ...] = SUPPORTED_PRUNABLE_OPS + RECURRENT_OPS
 
 #: Float element types a prunable weight may have (integer / quantized tensors are never pruned).
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
@@ -216,17 +222,18 @@ def prunable_sites(
     * Conv: input 1 (the kernel);
     * Gemm: input 1 (B) when it is a rank-2 constant tensor;
     * MatMul: a rank-2 constant tensor at input 1 (``X @ W``) or input 0 (``W @ X``) whose other
-      operand is an activation (two constant operands are a constant-folding leftover, not a layer).
+      operand is an activation (two constant operands are a constant-folding leftover, not a layer);
+    * LSTM / GRU (only when asked for, see :data:`RECURRENT_OPS`): W (input 1) and R (input 2).
 
     A constant tensor is an initializer or the ``value`` of a top-level ``Constant`` node, read
     directly or through a chain of ``Identity`` nodes (reported under the root's own name).
     Biases, norms and integer/quantized tensors are never returned. Only the top-level graph is
     searched.
     """
-    unknown = sorted(set(ops) - set(SUPPORTED_PRUNABLE_OPS))
+    unknown = sorted(set(ops) - set(ALL_PRUNABLE_OPS))
     if unknown:
         raise InvalidOptionError(
-            f"cannot prune operator(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED_PRUNABLE_OPS)}"
+            f"cannot prune operator(s) {', '.join(unknown)}; supported: {', '.join(ALL_PRUNABLE_OPS)}"
         )
     graph = model.graph
     tensors: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
@@ -251,24 +258,26 @@ def prunable_sites(
     for index, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
             continue
-        hit: tuple[str | None, int] = (None, 0)
+        hits: list[tuple[str | None, int]] = []
         if node.op_type == "Conv" and len(node.input) > 1:
-            hit = (float_tensor(node.input[1]), 1)
+            hits.append((float_tensor(node.input[1]), 1))
         elif node.op_type == "Gemm" and len(node.input) > 1:
-            hit = (float_tensor(node.input[1], rank=2), 1)
+            hits.append((float_tensor(node.input[1], rank=2), 1))
         elif node.op_type == "MatMul" and len(node.input) == 2:
             left, right = float_tensor(node.input[0], rank=2), float_tensor(node.input[1], rank=2)
             left_const = resolve(node.input[0]) in tensors
             right_const = resolve(node.input[1]) in tensors
             if right is not None and not left_const:
-                hit = (right, 1)
+                hits.append((right, 1))
             elif left is not None and not right_const:
-                hit = (left, 0)
-        root, position = hit
-        if root is None:
-            continue
-        entry = found.setdefault(root, (node.op_type, [], position))
-        entry[1].append(_node_label(node, index))
+                hits.append((left, 0))
+        elif node.op_type in RECURRENT_OPS and len(node.input) > 2:
+            hits.extend((float_tensor(node.input[i], rank=3), i) for i in (1, 2))
+        for root, position in hits:
+            if root is None:
+                continue
+            entry = found.setdefault(root, (node.op_type, [], position))
+            entry[1].append(_node_label(node, index))
     sites = []
     inits = {t.name for t in graph.initializer}
     for name, (op, nodes, pos) in found.items():
