@@ -76,6 +76,8 @@ class PruneOptions:
     damping: float | None = None
     min_agreement: float | None = None
     progress: bool = True
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --shape NAME=1x3x320x320
+    consts: dict[str, float] = field(default_factory=dict)  # --const NAME=VALUE (rank-0 inputs)
 
 
 def seed_everything(seed: int) -> None:
@@ -186,9 +188,10 @@ def prepare_data(
     model: onnx.ModelProto, data: str | None, eval_data: str | None, labels: str | None, opts: PruneOptions
 ) -> tuple[CalibrationData, CalibrationData]:
     """Calibration set and held-out verification set (a split of the calibration data if no eval data)."""
-    calib = load_calibration(data, model, seed=opts.seed, labels_path=labels, num_synthetic=max(opts.num_calibration, 2))
+    calib = load_calibration(data, model, seed=opts.seed, labels_path=labels, num_synthetic=max(opts.num_calibration, 2),
+                             shapes=opts.shapes, consts=opts.consts)
     if eval_data is not None:
-        holdout = load_calibration(eval_data, model, seed=opts.seed)
+        holdout = load_calibration(eval_data, model, seed=opts.seed, shapes=opts.shapes, consts=opts.consts)
     else:
         calib, holdout = calib.split(opts.holdout_fraction, seed=opts.seed)
     if calib.num_samples > opts.num_calibration:
@@ -232,7 +235,7 @@ def prune_model(
         pruner.bind(model)  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     try:
-        bridge: TorchBridge | None = convert_to_torch(model)
+        bridge: TorchBridge | None = convert_to_torch(model, calibration=calib)
     except UnsupportedModelError as exc:
         if not activations_only:
             raise
@@ -286,7 +289,9 @@ def prune_model(
         "likelihood": likelihood_name,
         "seed": opts.seed,
         "options": _options_dict(opts, spec),
-        "calibration": {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic},
+        "calibration": {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic,
+                        "synthetic_shapes": calib.synthetic_shapes, "defaulted_dims": calib.defaulted_dims},
+        "conversion": bridge.info if bridge is not None else None,
         "sparsity": {
             "target": spec.sparsity,
             "pattern": opts.pattern,

@@ -20,7 +20,8 @@ Task-specific metrics (``task`` argument, else the original's ``metadata_props["
 * ``classification``, for every ``[N, C>1]`` output: ``top1_agreement`` (argmax equal), and
   ``accuracy_original`` / ``accuracy_compressed`` when the data has labels;
 * ``detection`` (declared ``task=detect``, as Ultralytics writes it), for every ``[B, 4+C, N]``
-  boxes+scores output: ``topk_box_agreement`` (see :mod:`fls_compress.verify_detection`);
+  boxes+scores output: ``topk_box_agreement`` over the original's ``topk_boxes`` best anchors
+  (see :mod:`fls_compress.verify_detection`);
 * ``reconstruction`` (single-input models, outputs with as many features as the input): the input
   is the target. ``mse_original`` / ``mse_compressed`` compare the prediction to it; for Bernoulli
   outputs (metadata ``likelihood=bernoulli`` or an output named ``*logits*``) the prediction is
@@ -250,7 +251,9 @@ def verify_models(
             if resolved_task == "classification" and ref.ndim == 2 and ref.shape[1] > 1:
                 _add_classification(stat, ref, out, labels)
             if resolved_task == "detection" and is_box_output(ref.shape):
-                stat.add_task(f"top{min(TOP_K, ref.shape[2])}_box_agreement", topk_box_agreement(ref, out).sum(), ref.shape[0])
+                k = min(TOP_K, ref.shape[2])
+                stat.add_task("topk_box_agreement", topk_box_agreement(ref, out, k).sum(), ref.shape[0])
+                stat.add_task("topk_boxes", k * ref.shape[0], ref.shape[0])  # k, the same for every sample
             if name in reconstruction_outputs:
                 _add_reconstruction(stat, ref, out, feed[input_names[0]], reconstruction_outputs[name])
 
@@ -346,8 +349,10 @@ def summarize(report: dict[str, Any]) -> str:
                     f"; accuracy {100 * out['accuracy_original']:.2f}% -> {100 * out['accuracy_compressed']:.2f}%"
                 )
             lines.append(text)
-        for key in (k for k in out if k.endswith("_box_agreement")):
-            lines.append(f"  {key.replace('_', ' ')} (IoU >= 0.5, same class) {100 * out[key]:.2f}%")
+        if "topk_box_agreement" in out:
+            lines.append(
+                f"  top-{int(out['topk_boxes'])} box agreement (IoU >= 0.5, same class) {100 * out['topk_box_agreement']:.2f}%"
+            )
         if "mse_original" in out:
             text = "  "
             if "bernoulli_nll_original" in out:

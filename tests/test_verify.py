@@ -248,6 +248,6 @@ def test_detector_top_k_box_agreement_matches_iou_by_hand() -> None:
     report = verify_models(original, _detector(moved, swapped), data)
     assert report["task"] == "detection" and "task_fallback" not in report
     out = report["outputs"]["output0"]
-    assert out["top8_box_agreement"] == pytest.approx(6 / 8)
-    assert verify_models(original, original, data)["outputs"]["output0"]["top8_box_agreement"] == 1.0
-    assert "top8 box agreement" in summarize(report)
+    assert out["topk_box_agreement"] == pytest.approx(6 / 8) and out["topk_boxes"] == 8
+    assert verify_models(original, original, data)["outputs"]["output0"]["topk_box_agreement"] == 1.0
+    assert "top-8 box agreement" in summarize(report)
