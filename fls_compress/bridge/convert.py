@@ -31,6 +31,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import fx, nn
 
+from fls_compress.bridge.check import check_conversion
 from fls_compress.bridge.compat import install_compat
 from fls_compress.bridge.control_flow import fold_constant_ifs
 from fls_compress.bridge.prep import bind_inputs, prepare_for_torch, to_float32
@@ -346,7 +347,9 @@ def convert_to_torch(
     * ``If`` nodes whose condition is the same on every calibration batch are replaced by the branch
       taken (``folded_ifs``, :mod:`.control_flow`);
     * shapes ONNX inference cannot derive are observed with onnxruntime (``observed_shapes``,
-      :mod:`.shapes`).
+      :mod:`.shapes`);
+    * after conversion, the module is run against onnxruntime on one batch
+      (``max_rel_error_vs_onnxruntime``, :mod:`.check`; a torch failure there is unsupported).
 
     float16 / bfloat16 / float64 models are converted to compute in float32 (``compute_dtype``);
     :meth:`PrunableWeight.to_onnx` returns the original dtype. Raises
@@ -400,9 +403,17 @@ def convert_to_torch(
     for weight in weights.values():
         weight.parameter.requires_grad_(True)
     _verify_weights(model, weights)
+    bridge = TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights, info=info)
+    if calibration is not None:
+        rows = 1 if calibration.max_batch == 1 else min(2, calibration.num_samples)
+        feed = calibration.feed({k: v[:rows] for k, v in calibration.inputs.items()})
+        try:
+            info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, input_names, feed)
+        except UnsupportedModelError as exc:
+            raise _unsupported(str(exc)) from exc
     _LOG.info(
         "converted model: %d prunable weights (%d elements)",
         len(weights),
         sum(w.numel for w in weights.values()),
     )
-    return TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights, info=info)
+    return bridge
