@@ -228,7 +228,8 @@ def verify_models(
         batch_size = 1  # the graph has a static leading dimension of 1
 
     for feed, labels in data.labeled_batches(batch_size):
-        rows = next(iter(feed.values())).shape[0]
+        first = input_names[0]
+        rows = feed[first].shape[data.batch_axes.get(first, 0)]
         ref_outputs = _run(ref_session, feed, "original")
         new_outputs = _run(new_session, feed, "compressed")
         if resolved_task is None:

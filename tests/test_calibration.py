@@ -477,3 +477,40 @@ def test_subset_takes_prefix() -> None:
     calib = make_calib(10)
     np.testing.assert_array_equal(calib.subset(3).labels, [0, 1, 2])
     assert calib.subset(50).num_samples == 10
+
+
+def test_state_input_with_batch_on_axis_1(tmp_path: Path) -> None:
+    """[2, batch, H] recurrent state next to [batch, F] data: samples live on axis 1 of the state."""
+    weight = numpy_helper.from_array(np.ones((FEATURES, 3), np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("ReduceSum", ["state"], ["s"], axes=[0, 2], keepdims=0),
+        helper.make_node("Unsqueeze", ["s"], ["s1"], axes=[1]),
+        helper.make_node("Add", ["h", "s1"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "stateful",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, FEATURES]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    assert [s.batch_axis for s in graph_input_specs(model)] == [0, 1]
+    x = data(5)
+    state = np.random.default_rng(1).random((2, 5, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, state=state)
+    calib = load_calibration(tmp_path / "d.npz", model)
+    assert calib.num_samples == 5 and calib.batch_axes == {"state": 1}
+    np.testing.assert_array_equal(calib.inputs["state"], state.transpose(1, 0, 2))
+    _, holdout = calib.split(0.4)
+    feed = next(holdout.batches(10))
+    assert feed["state"].shape == (2, 2, 4)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = x.sum(1, keepdims=True) + state.sum(axis=(0, 2))[:, None]
+    full = sess.run(None, next(calib.batches(5)))[0]
+    np.testing.assert_allclose(full, np.repeat(expected, 3, axis=1), rtol=1e-5)
+    synthetic = load_calibration(None, model, num_synthetic=3, shapes={"x": (1, FEATURES)})
+    assert synthetic.inputs["state"].shape == (3, 2, 4) and next(synthetic.batches(3))["state"].shape == (2, 3, 4)
+    assert synthetic.synthetic_shapes["state"] == [2, 3, 4]

@@ -25,12 +25,12 @@ _LOG = logging.getLogger(__name__)
 REL_TOLERANCE = 1e-3
 
 
-def check_conversion(model: onnx.ModelProto, forward, torch_inputs: list[str], feed: dict[str, np.ndarray]) -> float | None:
-    """Max relative L2 error of ``forward`` (the bridge) against onnxruntime on ``feed``.
-
-    ``feed`` is a complete onnxruntime feed for ``model``; the torch side gets the entries named in
-    ``torch_inputs``. Returns ``None`` when onnxruntime itself cannot run the model on the feed.
-    """
+def check_conversion(
+    model: onnx.ModelProto, forward, batch: dict[str, np.ndarray], feed: dict[str, np.ndarray]
+) -> float | None:
+    """Max relative L2 error of ``forward`` (the bridge, run on ``batch``) against onnxruntime on
+    ``feed`` (the same samples as a complete onnxruntime feed for ``model``). Returns ``None`` when
+    onnxruntime itself cannot run the model on the feed."""
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         reference = session.run(None, feed)
@@ -39,7 +39,7 @@ def check_conversion(model: onnx.ModelProto, forward, torch_inputs: list[str], f
         return None
     try:
         with torch.no_grad():
-            outputs = forward({name: torch.from_numpy(np.ascontiguousarray(feed[name])) for name in torch_inputs})
+            outputs = forward({name: torch.from_numpy(np.ascontiguousarray(arr)) for name, arr in batch.items()})
     except Exception as exc:  # noqa: BLE001 - any torch failure means the conversion is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"the converted torch module fails on the calibration data: {type(exc).__name__}: {first}") from exc

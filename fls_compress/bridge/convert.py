@@ -67,9 +67,14 @@ class TorchBridge:
     output_names: list[str]
     weights: dict[str, PrunableWeight] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Run the module on named inputs; outputs come back as a list in ONNX output order."""
+        """Run the module on named inputs; outputs come back as a list in ONNX output order.
+
+        Inputs listed in :attr:`batch_axes` are given with their samples on axis 0 (as
+        :class:`~fls_compress.io.calibration.CalibrationData` stores them) and moved into place here.
+        """
         missing = [n for n in self.input_names if n not in feeds]
         unknown = sorted(set(feeds) - set(self.input_names))
         if missing or unknown:
@@ -81,6 +86,8 @@ class TorchBridge:
             value = feeds[name]
             if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
                 value = value.float()  # float16/float64 models compute in float32 here
+            if name in self.batch_axes:  # samples come on axis 0 (CalibrationData layout)
+                value = value.movedim(0, self.batch_axes[name])
             args.append(value)
         return list(self.module(*args))
 
@@ -367,7 +374,7 @@ def convert_to_torch(
             info["bound_inputs"] = sorted(calibration.constants)
         n = calibration.num_samples
         sizes = [1] if calibration.max_batch == 1 or n < 2 else [1, min(n, 2)]
-        feeds = [{k: v[:size] for k, v in calibration.inputs.items()} for size in sizes]
+        feeds = [calibration.to_model_layout({k: v[:size] for k, v in calibration.inputs.items()}) for size in sizes]
     prepared = prepare_for_torch(work)
     if feeds:
         prepared, folded = fold_constant_ifs(prepared, feeds)
@@ -405,10 +412,11 @@ def convert_to_torch(
     _verify_weights(model, weights)
     bridge = TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights, info=info)
     if calibration is not None:
+        bridge.batch_axes = {k: v for k, v in calibration.batch_axes.items() if k in input_names}
         rows = 1 if calibration.max_batch == 1 else min(2, calibration.num_samples)
-        feed = calibration.feed({k: v[:rows] for k, v in calibration.inputs.items()})
+        batch = {k: v[:rows] for k, v in calibration.inputs.items()}
         try:
-            info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, input_names, feed)
+            info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, batch, calibration.feed(batch))
         except UnsupportedModelError as exc:
             raise _unsupported(str(exc)) from exc
     _LOG.info(

@@ -13,7 +13,9 @@ onnxruntime or torch. :func:`load_calibration` accepts
 * ``None``: synthetic standard-normal inputs built from the graph's input shapes (a rough Fisher only).
 
 Conventions: axis 0 of every array is the sample axis and every array has the graph input's rank
-(a directory file may also drop axis 0 to hold a single sample). Static dimensions must match;
+(a directory file may also drop axis 0 to hold a single sample); state-like inputs declared
+``[layers, batch, hidden]`` are given in that layout, with the samples on their batch axis (see
+:attr:`CalibrationData.batch_axes`). Static dimensions must match;
 dynamic ones (``dim_param``, unknown, or the ``-1`` / ``0`` some exporters write) are free. A
 rank-0 input (e.g. a sample rate) has no sample axis: it takes ONE value for all samples, from a
 scalar (or one-element) array in the data or from ``consts={"sr": 16000}``; it is kept apart in
@@ -77,6 +79,10 @@ class CalibrationData:
         Rank-0 inputs: one 0-d array per input, shared by every sample and added to every batch.
     synthetic_shapes:
         For synthetic data, the shape generated per input (sample axis first).
+    batch_axes:
+        Inputs whose batch axis in the model is not axis 0 (state ``[layers, batch, hidden]``): their
+        arrays in :attr:`inputs` hold the samples on axis 0 like every other input, and
+        :meth:`feed` moves that axis back to where the model expects it.
     defaulted_dims:
         For synthetic data, the axes per input whose dynamic size was not given and defaulted to
         :data:`fls_compress.io.synthesis.DEFAULT_DYNAMIC_DIM` (each one logged as a warning).
@@ -90,6 +96,7 @@ class CalibrationData:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     synthetic_shapes: dict[str, list[int]] = field(default_factory=dict)
     defaulted_dims: dict[str, list[int]] = field(default_factory=dict)
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -107,6 +114,7 @@ class CalibrationData:
             constants=self.constants,
             synthetic_shapes=self.synthetic_shapes,
             defaulted_dims=self.defaulted_dims,
+            batch_axes=self.batch_axes,
         )
 
     def subset(self, n: int) -> CalibrationData:
@@ -149,9 +157,16 @@ class CalibrationData:
         for index in self._batch_indices(batch_size, shuffle, seed):
             yield self.feed({name: arr[index] for name, arr in self.inputs.items()})
 
+    def to_model_layout(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` (samples on axis 0) with each input's sample axis moved to its :attr:`batch_axes` place."""
+        return {
+            name: np.moveaxis(arr, 0, self.batch_axes[name]) if name in self.batch_axes else arr
+            for name, arr in batch.items()
+        }
+
     def feed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``batch`` plus the rank-0 :attr:`constants`: a complete onnxruntime feed."""
-        return {**batch, **self.constants}
+        """``batch`` in the model's layout plus the rank-0 :attr:`constants`: a complete onnxruntime feed."""
+        return {**self.to_model_layout(batch), **self.constants}
 
     def labeled_batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
@@ -228,7 +243,7 @@ def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec])
     for name, arr in arrays.items():
         spec = specs.get(name)
         if spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1:
-            arr = arr[np.newaxis]
+            arr = np.expand_dims(arr, spec.batch_axis)
         elif spec is None and name == LABELS_KEY and arr.ndim == 0:
             arr = arr.reshape(1)
         result[name] = arr
@@ -236,10 +251,15 @@ def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec])
 
 
 def _concatenate_parts(
-    parts: list[tuple[str, dict[str, np.ndarray]]], where: str, scalars: frozenset[str] = frozenset()
+    parts: list[tuple[str, dict[str, np.ndarray]]],
+    where: str,
+    scalars: frozenset[str] = frozenset(),
+    axes: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Join per-file arrays along axis 0; every file must name the same arrays. Arrays of rank-0
-    inputs (``scalars``) are not joined: every file must hold the same value, which is kept once."""
+    """Join per-file arrays along their batch axis (``axes``, default 0); every file must name the
+    same arrays. Arrays of rank-0 inputs (``scalars``) are not joined: every file must hold the same
+    value, which is kept once."""
+    axes = axes or {}
     first_file, first = parts[0]
     names = set(first)
     merged: dict[str, list[np.ndarray]] = {name: [] for name in first}
@@ -260,11 +280,12 @@ def _concatenate_parts(
         scalar = next((file for (file, _), p in zip(parts, pieces) if p.ndim == 0), None)
         if scalar is not None:
             raise InvalidDataError(f"{where}: '{name}' in {scalar} is a scalar; expected one sample or a batch")
-        tails = {p.shape[1:] for p in pieces}
+        axis = axes.get(name, 0)
+        tails = {p.shape[:axis] + p.shape[axis + 1 :] for p in pieces}
         if len({p.ndim for p in pieces}) > 1 or len(tails) > 1:
             shapes = ", ".join(str(p.shape) for p in pieces[:3])
             raise InvalidDataError(f"{where}: files disagree on the shape of '{name}' ({shapes}, ...)")
-        result[name] = np.concatenate(pieces, axis=0)
+        result[name] = np.concatenate(pieces, axis=axis)
     return result
 
 
@@ -282,14 +303,14 @@ def _read_directory(path: Path, specs: dict[str, InputSpec]) -> dict[str, np.nda
     if npz_files:
         parts = [(p.name, _add_sample_axis(_read_npz(p), specs)) for p in npz_files]
         scalars = frozenset(n for n, spec in specs.items() if spec.is_scalar)
-        arrays = _concatenate_parts(parts, str(path), scalars)
+        arrays = _concatenate_parts(parts, str(path), scalars, _batch_axes(specs))
     elif all(p.stem in specs for p in npy_files):
         # One file per input, each holding that input's whole batch.
         arrays = {p.stem: _read_npy(p) for p in npy_files}
     elif len(specs) == 1:
         (name,) = specs
         parts = [(p.name, _add_sample_axis({name: _read_npy(p)}, specs)) for p in npy_files]
-        arrays = _concatenate_parts(parts, str(path))
+        arrays = _concatenate_parts(parts, str(path), axes=_batch_axes(specs))
     else:
         stray = next(p.name for p in npy_files if p.stem not in specs)
         raise InvalidDataError(
@@ -342,7 +363,7 @@ def _check_shape(where: str, spec: InputSpec, arr: np.ndarray) -> None:
             f"the model expects {spec.describe_shape()} (rank {len(spec.shape)})"
         )
     for axis, (want, have) in enumerate(zip(spec.shape, arr.shape)):
-        if axis == 0 and spec.one_sample_at_a_time:
+        if axis == spec.batch_axis and spec.one_sample_at_a_time:
             continue
         if isinstance(want, int) and want != have:
             raise InvalidDataError(
@@ -460,6 +481,8 @@ def validate_inputs(
         _check_finite(where, name, arr)
         if name in ranges and arr.dtype.kind in "iu":
             _check_index_range(where, name, arr, ranges[name])
+        if spec.batch_axis:
+            arr = np.moveaxis(arr, spec.batch_axis, 0)  # samples on axis 0, see CalibrationData.batch_axes
         inputs[name] = np.ascontiguousarray(arr)
     if not inputs:
         raise InvalidDataError(f"{where}: every model input is a scalar; there is no sample axis to calibrate over")
@@ -489,6 +512,10 @@ def _check_shape_names(shapes: dict[str, tuple[int, ...]], specs: dict[str, Inpu
         if name not in specs:
             raise InvalidOptionError(f"shape given for '{name}', which is not a model input (inputs: {', '.join(repr(s) for s in specs)})")
         check_user_shape(specs[name], tuple(int(d) for d in shape))
+
+
+def _batch_axes(specs: dict[str, InputSpec]) -> dict[str, int]:
+    return {name: spec.batch_axis for name, spec in specs.items() if spec.batch_axis}
 
 
 def _max_batch(model: onnx.ModelProto) -> int | None:
@@ -558,7 +585,7 @@ def load_calibration(
             "the Fisher estimate (and thus pruning quality) will only be rough",
             num_synthetic,
         )
-        arrays, used = synthesize_inputs(model, num_synthetic, seed, shapes)
+        arrays, used, defaulted = synthesize_inputs(model, num_synthetic, seed, shapes)
         missing = [n for n, spec in specs.items() if spec.is_scalar and n not in (consts or {})]
         if missing:
             raise InvalidDataError(
@@ -566,13 +593,9 @@ def load_calibration(
                 f"give it with --const {missing[0]}=VALUE, or pass --data"
             )
         inputs, constants = validate_inputs(arrays, model, where="synthetic", consts=consts)
-        defaulted = {
-            n: [a for a, d in enumerate(specs[n].shape or ()) if a > 0 and not isinstance(d, int) and n not in shapes]
-            for n in used
-        }
         return CalibrationData(
             inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model), constants=constants,
-            synthetic_shapes=used, defaulted_dims={n: a for n, a in defaulted.items() if a},
+            synthetic_shapes=used, defaulted_dims=defaulted, batch_axes=_batch_axes(specs),
         )
 
     path = Path(source)
@@ -605,7 +628,9 @@ def load_calibration(
         labels_where = str(labels_path)
     inputs, constants = validate_inputs(arrays, model, where=where, consts=consts)
     for name, shape in shapes.items():
-        if name in inputs and tuple(inputs[name].shape[1:]) != shape[1:]:
+        axis = specs[name].batch_axis
+        model_shape = np.moveaxis(inputs[name], 0, axis).shape if name in inputs else shape
+        if tuple(model_shape[:axis] + model_shape[axis + 1 :]) != shape[:axis] + shape[axis + 1 :]:
             raise InvalidDataError(
                 f"{where}: input '{name}' has shape {inputs[name].shape}, but --shape gives {'x'.join(map(str, shape))}"
             )
@@ -613,7 +638,8 @@ def load_calibration(
         n_samples = next(iter(inputs.values())).shape[0]
         labels = _check_labels(labels_where, np.asarray(labels), n_samples, output_classes(model))
     data = CalibrationData(
-        inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model), constants=constants
+        inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model), constants=constants,
+        batch_axes=_batch_axes(specs),
     )
     logger.info(
         "loaded %d calibration samples from %s%s", data.num_samples, where, " with labels" if labels is not None else ""

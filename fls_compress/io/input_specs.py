@@ -1,8 +1,9 @@
 """What a graph's inputs expect, read from the ONNX graph alone.
 
-* :func:`graph_input_specs` - name, numpy dtype and shape of every real graph input. A dimension is
-  static only when ``dim_value > 0``; ``dim_param`` names, missing values and the ``-1`` / ``0``
-  that some exporters (paddle2onnx) write for "any size" are all dynamic (``None`` or the name).
+* :func:`graph_input_specs` - name, numpy dtype, shape and batch axis of every real graph input. A
+  dimension is static only when ``dim_value > 0``; ``dim_param`` names, missing values and the
+  ``-1`` / ``0`` that some exporters (paddle2onnx) write for "any size" are all dynamic (``None`` or
+  the name). The batch axis is 0 except for state-like inputs (see :func:`_with_batch_axes`).
 * :func:`embedding_ranges` - for integer inputs read directly by ``Gather`` from a constant table
   (token ids into an embedding), the number of rows of that table: the ids must lie in
   ``[-rows, rows)`` (ONNX Gather-13 semantics), anything else would be an out-of-bounds read.
@@ -29,11 +30,12 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    batch_axis: int = 0
 
     @property
     def one_sample_at_a_time(self) -> bool:
-        """``True`` when the leading dimension is a static 1 (the model takes one sample per call)."""
-        return bool(self.shape) and self.shape[0] == 1
+        """``True`` when the batch dimension is a static 1 (the model takes one sample per call)."""
+        return bool(self.shape) and self.shape[self.batch_axis] == 1
 
     @property
     def is_scalar(self) -> bool:
@@ -78,7 +80,31 @@ def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if tensor_type.HasField("shape"):
             shape = tuple(_dim(d) for d in tensor_type.shape.dim)
         specs.append(InputSpec(value_info.name, dtype, shape))
-    return specs
+    return _with_batch_axes(specs)
+
+
+def _with_batch_axes(specs: list[InputSpec]) -> list[InputSpec]:
+    """Find the batch axis of state-like inputs whose leading dimension is a static size.
+
+    Recurrent state is often declared ``[layers, batch, hidden]`` (e.g. ``[2, batch, 128]``) next to
+    data inputs ``[batch, ...]``. For an input with a static leading size other than 1, the batch
+    axis is the later axis named like another input's leading dimension (same ``dim_param``), or,
+    failing that, its only dynamic axis when some other input has a dynamic leading dimension.
+    Otherwise it stays 0 (the static leading size is then the number of samples per call).
+    """
+    leading = {spec.shape[0] for spec in specs if spec.shape and not isinstance(spec.shape[0], int)}
+    result = []
+    for spec in specs:
+        axis = 0
+        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] != 1 and leading:
+            named = [a for a, d in enumerate(spec.shape) if a > 0 and isinstance(d, str) and d in leading]
+            dynamic = [a for a, d in enumerate(spec.shape) if a > 0 and not isinstance(d, int)]
+            if named:
+                axis = named[0]
+            elif len(dynamic) == 1:
+                axis = dynamic[0]
+        result.append(InputSpec(spec.name, spec.dtype, spec.shape, axis) if axis else spec)
+    return result
 
 
 def output_classes(model: onnx.ModelProto) -> int | None:

@@ -240,7 +240,9 @@ def build_same_upper(out: Path) -> CorpusModel:
 
 
 def build_scalar_if(out: Path) -> CorpusModel:
-    """A VAD-style graph: rank-0 int64 input 'sr' selects a branch with If(sr == 16000)."""
+    """A Silero-VAD-style graph: data ``x [N, 10]``, recurrent ``state [2, N, 12]`` (batch on axis 1),
+    and a rank-0 int64 ``sr`` selecting a branch with ``If(sr == 16000)``; outputs ``prob`` and
+    ``stateN [2, N, 12]``."""
     rng = _rng(9)
 
     def branch(name: str, weight: str) -> onnx.GraphProto:
@@ -249,24 +251,33 @@ def build_scalar_if(out: Path) -> CorpusModel:
 
     nodes = [
         helper.make_node("MatMul", ["x", "w_in"], ["h0"]),
-        helper.make_node("Tanh", ["h0"], ["h"]),
+        helper.make_node("ReduceMean", ["state"], ["s"], axes=[0], keepdims=0),
+        helper.make_node("Add", ["h0", "s"], ["h1"]),
+        helper.make_node("Tanh", ["h1"], ["h"]),
         helper.make_node("Equal", ["sr", "rate16k"], ["is16k"]),
         helper.make_node("If", ["is16k"], ["z"], name="sr_switch", then_branch=branch("t", "w16"), else_branch=branch("e", "w8")),
         helper.make_node("Relu", ["z"], ["zr"]),
         helper.make_node("MatMul", ["zr", "w_out"], ["prob_logits"]),
         helper.make_node("Sigmoid", ["prob_logits"], ["prob"]),
+        helper.make_node("Unsqueeze", ["zr", "zero_axis"], ["zu"]),
+        helper.make_node("Concat", ["zu", "zu"], ["stateN"], axis=0),
     ]
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n)
              for n, s in (("w_in", (10, 12)), ("w16", (12, 12)), ("w8", (12, 12)), ("w_out", (12, 2)))]
-    inits.append(numpy_helper.from_array(np.array(16000, np.int64), "rate16k"))
+    inits += [numpy_helper.from_array(np.array(16000, np.int64), "rate16k"),
+              numpy_helper.from_array(np.array([0], np.int64), "zero_axis")]
     graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", F32, ["N", 10]),
+                                             helper.make_tensor_value_info("state", F32, [2, "N", 12]),
                                              helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-                              [helper.make_tensor_value_info("prob", F32, ["N", 2])], inits)
+                              [helper.make_tensor_value_info("prob", F32, ["N", 2]),
+                               helper.make_tensor_value_info("stateN", F32, [2, "N", 12])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
     path = out / "scalar_if_op16.onnx"
     onnx.save(model, str(path))
-    data = _save_npz(out / "scalar_if.npz", x=_rng(10).standard_normal((24, 10)).astype(np.float32))
-    return CorpusModel("scalar_if_op16", "onnx.helper (VAD-style)", "rank-0 input + If on it", path, data, consts={"sr": 16000})
+    data = _save_npz(out / "scalar_if.npz", x=_rng(10).standard_normal((24, 10)).astype(np.float32),
+                     state=_rng(11).standard_normal((2, 24, 12)).astype(np.float32) * 0.1)
+    return CorpusModel("scalar_if_op16", "onnx.helper (VAD-style)", "rank-0 input + If on it + state [2,N,H]", path,
+                       data, consts={"sr": 16000})
 
 
 def build_fp16(out: Path) -> CorpusModel:
