@@ -346,17 +346,49 @@ def test_compat_newer_opset_converters() -> None:
     assert split[6].shape == (2, 3, 3) and split[7].shape == (2, 3, 2)  # ceil(5/2), then the rest
 
 
-def test_compat_refuses_what_it_cannot_do_exactly() -> None:
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_every_rank_and_mode_matches_onnxruntime(mode: str) -> None:
+    """2-D reflect padding (audio [batch, time], as in Silero VAD), a 3-D tensor padded on two axes,
+    and the opset-18 ``axes`` input, each against onnxruntime."""
+    for shape, pads, axes in (([2, 7], [0, 3, 0, 2], None), ([2, 5, 6], [0, 1, 2, 0, 2, 1], None), ([2, 3, 6], [2, 1], [-1])):
+        inits = [numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+        inputs = ["X", "pads"]
+        if axes is not None:
+            inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+            inputs += ["", "axes"]
+        model = _model([helper.make_node("Cast", ["pads"], ["p"], to=TensorProto.INT64),
+                        helper.make_node("Pad", ["X", "p"] + inputs[2:], ["Y"], mode=mode)],
+                       [helper.make_tensor_value_info("X", F32, shape)], ["Y"], inits, opset=19)
+        x = _rand(*shape)
+        bridge = convert_to_torch(model)
+        np.testing.assert_array_equal(_torch(bridge, {"X": x})[0], _ort(model, {"X": x})[0])
+
+
+def test_size_and_lstm_weights_computed_from_constants() -> None:
+    """The TorchScript exporter can write LSTM weights as Concat(Slice(W)) chains; they are
+    evaluated once for conversion. Size (no onnx2torch converter) is supported."""
+    hidden = 3
+    w = _rand(1, 4 * hidden, 2)
+    nodes = [
+        helper.make_node("Slice", ["W_raw", "s0", "s1", "ax"], ["w_a"]),
+        helper.make_node("Slice", ["W_raw", "s1", "s2", "ax"], ["w_b"]),
+        helper.make_node("Concat", ["w_b", "w_a"], ["W"], axis=1),
+        helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=hidden),
+        helper.make_node("Size", ["Y"], ["n"]),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["Y", "nf"], ["Z"]),
+    ]
     model = _model(
-        [helper.make_node("Pad", ["X", "pads", "", "axes"], ["Y"])],
-        [helper.make_tensor_value_info("X", F32, [2, 3])],
-        ["Y"],
-        [numpy_helper.from_array(np.array([1, 1], np.int64), "pads"),
-         numpy_helper.from_array(np.array([1], np.int64), "axes")],
-        opset=18,
+        nodes, [helper.make_tensor_value_info("X", F32, [4, 2, 2])], ["Z"],
+        [numpy_helper.from_array(w, "W_raw"), numpy_helper.from_array(_rand(1, 4 * hidden, hidden), "R"),
+         numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([hidden], np.int64), "s1"),
+         numpy_helper.from_array(np.array([4 * hidden], np.int64), "s2"), numpy_helper.from_array(np.array([1], np.int64), "ax")],
+        opset=14,
     )
-    with pytest.raises(UnsupportedModelError, match="axes input"):
-        convert_to_torch(model)
+    bridge = convert_to_torch(model)
+    assert bridge.info["computed_recurrent_weights"] == ["W"]
+    assert set(bridge.weights) == {"R"}  # W is computed, not a stored tensor of the graph
+    _assert_matches_ort(bridge, model, {"X": _rand(4, 2, 2)})
 
 
 # ------------------------------------------------------------------------------------------------

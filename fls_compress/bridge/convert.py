@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from fls_compress.bridge.check import check_conversion
 from fls_compress.bridge.compat import install_compat
+from fls_compress.bridge.constant_fold import fold_recurrent_weights
 from fls_compress.bridge.control_flow import fold_constant_ifs
 from fls_compress.bridge.prep import bind_inputs, prepare_for_torch, to_float32
 from fls_compress.bridge.rnn import OnnxRecurrent
@@ -355,6 +356,8 @@ def convert_to_torch(
       taken (``folded_ifs``, :mod:`.control_flow`);
     * shapes ONNX inference cannot derive are observed with onnxruntime (``observed_shapes``,
       :mod:`.shapes`);
+    * LSTM/GRU weights computed from constants are evaluated once (``computed_recurrent_weights``,
+      :mod:`.constant_fold`; done with or without calibration);
     * after conversion, the module is run against onnxruntime on one batch
       (``max_rel_error_vs_onnxruntime``, :mod:`.check`; a torch failure there is unsupported).
 
@@ -383,6 +386,9 @@ def convert_to_torch(
             prepared = prepare_for_torch(prepared)
         prepared, observed = annotate_shapes(prepared, feeds)
         info["observed_shapes"] = len(observed)
+    prepared, computed = fold_recurrent_weights(prepared)
+    if computed:
+        info["computed_recurrent_weights"] = computed
     prepared, widened = to_float32(prepared)
     if widened:
         info["compute_dtype"] = "float32 (model stores " + ", ".join(sorted({s.dtype for s in sites} - {"float32"}) or ["other float types"]) + ")"
