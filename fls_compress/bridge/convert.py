@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx2torch
 import torch
-from onnx import defs, helper, numpy_helper
+from onnx import defs
 from onnx2torch.node_converters.registry import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
