@@ -21,7 +21,9 @@ from fls_compress.bridge.convert import TorchBridge, convert_to_torch, unsupport
 from fls_compress.bridge.prep import explicit_same_pads, prepare_for_torch
 from fls_compress.errors import InvalidDataError, InvalidOptionError, UnsupportedModelError
 from fls_compress.io.onnx_model import (
+    ALL_PRUNABLE_OPS,
     load_onnx,
+    prunable_sites,
     prunable_initializers,
     read_initializer_arrays,
     read_weight,
@@ -423,6 +425,8 @@ def test_recurrent_layers_match_onnxruntime_and_prune(op: str, direction: str, l
     attrs = {"linear_before_reset": 1} if op == "GRU" else {}
     model = _recurrent(op, direction, layout=layout, **attrs)
     feeds = {vi.name: _rand(*[d.dim_value for d in vi.type.tensor_type.shape.dim]) for vi in model.graph.input}
+    assert prunable_sites(model) == []  # recurrent weights only when asked for (the bridge asks)
+    assert [(s.name, s.input_index) for s in prunable_sites(model, ALL_PRUNABLE_OPS)] == [("W", 1), ("R", 2)]
     bridge = convert_to_torch(model)
     assert set(bridge.weights) == {"W", "R"}
     assert bridge.weights["W"].matrix_shape == ((2 if direction == "bidirectional" else 1) * (4 if op == "LSTM" else 3) * 4, 3)
