@@ -113,7 +113,7 @@ def choose_likelihood(
     """
     meta = {p.key: p.value for p in model.metadata_props}
     with torch.no_grad():
-        probe = {k: torch.from_numpy(v[:2]) for k, v in calib.inputs.items()}
+        probe = {k: torch.from_numpy(v[: min(2, calib.max_batch or 2)]) for k, v in calib.inputs.items()}
         out = bridge.forward(probe)[output_index]
     target = None
     single = next(iter(calib.inputs.values())) if len(calib.inputs) == 1 else None

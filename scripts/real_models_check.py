@@ -47,13 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--method", default="fls")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="markdown file; rows are appended if it exists")
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of the model names to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     rows = ["| model | method | status | sparsity | outputs: cosine (box agreement) | conversion notes |", "|---|---|---|---|---|---|"]
     fishleg = FishLegConfig(fit_steps=2, refit_steps=1, aux_batch=2, diag_samples=4)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (rel, shapes, consts) in CASES.items():
+            if args.only and not any(key.lower() in name.lower() for key in args.only):
+                continue
             path = args.root / rel
             if not path.exists():
                 rows.append(f"| {name} | {args.method} | not found ({rel}) | | | |")
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                 report = prune_model(str(path), str(Path(tmp) / "out.onnx"), options=options)
             except FlsError as exc:
                 rows.append(f"| {name} | {args.method} | fails: {type(exc).__name__}: {exc} | | | |")
+                print(rows[-1], flush=True)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a crash is a bug to report, not to hide
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                rows.append(f"| {name} | {args.method} | CRASH (bug): {type(exc).__name__}: {first} | | | |")
                 print(rows[-1], flush=True)
                 continue
             outs = ", ".join(
@@ -81,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = ["# Real pretrained models", "", "Produced by `scripts/real_models_check.py` (see its docstring for the wheels).", ""]
-        args.out.write_text("\n".join(header + rows) + "\n")
+        if args.out.exists():
+            args.out.write_text(args.out.read_text() + "\n".join(rows[2:]) + "\n")
+        else:
+            header = ["# Real pretrained models", "", "Produced by `scripts/real_models_check.py` (see its docstring for the wheels).", ""]
+            args.out.write_text("\n".join(header + rows) + "\n")
     return 0
 
 
