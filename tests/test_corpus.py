@@ -87,7 +87,11 @@ def test_corpus_specifics_are_reported(entries: dict[str, CorpusModel], tmp_path
     vad = compress(entries["scalar_if_op16"], "magnitude", tmp_path / "v.onnx")
     assert vad["conversion"]["bound_inputs"] == ["sr"]
     assert [f["branch"] for f in vad["conversion"]["folded_ifs"]] == ["then_branch"]
-    assert set(vad["sparsity"]["per_layer"]) == {"w_in", "w_out"}
+    assert set(vad["sparsity"]["per_layer"]) == {"w_in", "w16", "w_out"}  # w16: inside the branch taken
+    assert vad["conversion"]["unpruned_branch_weights"] == ["w8"]
+    branch = next(a.g for a in onnx.load(str(tmp_path / "v.onnx")).graph.node[5].attribute if a.name == "then_branch")
+    zeros = float(np.mean(onnx.numpy_helper.to_array(branch.initializer[0]) == 0))
+    assert zeros > 0 and zeros == vad["sparsity"]["per_layer"]["w16"]["sparsity"]
     yolo = compress(entries["yolo_head_torchscript_op17"], "magnitude", tmp_path / "y.onnx")
     assert yolo["verification"]["task"] == "detection"
     boxes = yolo["verification"]["outputs"]["output0"]

@@ -389,3 +389,31 @@ def test_save_atomic_external_data(tmp_path: Path) -> None:
     save_onnx_atomic(model, dst, external_data_threshold=0)  # the data file is replaced, not appended to
     assert (dst.parent / "model.onnx.data").stat().st_size < model_size_bytes(model)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_weights_inside_if_bodies_are_sites_on_request_and_written_back_there() -> None:
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(3)
+
+    def body(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), f"{name}_w")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [name], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(name, f32, None)], [w])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="switch", then_branch=body("t"), else_branch=body("e"))], "g",
+        [helper.make_tensor_value_info("x", f32, [2, 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", f32, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    assert prunable_sites(model) == []
+    sites = prunable_sites(model, include_subgraphs=True)
+    assert sorted((s.name, s.subgraph, s.node_names) for s in sites) == [  # bodies in attribute order
+        ("e_w", "switch/else_branch", ("e_mm",)), ("t_w", "switch/then_branch", ("t_mm",))]
+    new_t = np.zeros((4, 3), np.float32)
+    out = write_back(model, {"t_w": new_t})
+    np.testing.assert_array_equal(read_weight(out, "t_w"), new_t)
+    np.testing.assert_array_equal(read_weight(out, "e_w"), read_weight(model, "e_w"))
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    assert not _run(out, {"x": x, "c": np.array(True)})[0].any()
+    np.testing.assert_allclose(_run(out, {"x": x, "c": np.array(False)})[0], x @ read_weight(model, "e_w"), rtol=1e-5)

@@ -7,7 +7,8 @@ exposed as an extra output; an ``If`` whose condition is the same on every batch
 copy used for conversion only, by the nodes of the branch taken (its initializers moved to the graph,
 its outputs renamed through ``Identity`` to the ``If``'s outputs). Nested ``If`` nodes surface at the
 top level and are folded on the next round. What was folded is returned so reports can say so; the
-compressed model keeps the original ``If`` and both branches (weights inside branches are not pruned).
+compressed model keeps the original ``If`` and both branches (the weights of the taken branch are
+pruned and written back inside that branch, see :func:`fls_compress.bridge.convert.convert_to_torch`).
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ import numpy as np
 import onnx
 import onnx2torch
 import torch
-from onnx import defs
-from onnx2torch.node_converters.registry import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import fx, nn
@@ -38,15 +36,13 @@ from fls_compress.bridge.control_flow import fold_constant_ifs
 from fls_compress.bridge.prep import bind_inputs, prepare_for_torch, to_float32
 from fls_compress.bridge.rnn import OnnxRecurrent
 from fls_compress.bridge.shapes import annotate_shapes
+from fls_compress.bridge.support import unsupported, unsupported_ops  # noqa: F401 - unsupported_ops re-exported
 from fls_compress.bridge.weights import PrunableWeight
 from fls_compress.errors import InvalidDataError, UnsupportedModelError
 from fls_compress.io.calibration import CalibrationData
 from fls_compress.io.onnx_model import ALL_PRUNABLE_OPS, PrunableSite, prunable_sites, read_weight
 
 _LOG = logging.getLogger(__name__)
-
-#: Control-flow ops: onnx2torch converts none of them (their bodies are subgraphs).
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 #: (transpose, scale) of a torch tensor relative to its ONNX initializer.
 _Relation = tuple[bool, float]
@@ -95,61 +91,6 @@ class TorchBridge:
     def parameters_by_name(self) -> dict[str, nn.Parameter]:
         """ONNX initializer name -> the trainable parameter standing for it."""
         return {name: weight.parameter for name, weight in self.weights.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Pre-flight
-# ------------------------------------------------------------------------------------------------
-def _normalize_domain(domain: str) -> str:
-    return "" if domain == "ai.onnx" else domain
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def _since_version(op_type: str, domain: str, opset: int) -> int:
-    try:
-        return int(defs.get_schema(op_type, max_inclusive_version=opset, domain=domain).since_version)
-    except defs.SchemaError:
-        return opset
-
-
-def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """Operators with no onnx2torch converter (compat included), e.g. ``["LSTM (opset 14)"]``.
-
-    Every node is checked, subgraph bodies included; If/Loop/Scan are always unsupported. Entries
-    are unique, in graph order, formatted ``"<op> (opset <since_version>)"`` with ``<domain>::``
-    prepended outside the default domain.
-    """
-    install_compat()
-    opsets = {_normalize_domain(o.domain): int(o.version) for o in model.opset_import}
-    found: dict[str, None] = {}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            domain = _normalize_domain(node.domain)
-            opset = opsets.get(domain)
-            version = _since_version(node.op_type, domain, opset) if opset is not None else 0
-            label = f"{node.op_type} (opset {version})" if not domain else f"{domain}::{node.op_type} (opset {version})"
-            if node.op_type in _CONTROL_FLOW or opset is None:
-                found[label] = None
-            else:
-                try:
-                    get_converter(operation_type=node.op_type, version=opset, domain=domain)
-                except NotImplementedError:
-                    found[label] = None
-            for sub in _subgraphs(node):
-                visit(sub)
-
-    visit(model.graph)
-    return list(found)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,24 +263,6 @@ def _verify_weights(original: onnx.ModelProto, weights: dict[str, PrunableWeight
             raise UnsupportedModelError(f"torch tensor mapped to initializer {name!r} does not reproduce it")
 
 
-def _torch_free_methods() -> list[str]:
-    """Registered pruning methods that work from onnxruntime activations alone (no torch graph)."""
-    try:
-        from fls_compress.curvature.fishleg import FishLegConfig
-        from fls_compress.pruning.registry import MethodOptions, available_methods, make_pruner
-
-        opts = MethodOptions(fishleg=FishLegConfig())
-        return [m for m in available_methods() if getattr(make_pruner(m, opts), "needs_onnx_model", False)]
-    except Exception:  # noqa: BLE001 - the hint must never hide the conversion error itself
-        return ["sparsegpt", "wanda"]
-
-
-def _unsupported(message: str) -> UnsupportedModelError:
-    methods = _torch_free_methods()
-    hint = f"; methods that need no torch graph still work: -m {'|'.join(methods)}" if methods else ""
-    return UnsupportedModelError(message + hint)
-
-
 def convert_to_torch(
     model: onnx.ModelProto,
     *,
@@ -353,7 +276,9 @@ def convert_to_torch(
 
     * rank-0 inputs become constants holding :attr:`CalibrationData.constants` (``bound_inputs``);
     * ``If`` nodes whose condition is the same on every calibration batch are replaced by the branch
-      taken (``folded_ifs``, :mod:`.control_flow`);
+      taken (``folded_ifs``, :mod:`.control_flow`); the weights of the taken branch become prunable
+      like top-level ones (written back inside the branch), those of other bodies stay as they are
+      (``unpruned_branch_weights``);
     * shapes ONNX inference cannot derive are observed with onnxruntime (``observed_shapes``,
       :mod:`.shapes`);
     * LSTM/GRU weights computed from constants are evaluated once (``computed_recurrent_weights``,
@@ -367,7 +292,7 @@ def convert_to_torch(
     torch graph) when operators cannot be converted, when onnx2torch fails, or when a prunable
     weight cannot be mapped to one verified parameter.
     """
-    sites = prunable_sites(model, prunable_ops)
+    sites = prunable_sites(model, prunable_ops, include_subgraphs=True)
     info: dict[str, object] = {"bound_inputs": [], "folded_ifs": [], "observed_shapes": 0, "compute_dtype": "float32"}
     work = model
     feeds: list[dict[str, np.ndarray]] = []
@@ -386,6 +311,12 @@ def convert_to_torch(
             prepared = prepare_for_torch(prepared)
         prepared, observed = annotate_shapes(prepared, feeds)
         info["observed_shapes"] = len(observed)
+    available = {t.name for t in prepared.graph.initializer}
+    idle = [s.name for s in sites if s.subgraph is not None and s.name not in available]
+    sites = [s for s in sites if s.subgraph is None or s.name in available]
+    if idle:
+        info["unpruned_branch_weights"] = idle
+        _LOG.warning("%d weight(s) in If/Loop/Scan bodies not taken on the calibration data stay unpruned", len(idle))
     prepared, computed = fold_recurrent_weights(prepared)
     if computed:
         info["computed_recurrent_weights"] = computed
@@ -396,11 +327,11 @@ def convert_to_torch(
     install_compat()
     missing = unsupported_ops(prepared)
     if missing:
-        raise _unsupported(f"unsupported operators for conversion: {', '.join(missing)}")
+        raise unsupported(f"unsupported operators for conversion: {', '.join(missing)}")
     try:
         gm = onnx2torch.convert(prepared, attach_onnx_mapping=True)
     except Exception as exc:  # noqa: BLE001 - onnx2torch signals unsupported features with many types
-        raise _unsupported(f"onnx2torch cannot convert the model: {_one_line(exc)}") from exc
+        raise unsupported(f"onnx2torch cannot convert the model: {_one_line(exc)}") from exc
     gm.eval()
     gm.float()
 
@@ -424,7 +355,7 @@ def convert_to_torch(
         try:
             info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, batch, calibration.feed(batch))
         except UnsupportedModelError as exc:
-            raise _unsupported(str(exc)) from exc
+            raise unsupported(str(exc)) from exc
     _LOG.info(
         "converted model: %d prunable weights (%d elements)",
         len(weights),

@@ -7,8 +7,10 @@ does not understand survives untouched. This module owns every direct manipulati
 
 * :func:`load_onnx` - load and validate a file (external data included), user errors as
   :class:`~fls_compress.errors.InvalidModelError`;
-* :func:`prunable_sites` - which tensors are weights of Conv/Gemm/MatMul: initializers, and
-  ``Constant`` node values (paddle2onnx and the TorchScript exporter store weights that way);
+* :func:`prunable_sites` (defined in :mod:`fls_compress.io.sites`, re-exported here) - which tensors
+  are weights of Conv/Gemm/MatMul (and LSTM/GRU on request): initializers and ``Constant`` node
+  values, of the top-level graph and, on request, of If/Loop/Scan bodies;
+* :func:`read_weight` - one weight's array, wherever it is stored;
 * :func:`write_back` - a deep copy with some weights replaced (initializers in place, optionally as
   spec-conformant ``sparse_initializer`` when that is smaller; Constant weights inside the SAME
   node's ``value`` attribute);
@@ -23,7 +25,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +32,21 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidModelError, InvalidOptionError
+from fls_compress.io.sites import (  # noqa: F401 - re-exported: the site API lives in io.sites
+    ALL_PRUNABLE_OPS,
+    RECURRENT_OPS,
+    STORAGE_CONSTANT,
+    STORAGE_INITIALIZER,
+    SUPPORTED_PRUNABLE_OPS,
+    PrunableSite,
+    all_graphs,
+    constant_tensors,
+    identity_sources,
+    prunable_initializers,
+    prunable_sites,
+)
 
 _LOG = logging.getLogger(__name__)
-
-#: Operators whose weight initializers can be pruned by every method (the default).
-SUPPORTED_PRUNABLE_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
-
-#: Recurrent operators whose W (input 1) and R (input 2) can be pruned through the torch bridge.
-RECURRENT_OPS: tuple[str, ...] = ("LSTM", "GRU")
-
-#: Every operator :func:`prunable_sites` can be asked about.
-ALL_PRUNABLE_OPS: tuple[str, ...] = SUPPORTED_PRUNABLE_OPS + RECURRENT_OPS
-
-#: Float element types a prunable weight may have (integer / quantized tensors are never pruned).
-_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 #: Protobuf cannot serialize messages of 2 GiB or more; above this size tensors go to external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -61,33 +63,6 @@ _DATA_FIELDS = (
     "external_data",
     "data_location",
 )
-
-
-#: Where a prunable weight is stored in the graph.
-STORAGE_INITIALIZER = "initializer"
-STORAGE_CONSTANT = "constant"
-
-
-@dataclass(frozen=True)
-class PrunableSite:
-    """One prunable weight tensor of the top-level graph.
-
-    ``name`` is the value name the consumers read (the initializer name, or the output name of the
-    ``Constant`` node); ``storage`` says which: ``"initializer"`` or ``"constant"``, and for
-    constants ``constant_node`` is the producing node's label. ``input_index`` is the position at
-    which the first prunable consumer reads the weight (1 for Conv/Gemm; 0 or 1 for MatMul, i.e.
-    ``W @ X`` or ``X @ W``); ``node_names`` lists every prunable consumer (unnamed nodes are called
-    ``<op_type>_<index in graph.node>``). ``dtype`` is the numpy name of the element type.
-    """
-
-    name: str
-    op_type: str
-    node_names: tuple[str, ...]
-    shape: tuple[int, ...]
-    input_index: int
-    storage: str = STORAGE_INITIALIZER
-    constant_node: str | None = None
-    dtype: str = "float32"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,129 +158,6 @@ def save_onnx_atomic(
 # ------------------------------------------------------------------------------------------------
 # Inspection
 # ------------------------------------------------------------------------------------------------
-def identity_sources(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, str]:
-    """Map each output of an ``Identity`` chain rooted at one of ``initializer_names`` to that root."""
-    sources: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
-            src = sources.get(node.input[0], node.input[0])
-            if src in initializer_names:
-                sources[node.output[0]] = src
-    return sources
-
-
-def _node_label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
-def constant_tensors(graph: onnx.GraphProto) -> dict[str, tuple[int, TensorProto]]:
-    """Top-level ``Constant`` nodes holding a tensor ``value``: output name -> (node index, tensor).
-
-    The tensor is the node's attribute itself (not a copy); its ``name`` field is whatever the
-    exporter wrote (often empty) - the value is addressed by the node's output name.
-    """
-    found: dict[str, tuple[int, TensorProto]] = {}
-    for index, node in enumerate(graph.node):
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
-            continue
-        for attr in node.attribute:
-            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                found[node.output[0]] = (index, attr.t)
-    return found
-
-
-def prunable_sites(
-    model: onnx.ModelProto, ops: tuple[str, ...] | list[str] = SUPPORTED_PRUNABLE_OPS
-) -> list[PrunableSite]:
-    """The float weights consumed by the given ops, in graph order.
-
-    * Conv: input 1 (the kernel);
-    * Gemm: input 1 (B) when it is a rank-2 constant tensor;
-    * MatMul: a rank-2 constant tensor at input 1 (``X @ W``) or input 0 (``W @ X``) whose other
-      operand is an activation (two constant operands are a constant-folding leftover, not a layer);
-    * LSTM / GRU (only when asked for, see :data:`RECURRENT_OPS`): W (input 1) and R (input 2).
-
-    A constant tensor is an initializer or the ``value`` of a top-level ``Constant`` node, read
-    directly or through a chain of ``Identity`` nodes (reported under the root's own name).
-    Biases, norms and integer/quantized tensors are never returned. Only the top-level graph is
-    searched.
-    """
-    unknown = sorted(set(ops) - set(ALL_PRUNABLE_OPS))
-    if unknown:
-        raise InvalidOptionError(
-            f"cannot prune operator(s) {', '.join(unknown)}; supported: {', '.join(ALL_PRUNABLE_OPS)}"
-        )
-    graph = model.graph
-    tensors: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
-    constants = constant_tensors(graph)
-    for name, (_, tensor) in constants.items():
-        tensors.setdefault(name, tensor)
-    sources = identity_sources(graph, set(tensors))
-
-    def resolve(value: str) -> str:
-        return sources.get(value, value)
-
-    def float_tensor(value: str, rank: int | None = None) -> str | None:
-        root = resolve(value)
-        tensor = tensors.get(root)
-        if tensor is None or tensor.data_type not in _FLOAT_TYPES:
-            return None
-        if rank is not None and len(tensor.dims) != rank:
-            return None
-        return root
-
-    found: dict[str, tuple[str, list[str], int]] = {}
-    for index, node in enumerate(graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
-            continue
-        hits: list[tuple[str | None, int]] = []
-        if node.op_type == "Conv" and len(node.input) > 1:
-            hits.append((float_tensor(node.input[1]), 1))
-        elif node.op_type == "Gemm" and len(node.input) > 1:
-            hits.append((float_tensor(node.input[1], rank=2), 1))
-        elif node.op_type == "MatMul" and len(node.input) == 2:
-            left, right = float_tensor(node.input[0], rank=2), float_tensor(node.input[1], rank=2)
-            left_const = resolve(node.input[0]) in tensors
-            right_const = resolve(node.input[1]) in tensors
-            if right is not None and not left_const:
-                hits.append((right, 1))
-            elif left is not None and not right_const:
-                hits.append((left, 0))
-        elif node.op_type in RECURRENT_OPS and len(node.input) > 2:
-            hits.extend((float_tensor(node.input[i], rank=3), i) for i in (1, 2))
-        for root, position in hits:
-            if root is None:
-                continue
-            entry = found.setdefault(root, (node.op_type, [], position))
-            entry[1].append(_node_label(node, index))
-    sites = []
-    inits = {t.name for t in graph.initializer}
-    for name, (op, nodes, pos) in found.items():
-        tensor = tensors[name]
-        storage = STORAGE_INITIALIZER if name in inits else STORAGE_CONSTANT
-        producer = None
-        if storage == STORAGE_CONSTANT:
-            node_index = constants[name][0]
-            producer = _node_label(graph.node[node_index], node_index)
-        sites.append(
-            PrunableSite(
-                name=name,
-                op_type=op,
-                node_names=tuple(nodes),
-                shape=tuple(int(d) for d in tensor.dims),
-                input_index=pos,
-                storage=storage,
-                constant_node=producer,
-                dtype=np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).name,
-            )
-        )
-    return sites
-
-
-#: Former name of :func:`prunable_sites` (it also returns ``Constant``-node weights).
-prunable_initializers = prunable_sites
-
-
 def read_weight(model: onnx.ModelProto, name: str, base_dir: str = "") -> np.ndarray:
     """The array of the weight called ``name``: a dense or sparse initializer, or a Constant value."""
     graph = model.graph
@@ -315,10 +167,24 @@ def read_weight(model: onnx.ModelProto, name: str, base_dir: str = "") -> np.nda
     for sparse in graph.sparse_initializer:
         if sparse.values.name == name:
             return _sparse_to_array(sparse)
-    constants = constant_tensors(graph)
-    if name in constants:
-        return numpy_helper.to_array(constants[name][1], base_dir)
+    tensor = _in_place_tensors(graph).get(name)
+    if tensor is not None:
+        return numpy_helper.to_array(tensor, base_dir)
     raise ValueError(f"no initializer or Constant node named {name!r} in the model")
+
+
+def _in_place_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """Weights rewritten in place: top-level Constant values, and the initializers and Constant
+    values of every If/Loop/Scan body (the TensorProto objects themselves)."""
+    found = {name: tensor for name, (_, tensor) in constant_tensors(graph).items()}
+    for path, body in all_graphs(graph):
+        if path is None:
+            continue
+        for tensor in body.initializer:
+            found.setdefault(tensor.name, tensor)
+        for name, (_, tensor) in constant_tensors(body).items():
+            found.setdefault(name, tensor)
+    return found
 
 
 def _sparse_to_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
@@ -399,9 +265,10 @@ def write_back(
 ) -> onnx.ModelProto:
     """A deep copy of ``original`` with the named weights' data replaced by ``arrays``.
 
-    A name is an initializer (dense or sparse) or the output of a top-level ``Constant`` node; a
-    Constant weight is rewritten inside that same node's ``value`` attribute (the node, its name and
-    every other attribute stay as they are). Each array must have exactly the tensor's dtype and
+    A name is an initializer (dense or sparse) or the output of a ``Constant`` node, of the top-level
+    graph or of an If/Loop/Scan body; a Constant weight is rewritten inside that same node's
+    ``value`` attribute (the node, its name and every other attribute stay as they are), a body
+    initializer inside its body. Each array must have exactly the tensor's dtype and
     shape (``ValueError`` otherwise). The tensor keeps its name, doc string and metadata; only its
     payload changes, written inline even if the original used external data. Nodes, graph
     inputs/outputs, opsets, IR version, producer and metadata are untouched.
@@ -410,7 +277,7 @@ def write_back(
     indices, as the ONNX checker requires) when that is strictly smaller than the dense tensor and
     the tensor is not also listed as a graph input. :func:`sparse_bytes_saved` reports the saving.
     Initializers already stored sparse in ``original`` are replaced the same way. Constant-node
-    weights always stay dense (a ``sparse_value`` attribute would change the node).
+    and body weights always stay dense (a ``sparse_value`` attribute would change the node).
     """
     model = onnx.ModelProto()
     model.CopyFrom(original)
@@ -418,7 +285,7 @@ def write_back(
     dense_index = {t.name: i for i, t in enumerate(graph.initializer)}
     sparse_index = {t.values.name: i for i, t in enumerate(graph.sparse_initializer)}
     graph_inputs = {vi.name for vi in graph.input}
-    constants = constant_tensors(graph)
+    constants = _in_place_tensors(graph)
 
     to_sparsify: list[tuple[str, np.ndarray]] = []
     drop_sparse: set[int] = set()
@@ -431,7 +298,7 @@ def write_back(
             target = graph.sparse_initializer[sparse_index[name]].values
             want_shape = tuple(int(d) for d in graph.sparse_initializer[sparse_index[name]].dims)
         elif name in constants:
-            target = constants[name][1]
+            target = constants[name]
             want_shape = tuple(int(d) for d in target.dims)
         else:
             raise ValueError(f"no initializer or Constant node named {name!r} in the model")

@@ -246,8 +246,10 @@ def build_scalar_if(out: Path) -> CorpusModel:
     rng = _rng(9)
 
     def branch(name: str, weight: str) -> onnx.GraphProto:
+        """A body holding its own weight (as silero_vad.onnx does)."""
+        w = numpy_helper.from_array((rng.standard_normal((12, 12)) * 0.4).astype(np.float32), weight)
         return helper.make_graph([helper.make_node("MatMul", ["h", weight], [name])], name, [],
-                                 [helper.make_tensor_value_info(name, F32, None)])
+                                 [helper.make_tensor_value_info(name, F32, None)], [w])
 
     nodes = [
         helper.make_node("MatMul", ["x", "w_in"], ["h0"]),
@@ -263,7 +265,7 @@ def build_scalar_if(out: Path) -> CorpusModel:
         helper.make_node("Concat", ["zu", "zu"], ["stateN"], axis=0),
     ]
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n)
-             for n, s in (("w_in", (10, 12)), ("w16", (12, 12)), ("w8", (12, 12)), ("w_out", (12, 2)))]
+             for n, s in (("w_in", (10, 12)), ("w_out", (12, 2)))]
     inits += [numpy_helper.from_array(np.array(16000, np.int64), "rate16k"),
               numpy_helper.from_array(np.array([0], np.int64), "zero_axis")]
     graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", F32, ["N", 10]),
@@ -276,7 +278,7 @@ def build_scalar_if(out: Path) -> CorpusModel:
     onnx.save(model, str(path))
     data = _save_npz(out / "scalar_if.npz", x=_rng(10).standard_normal((24, 10)).astype(np.float32),
                      state=_rng(11).standard_normal((2, 24, 12)).astype(np.float32) * 0.1)
-    return CorpusModel("scalar_if_op16", "onnx.helper (VAD-style)", "rank-0 input + If on it + state [2,N,H]", path,
+    return CorpusModel("scalar_if_op16", "onnx.helper (VAD-style)", "rank-0 input + If on it (weights in branches) + state [2,N,H]", path,
                        data, consts={"sr": 16000})
 
 
