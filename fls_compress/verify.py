@@ -19,11 +19,18 @@ Task-specific metrics (``task`` argument, else the original's ``metadata_props["
 
 * ``classification``, for every ``[N, C>1]`` output: ``top1_agreement`` (argmax equal), and
   ``accuracy_original`` / ``accuracy_compressed`` when the data has labels;
+* ``detection`` (declared ``task=detect``, as Ultralytics writes it), for every ``[B, 4+C, N]``
+  boxes+scores output: ``topk_box_agreement`` over the original's ``topk_boxes`` best anchors
+  (see :mod:`fls_compress.verify_detection`);
 * ``reconstruction`` (single-input models, outputs with as many features as the input): the input
   is the target. ``mse_original`` / ``mse_compressed`` compare the prediction to it; for Bernoulli
   outputs (metadata ``likelihood=bernoulli`` or an output named ``*logits*``) the prediction is
   ``sigmoid(logits)`` and ``bernoulli_nll_original`` / ``bernoulli_nll_compressed`` give the mean over
   samples of the NLL summed over features.
+
+A task declared in the model's metadata that is none of these (foreign metadata, e.g. ``pose``) never
+aborts verification: the generic metrics are computed, a warning is logged and the report says so in
+``task_fallback``.
 """
 
 from __future__ import annotations
@@ -41,10 +48,11 @@ import onnxruntime as ort
 from fls_compress.errors import InvalidDataError, InvalidModelError, InvalidOptionError, VerificationError
 from fls_compress.io.calibration import CalibrationData, graph_input_specs
 from fls_compress.io.onnx_model import load_onnx, model_size_bytes
+from fls_compress.verify_detection import DETECT_TASKS, TOP_K, is_box_output, topk_box_agreement
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "reconstruction", "generic")
+TASKS = ("classification", "reconstruction", "detection", "generic")
 """Values accepted for ``task``."""
 
 
@@ -148,18 +156,26 @@ class _OutputStats:
         return result
 
 
-def _resolve_task(task: str | None, metadata: dict[str, str], output_shapes: dict[str, tuple[int, ...]]) -> str:
-    """Explicit ``task`` wins, then the model's declared task, then the ``[N, C>1]`` heuristic."""
-    if task is not None:
-        if task not in TASKS:
-            raise InvalidOptionError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-        return task
+def _resolve_task(
+    task: str | None, metadata: dict[str, str], output_shapes: dict[str, tuple[int, ...]]
+) -> tuple[str, dict[str, str] | None]:
+    """(task, fallback record). Explicit ``task`` wins, then the model's declared task, then the
+    ``[N, C>1]`` heuristic. An unknown explicit task is an error unless it is the model's own
+    declared task (callers pass that through); an unknown declared task falls back to ``generic``."""
     declared = metadata.get("task")
-    if declared:
-        return declared if declared in TASKS else "generic"
+    if task is not None and task not in TASKS and task != declared:
+        raise InvalidOptionError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    wanted = task if task is not None else declared
+    if wanted:
+        if wanted in DETECT_TASKS:
+            return "detection", None
+        if wanted in TASKS:
+            return wanted, None
+        logger.warning("model metadata declares task '%s', which verification does not know; using generic metrics", wanted)
+        return "generic", {"declared": wanted, "used": "generic", "reason": "unknown task in model metadata"}
     if any(len(shape) == 2 and shape[1] > 1 for shape in output_shapes.values()):
-        return "classification"
-    return "generic"
+        return "classification", None
+    return "generic", None
 
 
 def verify_models(
@@ -205,17 +221,19 @@ def verify_models(
     metadata = _metadata(original_model)
     stats = {name: _OutputStats() for name in output_names}
     resolved_task: str | None = None
+    task_fallback: dict[str, str] | None = None
     reconstruction_outputs: dict[str, bool] = {}  # output name -> is Bernoulli logits
     input_names = list(data.inputs)
     if any(spec.one_sample_at_a_time for spec in graph_input_specs(original_model)):
         batch_size = 1  # the graph has a static leading dimension of 1
 
     for feed, labels in data.labeled_batches(batch_size):
-        rows = next(iter(feed.values())).shape[0]
+        first = input_names[0]
+        rows = feed[first].shape[data.batch_axes.get(first, 0)]
         ref_outputs = _run(ref_session, feed, "original")
         new_outputs = _run(new_session, feed, "compressed")
         if resolved_task is None:
-            resolved_task = _resolve_task(
+            resolved_task, task_fallback = _resolve_task(
                 task, metadata, {name: out.shape for name, out in zip(output_names, ref_outputs)}
             )
             if resolved_task == "reconstruction":
@@ -233,6 +251,10 @@ def verify_models(
             stat.update(ref, out, rows)
             if resolved_task == "classification" and ref.ndim == 2 and ref.shape[1] > 1:
                 _add_classification(stat, ref, out, labels)
+            if resolved_task == "detection" and is_box_output(ref.shape):
+                k = min(TOP_K, ref.shape[2])
+                stat.add_task("topk_box_agreement", topk_box_agreement(ref, out, k).sum(), ref.shape[0])
+                stat.add_task("topk_boxes", k * ref.shape[0], ref.shape[0])  # k, the same for every sample
             if name in reconstruction_outputs:
                 _add_reconstruction(stat, ref, out, feed[input_names[0]], reconstruction_outputs[name])
 
@@ -250,6 +272,8 @@ def verify_models(
         },
         "outputs": {name: stat.report() for name, stat in stats.items()},
     }
+    if task_fallback is not None:
+        report["task_fallback"] = task_fallback
     logger.debug("verification report: %s", report)
     return report
 
@@ -326,6 +350,10 @@ def summarize(report: dict[str, Any]) -> str:
                     f"; accuracy {100 * out['accuracy_original']:.2f}% -> {100 * out['accuracy_compressed']:.2f}%"
                 )
             lines.append(text)
+        if "topk_box_agreement" in out:
+            lines.append(
+                f"  top-{int(out['topk_boxes'])} box agreement (IoU >= 0.5, same class) {100 * out['topk_box_agreement']:.2f}%"
+            )
         if "mse_original" in out:
             text = "  "
             if "bernoulli_nll_original" in out:
