@@ -48,11 +48,11 @@ import onnxruntime as ort
 from fls_compress.errors import InvalidDataError, InvalidModelError, InvalidOptionError, VerificationError
 from fls_compress.io.calibration import CalibrationData, graph_input_specs
 from fls_compress.io.onnx_model import load_onnx, model_size_bytes
-from fls_compress.verify_detection import DETECT_TASKS, TOP_K, is_box_output, topk_box_agreement
+from fls_compress.verify_detection import TOP_K, is_box_output, topk_box_agreement
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "reconstruction", "detection", "generic")
+from fls_compress.task import TASKS, reproduces_input, resolve_task  # noqa: E402  (one task decision for pruning and verification)
 """Values accepted for ``task``."""
 
 
@@ -156,28 +156,6 @@ class _OutputStats:
         return result
 
 
-def _resolve_task(
-    task: str | None, metadata: dict[str, str], output_shapes: dict[str, tuple[int, ...]]
-) -> tuple[str, dict[str, str] | None]:
-    """(task, fallback record). Explicit ``task`` wins, then the model's declared task, then the
-    ``[N, C>1]`` heuristic. An unknown explicit task is an error unless it is the model's own
-    declared task (callers pass that through); an unknown declared task falls back to ``generic``."""
-    declared = metadata.get("task")
-    if task is not None and task not in TASKS and task != declared:
-        raise InvalidOptionError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    wanted = task if task is not None else declared
-    if wanted:
-        if wanted in DETECT_TASKS:
-            return "detection", None
-        if wanted in TASKS:
-            return wanted, None
-        logger.warning("model metadata declares task '%s', which verification does not know; using generic metrics", wanted)
-        return "generic", {"declared": wanted, "used": "generic", "reason": "unknown task in model metadata"}
-    if any(len(shape) == 2 and shape[1] > 1 for shape in output_shapes.values()):
-        return "classification", None
-    return "generic", None
-
-
 def verify_models(
     original: onnx.ModelProto | str | Path,
     compressed: onnx.ModelProto | str | Path,
@@ -233,8 +211,10 @@ def verify_models(
         ref_outputs = _run(ref_session, feed, "original")
         new_outputs = _run(new_session, feed, "compressed")
         if resolved_task is None:
-            resolved_task, task_fallback = _resolve_task(
-                task, metadata, {name: out.shape for name, out in zip(output_names, ref_outputs)}
+            inputs_now = {k: v for k, v in feed.items() if k in data.inputs}
+            resolved_task, _reason, task_fallback = resolve_task(
+                task, metadata, [tuple(out.shape) for out in ref_outputs],
+                reconstructs=reproduces_input(inputs_now, ref_outputs[0]), has_labels=labels is not None,
             )
             if resolved_task == "reconstruction":
                 reconstruction_outputs = _reconstruction_outputs(
