@@ -103,6 +103,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _version() -> str:
+    """The tool version and commit the rows were measured with."""
+    import subprocess
+
+    from fls_compress import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return f"{__version__} ({commit})" if commit else __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=Path, default=ROOT / "sample_models")
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
     ap.add_argument("--num-calibration", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", action="store_true",
+                    help="re-measure only --methods and keep the other methods' rows of the existing results")
     args = ap.parse_args(argv)
     configure_logging(quiet=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -118,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         args.samples / "mnist_autoencoder.onnx", args.samples / "mnist_autoencoder_calib.npz", args.samples / "mnist_autoencoder_test.npz",
         args.methods.split(","), sparsities, args.num_calibration, args.seed,
     )
+    measured_with = _version()
+    for r in rows:
+        r["measured_with"] = measured_with
     args.out.mkdir(parents=True, exist_ok=True)
+    existing = args.out / "sparsity_sweep.json"
+    if args.merge and existing.exists():
+        redone = set(args.methods.split(","))
+        rows = [r for r in json.loads(existing.read_text()) if r["method"] not in redone] + rows
     (args.out / "sparsity_sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "sparsity_sweep.md").write_text(markdown(rows, sparsities))
     plot(rows, args.out / "sparsity_sweep.png")

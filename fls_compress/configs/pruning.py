@@ -227,8 +227,8 @@ class FLSConfig(CurvatureConfig):
         "(1/(diag F + gamma)) or identity (I/gamma). Default: kfac for kron, diag for block.",
         choices=("kfac", "diag", "identity"),
     )
-    fit_steps: int = knob(800, "FishLeg auxiliary-loss steps before the first pruning step.", min=0, max=1_000_000)
-    refit_steps: int = knob(320, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
+    fit_steps: int = knob(200, "FishLeg auxiliary-loss steps before the first pruning step.", min=0, max=1_000_000)
+    refit_steps: int = knob(50, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
     fit_seconds: float | None = knob(
         None, "Wall-clock budget of each fit/refit; the steps done are in the report (results then depend on machine speed).",
         min=0.0, min_open=True,

@@ -372,7 +372,8 @@ class FishLegEstimator(InverseFisherEstimator):
         stats.extra["validation_aux_loss_before"] = before
         stats.extra["validation_aux_loss_after"] = after
         if not after < before:
-            log.info("FishLeg fit did not lower the validation auxiliary loss (%.4g -> %.4g); keeping the previous Q", before, after)
+            log.warning("FishLeg fit did not lower the validation auxiliary loss (%.4g -> %.4g); keeping the previous Q "
+                        "(method_info.reverted)", before, after)
             for g, state in zip(self.groups, start_state):
                 g.q.load_state_dict(state)
             stats.extra["reverted"] = 1.0
