@@ -153,7 +153,7 @@ INHERITED_ELSEWHERE = {
     WandaConfig: {"sparsity", "pattern", "exclude", "max_rows_per_layer"},
     AutoConfig: {"pattern", "exclude"},
     GPTQConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations"},
-    FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations"},
+    FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "fit_seconds", "probes"},
 }
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from ..errors import InvalidOptionError
 from .base import knob
-from .pruning import ACTIVATIONS, DEFAULT_MAX_ROWS, LIKELIHOODS, TORCH, MethodConfig, PruneConfig
+from .pruning import ACTIVATIONS, DEFAULT_MAX_ROWS, TORCH, FishLegFit, LossFisher, MethodConfig, PruneConfig
 
 
 def parse_granularity(value: str) -> str:
@@ -86,7 +86,7 @@ class GPTQConfig(QuantizeConfig):
 
 
 @dataclass(frozen=True)
-class FLSQuantConfig(QuantizeConfig):
+class FLSQuantConfig(QuantizeConfig, LossFisher, FishLegFit):
     """The OBS sweep with FishLeg's Kronecker factor: U = chol(L L^T), rows scaled by D_A."""
 
     method: ClassVar[str] = "fls"
@@ -94,25 +94,8 @@ class FLSQuantConfig(QuantizeConfig):
     needs: ClassVar[frozenset[str]] = frozenset({TORCH})
     summary: ClassVar[str] = "OBS sweep with the FishLeg inverse Fisher of the model's loss (Kronecker factor)"
 
-    likelihood: str = knob("auto", "Output likelihood that defines the Fisher.", choices=("auto",) + LIKELIHOODS[1:])
-    output_name: str | None = knob(None, "Model output the likelihood applies to (default: the first).")
-    damping: float | None = knob(None, "Absolute damping gamma of (F + gamma I)^-1 (default: relative, see --relative-damping).",
-                                 min=0.0, min_open=True)
-    relative_damping: float | None = knob(None, "gamma = this x mean diag(F) (default 0.1); not with --damping.",
-                                          min=0.0, min_open=True)
     q_init: str = knob("kfac", "Q start: kfac or identity (the sweep needs the Kronecker form).", choices=("kfac", "identity"))
-    fit_steps: int = knob(50, "FishLeg auxiliary-loss steps before the sweep.", min=0, max=1_000_000)
-    aux_lr: float = knob(3e-3, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
-    batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
-    precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
-    moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac start and the relative damping.",
-                               min=1, max=1_000_000)
     lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.damping is not None and self.relative_damping is not None:
-            raise InvalidOptionError("give --damping (absolute) or --relative-damping, not both")
 
 
 QUANTIZE_CONFIGS: tuple[type[MethodConfig], ...] = (FLSQuantConfig, GPTQConfig, RTNConfig)

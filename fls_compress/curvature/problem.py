@@ -2,12 +2,13 @@
 
 :class:`FisherProblem` hides the ONNX/torch plumbing from the estimators. It provides
 
-* a deterministic, persistent cycling sampler over calibration batches (pitfall 11 of the FLS memo:
-  do not rebuild iterators per step),
+* a deterministic, persistent cycling sampler over calibration batches (rebuilding
+  iterators per step would restart the data order and bias the stochastic auxiliary loss),
 * the sampled-label loss (labels drawn once per batch from the model itself),
 * exact Fisher-vector products F v = E[J^T H_out J] v computed with two reverse-mode passes
   (the "double-vjp" trick for J v) - exact for canonical-link likelihoods, with no label noise
-  and no finite-difference round-off (FLS memo section 2.5: GGN product recommended),
+  and no finite-difference round-off (the GGN product of
+  Schraudolph 2002, as used by FishLeg, Garcia et al. 2023),
 * per-example gradients with sampled or true labels (for empirical/diagonal Fisher estimators), from
   one backward per batch when layer hooks cover every prunable weight (see :mod:`.per_example`),
 * explicit boolean masks (True = weight alive) keyed by ONNX initializer name.

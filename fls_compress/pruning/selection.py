@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..bridge.weights import PrunableWeight
-from ..errors import InvalidOptionError
+from ..configs.pruning import parse_pattern  # noqa: F401  (one N:M parser, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,6 @@ def select_per_layer(
     for n, s in scores.items():
         out.update(select_global({n: s}, {n: masks[n]}, target_sparsity))
     return out
-
-
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """Parse ``"N:M"`` (e.g. ``"2:4"``: 2 zeros in every 4) into (N, M)."""
-    if pattern is None or pattern == "":
-        return None
-    try:
-        n_str, m_str = pattern.split(":")
-        n, m = int(n_str), int(m_str)
-    except ValueError:
-        raise InvalidOptionError(f"pattern must look like N:M (e.g. 2:4), got {pattern!r}") from None
-    if not 0 < n < m:
-        raise InvalidOptionError(f"pattern N:M needs 0 < N < M, got {pattern!r}")
-    return n, m
 
 
 def allocate_counts(total: int, sizes: list[int]) -> list[int]:

@@ -28,9 +28,9 @@ def fls_curvature(model: onnx.ModelProto, config: FLSQuantConfig, calib: Calibra
 
     problem, guess, _excluded, convert_s = build_problem(model, config, calib, device, opts)
     estimator = FishLegEstimator(FishLegConfig(
-        form="kron", damping=config.damping, relative_damping=0.1 if config.relative_damping is None else config.relative_damping,
-        init=config.q_init, fit_steps=config.fit_steps, refit_steps=0, aux_batch=config.batch_size, lr=config.aux_lr,
-        precondition=config.precondition, diag_samples=config.moment_samples,
+        form="kron", damping=config.damping, relative_damping=config.gamma_relative, init=config.q_init,
+        fit_steps=config.fit_steps, refit_steps=0, aux_batch=config.batch_size, lr=config.aux_lr, probes=config.probes,
+        fit_seconds=config.fit_seconds, precondition=config.precondition, diag_samples=config.moment_samples,
     ))
     stats = estimator.fit(problem)
     curvature = {name: estimator.sweep_factors(name) for name in problem.weights}
