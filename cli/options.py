@@ -50,15 +50,27 @@ def _param(f: dataclasses.Field, tp: Any, panel: str, methods: list[str] | None)
         py_type = Optional[list[str]]
     else:
         py_type = Optional[inner]
-        if inner is int:  # float ranges (and NaN) are checked by the config, with a clearer message
-            if meta.get("min") is not None and not meta.get("min_open"):
-                kwargs["min"] = meta["min"]
-            if meta.get("max") is not None and not meta.get("max_open"):
-                kwargs["max"] = meta["max"]
+        # Ranges are checked by the config, not by the parser: a value that parses but is out of range
+        # then fails after argument parsing, so it still leaves a failure report at --report.
+        bounds = _range_text(meta)
+        if bounds:
+            kwargs["help"] = f"{help_text} [{bounds}]"
     return inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[py_type, typer.Option(*decls, **kwargs)],
     )
+
+
+def _range_text(meta: Any) -> str:
+    """``x>=1``, ``0<=x<1``... as click prints ranges in the help."""
+    lo, hi = meta.get("min"), meta.get("max")
+    left = "" if lo is None else f"{lo}{'<' if meta.get('min_open') else '<='}"
+    right = "" if hi is None else f"{'<' if meta.get('max_open') else '<='}{hi}"
+    if not left and not right:
+        return ""
+    if not right:
+        return f"x{'>' if meta.get('min_open') else '>='}{lo}"
+    return f"{left}x{right}"
 
 
 def knob_params(classes: list[type[Config]], *, list_methods: bool = True) -> list[inspect.Parameter]:
