@@ -30,7 +30,7 @@ from .configs import AutoConfig, MethodConfig, RunOptions
 from .configs.pruning import PruneConfig
 from .errors import InvalidOptionError, OutputError, UnsupportedModelError, VerificationError
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
-from .io.paths import check_paths
+from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
 from .runtime import file_sha256, resolve_device, seed_everything, set_threads
 
@@ -68,14 +68,18 @@ def compress(
     opts = options or RunOptions()
     rep = new_report(config.command)
     t_start = time.perf_counter()
+    inputs = {"model": model, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights}
+    outputs = {"-o": output, "--report": report}
+    rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
     with collect_warnings() as warnings:
         try:
-            _run(rep, Path(model), config, data, output, eval_data, labels, weights, report, device, opts, t_start)
+            check_paths(inputs, outputs)
+            _run(rep, Path(model), config, data, output, eval_data, labels, weights, device, opts, t_start)
         except BaseException as exc:
             mark_failed(rep, exc)
             rep["warnings"] = list(warnings)
             rep.setdefault("timing_s", {})["total"] = time.perf_counter() - t_start
-            if report is not None and getattr(rep, "paths_ok", False):
+            if report_path_ok(inputs, outputs, report):
                 try:
                     write_json_atomic(rep, report)
                 except OutputError as write_exc:
@@ -94,30 +98,22 @@ def report_early_failure(exc: BaseException, command: str, report: PathLike | No
     ``exc`` and write it to ``report`` when that path is safe to write."""
     rep = mark_failed(new_report(command), exc)
     exc.report = rep  # type: ignore[attr-defined]
-    if report is None:
-        return
-    try:
-        check_paths(inputs, {**outputs, "--report": report})
-        write_json_atomic(rep, report)
-    except (InvalidOptionError, OutputError) as guard:
-        log.error("no failure report written: %s", guard)
+    if report_path_ok(inputs, outputs, report):
+        try:
+            write_json_atomic(rep, report)  # type: ignore[arg-type]
+        except OutputError as write_exc:
+            log.error("no failure report written: %s", write_exc)
 
 
 def _run(
     rep: Report, model_path: Path, config: MethodConfig, data: PathLike | None, output: PathLike | None,
-    eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None, report: PathLike | None,
+    eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None,
     device: str | None, opts: RunOptions, t_start: float,
 ) -> None:
     if not isinstance(config, PruneConfig):
         raise InvalidOptionError(f"{type(config).__name__} is not a pruning config")
     from .pruning.registry import make_pruner, spec_for
 
-    rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
-    check_paths(
-        {"model": model_path, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights_path},
-        {"-o": output, "--report": report},
-    )
-    rep.paths_ok = True  # type: ignore[attr-defined]  # the report path may now be written, even on failure
     dev = resolve_device(device or opts.device)
     rep["device"] = dev
     seed_everything(opts.seed)
