@@ -32,7 +32,7 @@ from .errors import InvalidOptionError, OutputError, UnsupportedModelError, Veri
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
 from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
-from .runtime import file_sha256, resolve_device, seed_everything, set_threads
+from .runtime import file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -236,15 +236,17 @@ class _staged:
 
     def __exit__(self, *exc: object) -> None:
         if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            with signals_deferred():
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _publish(staged: Path, output: Path) -> None:
     """Move the staged model (and its external-data file, if any) into place."""
     try:
         data = staged.parent / f"{staged.name}.data"
-        if data.exists():
-            os.replace(data, output.parent / data.name)
-        os.replace(staged, output)
+        with signals_deferred():  # the model and its external data move together or not at all
+            if data.exists():
+                os.replace(data, output.parent / data.name)
+            os.replace(staged, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc

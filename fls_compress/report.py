@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__
-from .errors import FlsError, OutputError
+from .errors import FlsError, Interrupted, OutputError
 
 
 class Report(dict):
@@ -115,7 +115,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def exit_code_of(exc: BaseException) -> int:
-    if isinstance(exc, FlsError):
+    if isinstance(exc, (FlsError, Interrupted)):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130
