@@ -151,7 +151,10 @@ def _run(
 
         written = load_onnx(staged_path) if staged_path is not None else pruned
         per_layer = weight_sparsity(written, list(outcome.layers))
-        rep["verification"] = verify_models(proto, written, holdout)
+        # onnxruntime opens the files (protobuf cannot serialise >= 2 GiB); the input file holds the
+        # original weights unless --weights replaced them in memory
+        rep["verification"] = verify_models(proto, written, holdout,
+                                            model_paths=(model_path if weights_path is None else None, staged_path))
         rep["timing_s"]["verify"] = time.perf_counter() - t0
         total = sum(meta[0] for meta in outcome.layers.values())
         achieved = sum(per_layer[n] * outcome.layers[n][0] for n in outcome.layers) / max(total, 1)
@@ -229,9 +232,11 @@ class _staged:
             self.dir = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", dir=self.output.parent))
             path = self.dir / self.output.name
             save_onnx_atomic(self.model, path)
-        except OSError as exc:
+        except BaseException as exc:  # __exit__ does not run when __enter__ raises: clean up here
             self.__exit__(None, None, None)
-            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from exc
+            raise
         return path
 
     def __exit__(self, *exc: object) -> None:

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidModelError, InvalidOptionError
+from fls_compress.io.paths import default_file_mode
 
 _LOG = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def save_onnx_atomic(
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(model.SerializeToString())
+            os.chmod(tmp, default_file_mode())  # mkstemp files are 0o600
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -155,6 +157,8 @@ def save_onnx_atomic(
             location=data_name,
             size_threshold=1024,
         )
+        for name in (data_name, out.name):
+            os.chmod(tmp_dir / name, default_file_mode())
         os.replace(tmp_dir / data_name, out.parent / data_name)
         os.replace(tmp_dir / out.name, out)
     finally:
@@ -294,8 +298,24 @@ def weight_sparsity(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) 
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of ``model`` in bytes (external data counts only once it is loaded inline)."""
-    return int(model.ByteSize())
+    """Serialized size of ``model`` in bytes (external data counts only once it is loaded inline).
+
+    Protobuf refuses to size a message of 2 GiB or more; such a model is measured part by part
+    (tensor payloads plus every other graph field), exact to a few bytes per tensor."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError above 2 GiB
+        return _size_by_parts(model)
+
+
+def _size_by_parts(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    total = sum(len(t.raw_data) + 16 * (1 + len(t.dims)) + len(t.name) if t.raw_data else t.ByteSize()
+                for t in graph.initializer)
+    total += sum(sp.ByteSize() for sp in graph.sparse_initializer)
+    total += sum(part.ByteSize() for field in (graph.node, graph.input, graph.output, graph.value_info) for part in field)
+    total += sum(op.ByteSize() for op in model.opset_import) + sum(p.ByteSize() for p in model.metadata_props)
+    return int(total)
 
 
 def sparse_bytes_saved(model: onnx.ModelProto) -> int:

@@ -158,3 +158,11 @@ def _check_writable(label: str, path: Path) -> None:
         raise OutputError(f"{label} {path}: directory {probe} is not writable ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask): temp files are created 0o600,
+    and a published output or report must not stay private to the user who ran the tool."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -140,6 +140,9 @@ def check_success(res: Result, output: Path, before: dict[Path, str]) -> dict[st
     assert digests(before) == before, "an input file changed"
     onnx.checker.check_model(str(output))
     assert stray_files(output.parent) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~mask  # not left private like a temp file
     return doc
 
 
