@@ -89,4 +89,4 @@ def test_data_for_another_model_is_refused(capsys, files, outdir, inputs_before)
 def test_token_ids_outside_the_embedding_table(capsys, files, outdir, inputs_before, key):
     out, rep = outdir / "o.onnx", outdir / "r.json"
     res = h.cli(capsys, "prune", files["embed"], "-o", out, "--data", files[key], "--report", rep, *h.FAST_FLS)
-    h.check_failure(res, 5, "emb", before=inputs_before, output=out, report=rep, report_expected=True)
+    h.check_failure(res, 5, "outside", before=inputs_before, output=out, report=rep, report_expected=True)
