@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 
 SAMPLES := sample_models/mnist_autoencoder.onnx sample_models/mnist_cnn.onnx
 
-.PHONY: demo test samples bench clean
+.PHONY: demo test samples bench clean zoo-demo
 
 samples: $(SAMPLES)
 
@@ -22,6 +22,17 @@ demo: samples
 		--eval-data sample_models/mnist_autoencoder_test.npz \
 		-o build/demo/mnist_autoencoder_fls90.onnx --report build/demo/report.json > /dev/null
 	@echo "pruned model: build/demo/mnist_autoencoder_fls90.onnx   JSON report: build/demo/report.json"
+
+ZOO := sample_models/zoo_cnn_w8.onnx sample_models/zoo_cnn_w32.onnx sample_models/zoo_broken_model.onnx sample_models/zoo_bad_calib.npz
+
+$(ZOO) &: sample_models/build_zoo.py $(SAMPLES)
+	$(PY) sample_models/build_zoo.py --out sample_models
+
+# Batch-compress the sample zoo; two entries are broken on purpose, so the batch exits 8 (some jobs failed).
+zoo-demo: samples $(ZOO)
+	$(PY) -m cli batch sample_models/zoo.yaml -o build/zoo --workers 2 > /dev/null; rc=$$?; \
+	  if [ $$rc -ne 0 ] && [ $$rc -ne 8 ]; then exit $$rc; fi
+	@echo "per-job models, reports and logs: build/zoo/<job>/   table: build/zoo/summary.md   rows: build/zoo/results.jsonl"
 
 test:
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -39,7 +39,7 @@ def _problem(size: str, n_data: int, seed: int = 0):
 
     from fls_compress.curvature.likelihoods import make_likelihood
     from fls_compress.curvature.problem import problem_from_module
-    from fls_compress.datasets import load_digits_images, load_mnist5k
+    from sample_models.datasets import load_digits_images, load_mnist5k
 
     torch.manual_seed(seed)
     dims = SIZES[size]

@@ -20,7 +20,7 @@ import typer
 from fls_compress import __version__
 from fls_compress.errors import FlsError, Interrupted
 
-from . import prune as prune_cmd
+from . import commands
 from .output import emit_report
 
 app = typer.Typer(
@@ -61,7 +61,8 @@ class _UsageError(FlsError):
     exit_code = 2
 
 
-prune_cmd.register(app)
+commands.register(app, "prune")
+commands.register(app, "quantize")
 
 
 @app.command()
@@ -123,9 +124,9 @@ def methods() -> None:
     """List the compression methods with what each needs."""
     from fls_compress.configs import config_types
 
-    for name, cls in config_types().items():
+    for cls in config_types().values():
         needs = ", ".join(sorted(cls.needs)) or "weights only"
-        typer.echo(f"{cls.command:9s} {name:10s} {cls.summary}  (needs: {needs})")
+        typer.echo(f"{cls.command:9s} {cls.method:10s} {cls.summary}  (needs: {needs})")
 
 
 @app.command()

@@ -11,7 +11,12 @@ def emit_report(report: Report) -> None:
     from fls_compress.verify import summarize
 
     sp = report.get("sparsity")
-    if sp:
+    q = report.get("quantization")
+    if q:
+        size = q["size_bytes"]
+        print(f"quantize: {report['method']} int{q['bits']} {q['granularity']}: {size['original'] / 1e6:.2f} MB -> "
+              f"{size['quantized'] / 1e6:.2f} MB; {q['speed_note']}", file=sys.stderr)
+    elif sp:
         total = report.get("timing_s", {}).get("total", 0.0)
         print(f"{report['command']}: {sp['prunable_weights']} weights with {report['method']}: sparsity "
               f"{sp['achieved']:.4f} (target {sp['target']:.4f}) in {total:.1f}s", file=sys.stderr)

@@ -17,38 +17,42 @@ The library is organised by responsibility (data flows top to bottom):
 
 __version__ = "0.2.0"
 
-from .configs import (  # noqa: E402
+from .configs import (  # noqa: E402  (configs are light: no torch, no onnxruntime)
     AutoConfig,
     FLSConfig,
+    FLSQuantConfig,
+    GPTQConfig,
     IEFConfig,
     MagnitudeConfig,
     MFACConfig,
     OBertConfig,
+    QuantizeConfig,
+    RTNConfig,
     RunOptions,
     SparseGPTConfig,
     WandaConfig,
     config_from_dict,
 )
-from .engine import compress  # noqa: E402
-from .report import Report  # noqa: E402
 
 
-def verify(original, compressed, data=None, *, labels=None, seed: int = 0) -> Report:
-    """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``)."""
-    from .io.calibration import load_calibration
-    from .io.onnx_model import load_onnx
-    from .report import new_report
-    from .verify import verify_models
+def __getattr__(name: str):
+    """``compress``, ``verify`` and ``Report`` load torch/onnxruntime on first use, not at import."""
+    if name == "compress":
+        from .engine import compress
 
-    ref = original if not isinstance(original, (str, bytes)) and hasattr(original, "graph") else load_onnx(original)
-    calib = load_calibration(None if data is None else str(data), ref, seed=seed,
-                             labels_path=None if labels is None else str(labels))
-    rep = new_report("verify")
-    rep.update(status="ok", verification=verify_models(ref, compressed, calib))
-    return rep
+        return compress
+    if name == "verify":
+        from .engine import verify
+
+        return verify
+    if name == "Report":
+        from .report import Report
+
+        return Report
+    raise AttributeError(f"module 'fls_compress' has no attribute {name!r}")
 
 
 __all__ = [
-    "AutoConfig", "FLSConfig", "IEFConfig", "MagnitudeConfig", "MFACConfig", "OBertConfig", "Report", "RunOptions",
+    "AutoConfig", "FLSConfig", "FLSQuantConfig", "GPTQConfig", "QuantizeConfig", "RTNConfig", "IEFConfig", "MagnitudeConfig", "MFACConfig", "OBertConfig", "Report", "RunOptions",
     "SparseGPTConfig", "WandaConfig", "compress", "config_from_dict", "verify",
 ]

@@ -38,7 +38,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fls_compress.datasets import load_mnist5k, split_train_test
+from sample_models.datasets import load_mnist5k, split_train_test
 from fls_compress.verify import bernoulli_nll
 
 AE_SIZES: tuple[int, ...] = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)

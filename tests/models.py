@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fls_compress.datasets import load_mnist5k, split_train_test
+from sample_models.datasets import load_mnist5k, split_train_test
 from sample_models.build_samples import build_autoencoder, build_cnn, export_onnx, train_autoencoder, train_classifier
 
 SMALL_AE = (784, 128, 32, 128, 784)

@@ -24,15 +24,11 @@ from fls_compress.curvature.problem import FisherProblem
 from fls_compress.errors import InvalidOptionError
 from fls_compress.io.onnx_model import write_back
 from fls_compress.pruning.base import SparsitySpec
-from fls_compress.pruning.layerwise import (
-    capture_layer_inputs,
-    find_layer_sites,
-    layer_input_rows,
-    prune_arrays,
-    prune_arrays_and_masks,
-    sparsegpt_prune_matrix,
-    wanda_prune_matrix,
-)
+from fls_compress.io.activations import capture_layer_inputs, conv_groups, layer_sites, to_matrix
+from fls_compress.io.layer_rows import layer_input_rows
+from fls_compress.pruning.selection import nm_dense_layers, select_n_of_m
+from fls_compress.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune_matrix
+from fls_compress.pruning.wanda import WandaPruner, wanda_prune_matrix
 from fls_compress.configs import (
     IEFConfig, MagnitudeConfig, MFACConfig, OBertConfig, RunOptions, SparseGPTConfig, WandaConfig, config_types,
 )
@@ -124,10 +120,10 @@ def test_obert_blocks_equal_dense_inverse(chunk: int, stored: bool) -> None:
     stats = est.fit(prob)
     g = torch.stack(dense_vectors(prob, m))
     alive = sum(int(mk.sum()) for mk in prob.masks.values())
-    assert est.lam == pytest.approx(0.05 * float((g**2).sum()) / (m * alive), rel=1e-10)
+    assert est.gamma == pytest.approx(0.05 * float((g**2).sum()) / (m * alive), rel=1e-10)
     assert stats.extra["gradient_passes"] == (1.0 if stored else 2.0)
     for n, sl in layer_slices(prob).items():
-        dense = dense_block_inverses(g[:, sl], est.lam, sl.stop - sl.start, block)
+        dense = dense_block_inverses(g[:, sl], est.gamma, sl.stop - sl.start, block)
         got = est.block_matrices(n)
         for b, inv in enumerate(dense):
             assert rel(got[b], inv) < 1e-4
@@ -147,7 +143,7 @@ def test_obert_absolute_damping_and_masked_coordinates() -> None:
     prob.apply_masks()
     est = BlockWoodburyEstimator(20, 10, damping=0.3, chunk_size=4)
     est.fit(prob)
-    assert est.lam == 0.3
+    assert est.gamma == 0.3
     g = torch.stack(dense_vectors(prob, 20))
     g[:, :30] *= mask.reshape(-1).double()  # pruned coordinates excluded
     for n, sl in layer_slices(prob).items():
@@ -206,7 +202,7 @@ def test_ief_vectors_and_inverse_match_definition() -> None:
     est.fit(prob)
     g = torch.stack(expect)
     for n, sl in layer_slices(prob).items():
-        (inv,) = dense_block_inverses(g[:, sl], est.lam, sl.stop - sl.start, 50)
+        (inv,) = dense_block_inverses(g[:, sl], est.gamma, sl.stop - sl.start, 50)
         assert rel(est.block_matrices(n)[0], inv) < 1e-4
 
 
@@ -230,10 +226,10 @@ def test_mfac_equals_dense_inverse(scope: str) -> None:
     g = torch.stack(dense_vectors(prob, m))
     sl = layer_slices(prob)
     if scope == "joint":
-        inv = torch.linalg.inv(est.lam * torch.eye(50, dtype=torch.float64) + g.T @ g / m)
+        inv = torch.linalg.inv(est.gamma * torch.eye(50, dtype=torch.float64) + g.T @ g / m)
         blocks = {n: inv[s, s] for n, s in sl.items()}
     else:
-        blocks = {n: torch.linalg.inv(est.lam * torch.eye(s.stop - s.start, dtype=torch.float64) + g[:, s].T @ g[:, s] / m)
+        blocks = {n: torch.linalg.inv(est.gamma * torch.eye(s.stop - s.start, dtype=torch.float64) + g[:, s].T @ g[:, s] / m)
                   for n, s in sl.items()}
     z = {n: torch.randn(w.parameter.shape, dtype=torch.float64) for n, w in prob.weights.items()}
     for n, w in prob.weights.items():
@@ -244,10 +240,10 @@ def test_mfac_equals_dense_inverse(scope: str) -> None:
         out = est.matvec_joint(z)
         got = torch.cat([prob.weights[n].to_matrix(out[n]).reshape(-1) for n in prob.names])
         assert rel(got, inv @ zz) < 1e-4
-        # the literal static recursion of the memo (3.1)
+        # the literal static recursion (Frantar et al. 2021, eq. 5)
         v_ref, c_ref = [], []
         for i in range(m):
-            v = g[i] / est.lam
+            v = g[i] / est.gamma
             for vj, cj in zip(v_ref, c_ref):
                 v = v - (vj @ g[i]) / cj * vj
             v_ref.append(v)
@@ -298,7 +294,7 @@ def test_sparsegpt_beats_wanda_and_magnitude(nm: tuple[int, int] | None) -> None
     assert err(w_sg) < 0.95 * err(w_wa)
     assert err(w_sg) < 0.95 * err(w_mg)
     # small lazy blocks: adaptive per-block quotas, still exact in total
-    w_sb, keep_sb = sparsegpt_prune_matrix(w, h, prune_count=k, nm=nm, blocksize=16)
+    w_sb, keep_sb = sparsegpt_prune_matrix(w, h, prune_count=k, nm=nm, block_size=16)
     for wp, keep in ((w_sg, keep_sg), (w_wa, keep_wa), (w_sb, keep_sb)):
         assert int((~keep).sum()) == k and int((wp == 0).sum()) == k
         assert torch.all(wp[~keep] == 0)
@@ -312,11 +308,11 @@ def test_sparsegpt_lazy_blocks_are_exact() -> None:
     """With a fixed (N:M) mask rule the lazy-batch sweep must not depend on the block size."""
     w, x = _layer_data(1)
     h = 2 * x.T @ x / x.shape[0]
-    a, ka = sparsegpt_prune_matrix(w, h, nm=(2, 4), blocksize=4)
-    b, kb = sparsegpt_prune_matrix(w, h, nm=(2, 4), blocksize=128)
+    a, ka = sparsegpt_prune_matrix(w, h, nm=(2, 4), block_size=4)
+    b, kb = sparsegpt_prune_matrix(w, h, nm=(2, 4), block_size=128)
     assert torch.equal(ka, kb)
     assert rel(a, b) < 1e-10
-    # and one column of the sweep equals explicit OBS with elimination (memo 7.9 check 5)
+    # and one column of the sweep equals explicit OBS with elimination (OBC, Frantar & Alistarh 2022, eq. 3)
     hd = h + 0.01 * h.diagonal().mean() * torch.eye(64, dtype=torch.float64)
     hinv = torch.linalg.inv(hd)
     row = w[0].clone()
@@ -335,20 +331,21 @@ def test_sparsegpt_lazy_blocks_are_exact() -> None:
 RNG = np.random.default_rng(0)
 
 
-def conv_model(n_out: int = 4, same_upper: bool = True) -> onnx.ModelProto:
+def conv_model(n_out: int = 4, same_upper: bool = True, seed: int = 0) -> onnx.ModelProto:
     """x[N,4,6,6] -Conv(3x3,pad 1)-Relu-Conv(group 2, stride 2, SAME_UPPER)-Relu-Flatten-Gemm(transB=0)-Relu-MatMul.
 
     ``same_upper=False`` writes conv2's padding as the equivalent explicit pads (onnx2torch cannot
     convert strided SAME padding).
     """
     pad2 = {"auto_pad": "SAME_UPPER"} if same_upper else {"pads": [0, 0, 1, 1]}
+    rng = np.random.default_rng(seed)  # own generator: the weights do not depend on test order
     inits = {
-        "W1": RNG.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3,
-        "B1": RNG.standard_normal(6).astype(np.float32) * 0.1,
-        "W2": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
-        "W3": RNG.standard_normal((72, 8)).astype(np.float32) * 0.2,
-        "B3": RNG.standard_normal(8).astype(np.float32) * 0.1,
-        "W4": RNG.standard_normal((8, n_out)).astype(np.float32) * 0.5,
+        "W1": rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3,
+        "B1": rng.standard_normal(6).astype(np.float32) * 0.1,
+        "W2": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+        "W3": rng.standard_normal((72, 8)).astype(np.float32) * 0.2,
+        "B3": rng.standard_normal(8).astype(np.float32) * 0.1,
+        "W4": rng.standard_normal((8, n_out)).astype(np.float32) * 0.5,
     }
     nodes = [
         helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -410,13 +407,13 @@ def test_capture_layer_inputs_equals_numpy() -> None:
     for name, key in (("W1", "x"), ("W2", "r1"), ("W3", "f"), ("W4", "r3")):
         np.testing.assert_allclose(acts[name], ref[key], rtol=1e-4, atol=1e-5)
     # the layer-input rows reproduce each layer's pre-activation: rows @ W_matrix^T
-    sites = find_layer_sites(model)
+    sites, uses = layer_sites(model)
     t = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     for name, out_key in (("W2", "c2"), ("W3", None), ("W4", "y")):
-        site = sites[name]
-        x_rows = torch.cat(list(layer_input_rows(site, site.first, acts[name])), dim=1).double()  # (g, rows, k)
-        wm = torch.from_numpy(site.to_matrix(t[name]))
-        g = site.groups
+        site, use = sites[name], uses[name][0]
+        x_rows = torch.cat(list(layer_input_rows(site, use, acts[name])), dim=1).double()  # (g, rows, k)
+        wm = torch.from_numpy(to_matrix(site, use, t[name]))
+        g = conv_groups(site, use)
         og = wm.shape[0] // g
         outs = torch.cat([x_rows[i] @ wm[i * og : (i + 1) * og].T for i in range(g)], dim=1)
         if name == "W3":
@@ -426,20 +423,40 @@ def test_capture_layer_inputs_equals_numpy() -> None:
         else:
             expect = ref[out_key]
         np.testing.assert_allclose(outs.numpy(), expect, rtol=1e-4, atol=1e-4)
-    x1 = torch.cat(list(layer_input_rows(sites["W1"], sites["W1"].first, acts["W1"])), dim=1)[0].double()
+    x1 = torch.cat(list(layer_input_rows(sites["W1"], uses["W1"][0], acts["W1"])), dim=1)[0].double()
     expect1 = ref["r1"]  # conv1 pre-activation (with bias) -> compare before Relu via rows @ W^T + b
     pre = (x1 @ torch.from_numpy(t["W1"].reshape(6, -1)).T + torch.from_numpy(t["B1"])).numpy()
     np.testing.assert_allclose(np.maximum(pre, 0), expect1.transpose(0, 2, 3, 1).reshape(-1, 6), rtol=1e-4, atol=1e-4)
 
 
+PRUNERS = {"sparsegpt": SparseGPTPruner, "wanda": WandaPruner}
+
+
+def prune_arrays(model, feeds, spec, method="sparsegpt", **options):
+    return PRUNERS[method](model, **options).prune_arrays(feeds, spec)
+
+
+def nm_groups_onnx(site, use, arr: np.ndarray, m: int) -> np.ndarray | None:
+    """The N:M groups of an ONNX weight array, (..., M): Conv over input channels at each (o, kh, kw),
+    Gemm/MatMul over the reduction axis. ``None`` when the axis is not a multiple of M."""
+    if site.op_type == "Conv":
+        if arr.shape[1] % m:
+            return None
+        moved = np.moveaxis(arr, 1, -1)  # (O, kh, kw, C)
+        return moved.reshape(*moved.shape[:-1], arr.shape[1] // m, m)
+    mat = to_matrix(site, use, arr)
+    return None if mat.shape[1] % m else mat.reshape(mat.shape[0], -1, m)
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool) -> None:
+def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool, caplog) -> None:
     model = conv_model()
     x = RNG.standard_normal((24, 4, 6, 6)).astype(np.float32)
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer if i.name.startswith("W")}
-    arrays = prune_arrays(model, {"x": x, "labels": np.zeros(24)}, SparsitySpec(0.6), method=method,
-                          sequential=sequential)
+    pruner = PRUNERS[method](model, sequential=sequential)
+    arrays = pruner.prune_arrays({"x": x, "labels": np.zeros(24)}, SparsitySpec(0.6))
+    assert pruner.last_info["scope"].startswith("not used") and pruner.last_info["steps"].startswith("not used")
     assert set(arrays) == set(sizes)
     zeros = sum(int((a == 0).sum()) for a in arrays.values())
     assert zeros == round(0.6 * sum(sizes.values()))
@@ -449,22 +466,28 @@ def test_prune_arrays_exact_sparsity_and_pattern(method: str, sequential: bool) 
     pruned = write_back(model, arrays)
     sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, {"x": x})[0]).all()
-    # 2:4 along the matrix-view columns; conv2 (27 columns per group) stays dense
-    arrays, masks = prune_arrays_and_masks(model, {"x": x}, SparsitySpec(pattern="2:4"), method=method,
-                                           sequential=sequential)
-    sites = find_layer_sites(model)
-    for n, keep in masks.items():
-        mat = sites[n].to_matrix(keep)
-        if mat.shape[1] % 4:
-            assert keep.all()
-        else:
-            assert ((~mat).reshape(mat.shape[0], -1, 4).sum(-1) == 2).all()
-            assert (sites[n].to_matrix(arrays[n])[~mat] == 0).all()
+    # 2:4: Conv groups over input channels (W1: C=4 groups; W2: 3 channels per group -> dense)
+    with caplog.at_level(logging.WARNING):
+        arrays, masks = pruner.prune_arrays_and_masks({"x": x}, SparsitySpec(pattern="2:4"))
+    assert pruner.last_info["nm_dense_layers"] == "W2"
+    assert any("W2" in r.message and "dense" in r.message for r in caplog.records)
+    sites, uses = layer_sites(model)
+    checked = 0
+    for n, arr in arrays.items():
+        groups = nm_groups_onnx(sites[n], uses[n][0], arr, 4)
+        if groups is None:
+            assert masks[n].all() and n == "W2"
+            continue
+        assert ((groups == 0).sum(-1) >= 2).all(), n  # every group of the ONNX array has >= N zeros
+        assert ((~nm_groups_onnx(sites[n], uses[n][0], masks[n], 4)).sum(-1) == 2).all(), n
+        assert (arr[~masks[n]] == 0).all()
+        checked += 1
+    assert checked == 3
 
 
 def test_sequential_sparsegpt_reconstructs_better_than_one_pass_wanda() -> None:
     model = conv_model()
-    x = RNG.standard_normal((64, 4, 6, 6)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((64, 4, 6, 6)).astype(np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
 
@@ -473,7 +496,7 @@ def test_sequential_sparsegpt_reconstructs_better_than_one_pass_wanda() -> None:
         return float(np.linalg.norm(s.run(None, {"x": x})[0] - y))
 
     spec = SparsitySpec(0.5)
-    e_sg = out_err(prune_arrays(model, {"x": x}, spec, method="sparsegpt"))
+    e_sg = out_err(prune_arrays(model, {"x": x}, spec, method="sparsegpt"))  # sequential by default
     e_wa = out_err(prune_arrays(model, {"x": x}, spec, method="wanda", sequential=False))
     assert e_sg < e_wa
 
@@ -535,10 +558,12 @@ def test_every_method_reaches_exact_sparsity_and_2_4(method: str) -> None:
                 for m in prob.masks.values():
                     assert abs(float((~m).double().mean()) - 0.7) <= 1.0 / m.numel() + 1e-12
         else:
+            sites, uses = layer_sites(model)
             for n, w in prob.weights.items():
-                mat = w.to_matrix(prob.masks[n])
-                if mat.shape[1] % 4 == 0:
-                    assert torch.all((~mat).reshape(mat.shape[0], -1, 4).sum(-1) == 2), n
+                groups = nm_groups_onnx(sites[n], uses[n][0], ~(w.to_onnx(prob.masks[n].double()) != 0), 4)
+                if groups is not None:  # conv2 has 3 input channels per group: dense
+                    assert np.all(groups.sum(-1) == 2), n
+                    assert np.all((nm_groups_onnx(sites[n], uses[n][0], w.to_onnx(), 4) == 0).sum(-1) >= 2), n
 
 
 def test_layerwise_pruner_matches_prune_arrays() -> None:
@@ -564,3 +589,26 @@ def test_obs_pruner_with_obert_prunes_with_less_loss_increase_than_magnitude() -
         with torch.no_grad():
             losses[method] = float(prob.loss(batch, labels="true"))
     assert losses["obert"] < losses["magnitude"]
+
+
+def test_select_n_of_m_groups_conv_input_channels_at_each_kernel_position(caplog) -> None:
+    """TensorRT's 2:4 layout: weight [O, C, kh, kw] -> groups of 4 over C for fixed (o, kh, kw)."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Parameter(torch.randn(3, 8, 2, 2, generator=g, dtype=torch.float64))
+    odd = torch.nn.Parameter(torch.randn(3, 6, 2, 2, generator=g, dtype=torch.float64))
+    weights = {"c": PrunableWeight("c", "Conv", conv, (3, 8, 2, 2)), "o": PrunableWeight("o", "Conv", odd, (3, 6, 2, 2))}
+    scores = {n: w.parameter.detach().abs() for n, w in weights.items()}
+    masks = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    masks["c"][0, 1, 0, 0] = False  # already pruned: counts towards its group's N
+    with caplog.at_level(logging.WARNING):
+        newly = select_n_of_m(scores, masks, weights, 2, 4)
+    assert not newly["o"].any() and any("'o'" in r.message for r in caplog.records)  # C=6: dense
+    sel = newly["c"] | ~masks["c"]
+    groups = sel.permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)  # (o, kh, kw, C/4, 4)
+    assert torch.all(groups.sum(-1) == 2)
+    s = scores["c"].permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)
+    live = newly["c"].permute(0, 2, 3, 1).reshape(3, 2, 2, 2, 4)
+    chosen_max = torch.where(live, s, torch.full_like(s, -1)).amax(-1)
+    kept_min = torch.where(~groups, s, torch.full_like(s, float("inf"))).amin(-1)
+    assert torch.all(chosen_max <= kept_min)
+    assert nm_dense_layers(weights, 4) == ["o"]

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fls_compress.datasets import load_digits_images, load_mnist5k, split_train_test
+from sample_models.datasets import load_digits_images, load_mnist5k, split_train_test
 from fls_compress.io.calibration import load_calibration
 from fls_compress.verify import bernoulli_nll, verify_models
 from sample_models.build_samples import (

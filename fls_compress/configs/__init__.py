@@ -26,6 +26,7 @@ from .pruning import (
     SparseGPTConfig,
     WandaConfig,
 )
+from .quantize import QUANTIZE_CONFIGS, FLSQuantConfig, GPTQConfig, QuantizeConfig, RTNConfig
 from .run import RunOptions
 
 PRUNE_CONFIGS: tuple[type[MethodConfig], ...] = (
@@ -35,14 +36,11 @@ PRUNE_CONFIGS: tuple[type[MethodConfig], ...] = (
 
 def config_types(command: str | None = None) -> dict[str, type[MethodConfig]]:
     """Method name -> config class, for one command (``prune``/``quantize``) or all."""
-    types: list[type[MethodConfig]] = list(PRUNE_CONFIGS)
-    try:
-        from .quantize import QuantizeConfig
-
-        types.append(QuantizeConfig)
-    except ImportError:  # pragma: no cover - quantize config not present
-        pass
-    return {t.method: t for t in types if command is None or t.command == command}
+    types = {"prune": PRUNE_CONFIGS, "quantize": QUANTIZE_CONFIGS}
+    chosen = [t for cmd, group in types.items() if command in (None, cmd) for t in group]
+    if command is None:  # method names repeat across commands (fls): key by command too
+        return {f"{t.command}:{t.method}": t for t in chosen}
+    return {t.method: t for t in chosen}
 
 
 def config_from_dict(data: dict[str, Any], command: str = "prune") -> MethodConfig:
@@ -50,14 +48,14 @@ def config_from_dict(data: dict[str, Any], command: str = "prune") -> MethodConf
     if not isinstance(data, dict):
         raise InvalidOptionError(f"config must be a mapping, got {type(data).__name__}")
     types = config_types(command)
-    method = data.get("method", "fls" if command == "prune" else None)
+    method = data.get("method", "fls")
     if method not in types:
         raise InvalidOptionError(f"unknown {command} method {method!r}; choose one of {', '.join(sorted(types))}")
     return types[method].from_dict(data)
 
 
 __all__ = [
-    "ACTIVATIONS", "TORCH", "AutoConfig", "Config", "FLSConfig", "IEFConfig", "MagnitudeConfig", "MethodConfig", "MFACConfig",
+    "ACTIVATIONS", "TORCH", "AutoConfig", "Config", "FLSQuantConfig", "GPTQConfig", "QuantizeConfig", "RTNConfig", "FLSConfig", "IEFConfig", "MagnitudeConfig", "MethodConfig", "MFACConfig",
     "OBertConfig", "PruneConfig", "RunOptions", "SparseGPTConfig", "WandaConfig", "config_from_dict", "config_types",
     "knob", "option_flag",
 ]

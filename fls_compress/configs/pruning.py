@@ -22,6 +22,7 @@ from ..errors import InvalidOptionError
 from .base import Config, knob
 
 TORCH = "torch"
+DEFAULT_MAX_ROWS = 65536
 ACTIVATIONS = "activations"
 
 LIKELIHOODS = ("auto", "categorical", "bernoulli", "gaussian")
@@ -185,6 +186,10 @@ class LayerwiseConfig(PruneConfig):
     panel: ClassVar[str] = "Layer-wise (sparsegpt, wanda)"
     needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
     sequential: bool = knob(True, "Recapture each layer's inputs on the model already pruned upstream (as the papers do).")
+    max_rows_per_layer: int | None = knob(
+        DEFAULT_MAX_ROWS, "Activation rows per layer at most (seeded random subsample of positions on big feature maps).",
+        min=1, max=1 << 40,
+    )
 
 
 @dataclass(frozen=True)

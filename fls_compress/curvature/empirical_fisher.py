@@ -9,17 +9,17 @@ Papers
 * iEF: Wu, Yu, Zhang, Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
   Descent", NeurIPS 2024 (arXiv 2406.06420), eq. 14 and App. D.2.3 eq. 45 (iEF inside WoodFisher).
 
-Math (team memo ``baselines_ief.md`` sections 2.1 and 7.8)
+Math (Singh & Alistarh 2020, WoodFisher, eqs. 7-9; Kurtic et al. 2022, oBERT, section 3; Wu et al. 2024, iEF, eq. 8)
 ------------------------------------------------------------
 With m per-example vectors g_i (masked, so pruned coordinates carry nothing) the damped empirical
 Fisher is
 
-    F_hat = lambda I + (1/m) sum_i g_i g_i^T,
+    F_hat = gamma I + (1/m) sum_i g_i g_i^T,
 
 restricted to a block-diagonal form: every prunable weight's (out, in) matrix view is flattened
 row-major and cut into consecutive blocks of ``block_size`` coordinates (the last one zero-padded; the
-layout of :class:`~fls_compress.curvature.fishleg.BlockQ`). Each block's inverse starts at I / lambda
-and absorbs the gradients by Woodbury: the rank-1 (Sherman-Morrison) step of the memo
+layout of :class:`~fls_compress.curvature.fishleg.BlockQ`). Each block's inverse starts at I / gamma
+and absorbs the gradients by Woodbury: the rank-1 (Sherman-Morrison) step of WoodFisher (Singh & Alistarh 2020, eq. 9)
 
     v = F^-1 g,     F^-1 <- F^-1 - v v^T / (m + g^T v)
 
@@ -28,10 +28,10 @@ passes over the B x B blocks):
 
     V = F^-1 G^T,   F^-1 <- F^-1 - V (m I_c + G V)^-1 V^T        (G: c x B slice of the gradients).
 
-``chunk_size=1`` is literally the memo's rank-1 recursion. All blocks of all weights are stored as one
+``chunk_size=1`` is literally WoodFisher's rank-1 recursion. All blocks of all weights are stored as one
 batched tensor (n_blocks, B, B) and updated together (no Python loop over blocks).
 
-Damping lambda is absolute when given, else ``relative_damping * mean diag((1/m) sum g g^T)`` over
+Damping gamma is absolute when given, else ``relative_damping * mean diag((1/m) sum g g^T)`` over
 the surviving coordinates. The relative value needs every gradient before the recursion can start;
 gradients are kept in memory when m * d is small, otherwise they are recomputed in a second pass
 (the torch generator is rewound so sampled labels are identical) - the Woodbury work, O(m d B),
@@ -39,9 +39,9 @@ dominates the extra backward passes.
 
 OBS quantities: diag(F^-1) for rho_q = w_q^2 / (2 [F^-1]_qq), F^-1 z for the decoupled update, and
 :meth:`BlockWoodburyEstimator.block_exact_update`, the exact group-OBS update inside each block,
-delta_b = -Q_b[:, P_b] (Q_b[P_b, P_b])^-1 theta_{P_b} (memo section 1, WoodFisher/oBERT block form).
+delta_b = -Q_b[:, P_b] (Q_b[P_b, P_b])^-1 theta_{P_b} (Hassibi & Stork 1993 group OBS; WoodFisher/oBERT block form).
 
-iEF surgeon (memo 7.8)
+iEF surgeon (the iEF vectors of Wu et al. 2024 inside OBS)
 ----------------------
 With ``ief=True`` each gradient g_i is replaced by g~_i = J_i^T u_i, u_i = r_i / ||r_i||, where
 r_i = d l_i / d z_i is the gradient of the example's NLL with respect to the model output (for
@@ -69,7 +69,7 @@ from .problem import Batch, FisherProblem
 
 log = logging.getLogger(__name__)
 
-#: ||r|| below this is clamped (memo 7.8: "clamp ||r|| >= 1e-12").
+#: ||r|| below this is clamped (a zero residual would divide by zero).
 RESIDUAL_FLOOR = 1e-12
 
 
@@ -213,9 +213,9 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
     block_size:
         B, the Fisher block size (oBERT: 50).
     damping / relative_damping:
-        lambda absolute, or ``relative_damping`` x mean diag of the undamped estimate when ``damping`` is None.
+        gamma absolute, or ``relative_damping`` x mean diag of the undamped estimate when ``damping`` is None.
     ief:
-        Use the improved-empirical-Fisher vectors g / ||r|| (memo 7.8) instead of the gradients.
+        Use the improved-empirical-Fisher vectors g / ||r|| (Wu et al. 2024, eq. 8) instead of the gradients.
     chunk_size:
         Gradients absorbed per (exact) rank-c Woodbury update; 1 gives the rank-1 recursion.
     dtype:
@@ -256,7 +256,7 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         self.max_stored_floats = float(max_stored_floats)
         self.jitter = float(jitter)
         self.name = "ief" if ief else "obert"
-        self.lam: float = float("nan")
+        self.gamma: float = float("nan")
         self.m: int = 0
         self.finv: torch.Tensor | None = None  # (total_blocks, B, B)
         self.layout: BlockLayout | None = None
@@ -278,21 +278,21 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         source = _VectorSource(problem, layout, m, ief=self.ief, labels=labels, dtype=dtype,
                                max_stored_floats=self.max_stored_floats, keep=self.damping is None)
         if self.damping is not None:
-            lam = float(self.damping)
+            gamma = float(self.damping)
         else:
             alive = sum(int(problem.masks[n].sum()) for n in layout.names)
             sq = 0.0
             for g in source:
                 sq += float((g.double() ** 2).sum())
             mean_diag = sq / (m * max(alive, 1))
-            lam = self.relative_damping * mean_diag
-            if not lam > 0:
+            gamma = self.relative_damping * mean_diag
+            if not gamma > 0:
                 log.warning("%s: the empirical Fisher is zero; damping falls back to %g", self.name, self.relative_damping)
-                lam = self.relative_damping
-        self.lam = lam
+                gamma = self.relative_damping
+        self.gamma = gamma
         nb = layout.total_blocks
         eye = torch.eye(B, dtype=dtype)
-        finv = (eye / lam).expand(nb, B, B).clone()
+        finv = (eye / gamma).expand(nb, B, B).clone()
         chunk: list[torch.Tensor] = []
 
         eye_c64 = torch.eye(self.chunk_size, dtype=torch.float64)
@@ -338,13 +338,13 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         self.finv = finv
         if jittered:
             log.warning("%s: %d Woodbury solves needed jitter (rounding: damping %.3e is small for %s blocks)",
-                        self.name, jittered, lam, str(dtype).replace("torch.", ""))
+                        self.name, jittered, gamma, str(dtype).replace("torch.", ""))
         stats = FitStats(steps=m, seconds=time.perf_counter() - t0, samples=m)
-        stats.extra["gamma"] = lam
+        stats.extra["gamma"] = gamma
         stats.extra["num_grads"] = float(m)
         stats.extra["aux_floats"] = float(self.finv.numel())
         stats.extra["gradient_passes"] = float(max(source.passes, 1))
-        log.info("%s: %d blocks of %d, m=%d, lambda=%.3e, %.1fs", self.name, nb, B, m, lam, stats.seconds)
+        log.info("%s: %d blocks of %d, m=%d, gamma=%.3e, %.1fs", self.name, nb, B, m, gamma, stats.seconds)
         return stats
 
     # ---------------------------------------------------------------- products

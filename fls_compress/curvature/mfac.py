@@ -1,27 +1,27 @@
 """M-FAC (static algorithm): an implicit inverse of the damped empirical Fisher from m gradients.
 
 Paper: Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
-Information", NeurIPS 2021 (team memo ``baselines_ief.md`` section 3.1).
+Information", NeurIPS 2021, section 3 (static algorithm).
 
 Math
 ----
-F = lambda I + (1/m) sum_i g_i g_i^T over ALL prunable weights jointly (``scope="joint"``, the
+F = gamma I + (1/m) sum_i g_i g_i^T over ALL prunable weights jointly (``scope="joint"``, the
 default: d = total number of prunable weights, no d x d or block matrix is formed), or over each
 weight separately (``scope="layer"``). The static algorithm represents F^-1 by m vectors
 
-    v_1 = g_1 / lambda,   v_i = g_i / lambda - sum_{j<i} (v_j^T g_i / c_j) v_j,   c_i = m + g_i^T v_i,
-    F^-1 = I / lambda - sum_i v_i v_i^T / c_i,
+    v_1 = g_1 / gamma,   v_i = g_i / gamma - sum_{j<i} (v_j^T g_i / c_j) v_j,   c_i = m + g_i^T v_i,
+    F^-1 = I / gamma - sum_i v_i v_i^T / c_i,
 
-so diag(F^-1)_q = 1/lambda - sum_i v_iq^2 / c_i and F^-1 x = x / lambda - sum_i (v_i^T x / c_i) v_i,
+so diag(F^-1)_q = 1/gamma - sum_i v_iq^2 / c_i and F^-1 x = x / gamma - sum_i (v_i^T x / c_i) v_i,
 both O(m d). The O(m^2 d) recursion is evaluated with level-3 BLAS instead of m sequential
 matrix-vector sweeps: with K = G G^T (m x m Gram of the gradients, float64) and the Cholesky factor
-L L^T = K + m lambda I, the rows of W = L^-1 G satisfy
+L L^T = K + m gamma I, the rows of W = L^-1 G satisfy
 
-    v_i / sqrt(c_i) = w_i / sqrt(lambda),   c_i = L_ii^2 / lambda,   v_i = (L_ii / lambda) w_i,
+    v_i / sqrt(c_i) = w_i / sqrt(gamma),   c_i = L_ii^2 / gamma,   v_i = (L_ii / gamma) w_i,
 
 because both are the unique lower-triangular (Gram-Schmidt-ordered) factorisations of
-G^T (m lambda I + G G^T)^-1 G (Woodbury: F^-1 = I/lambda - G^T (m lambda I + G G^T)^-1 G / lambda).
-Hence F^-1 = (I - W^T W) / lambda; :meth:`MFACEstimator.vectors` returns the explicit (v_i, c_i)
+G^T (m gamma I + G G^T)^-1 G (Woodbury: F^-1 = I/gamma - G^T (m gamma I + G G^T)^-1 G / gamma).
+Hence F^-1 = (I - W^T W) / gamma; :meth:`MFACEstimator.vectors` returns the explicit (v_i, c_i)
 of the recursion (tests check them against the literal recursion).
 
 Cost: m per-example gradients (true labels; sampled labels if the data has none, with a warning),
@@ -30,7 +30,7 @@ per diag / product. Memory is the limit: m * d floats must fit ``max_stored_floa
 ~0.8 GB in float32); larger requests reduce m with a warning (a block-wise M-FAC does not help, its
 storage is also m * d).
 
-``ief=True`` builds the vectors from the improved-empirical-Fisher vectors g / ||r|| (memo 7.8).
+``ief=True`` builds the vectors from the improved-empirical-Fisher vectors g / ||r|| (Wu et al. 2024, eq. 8).
 
 Interface note: :class:`InverseFisherEstimator.matvec` is per weight, so with ``scope="joint"`` it
 returns the weight's diagonal block of the joint F^-1 applied to z (cross-layer terms of the OBS
@@ -61,7 +61,7 @@ class MFACEstimator(InverseFisherEstimator):
     num_grads:
         m, number of per-example gradients (capped by the data size and by ``max_stored_floats``).
     damping / relative_damping:
-        lambda absolute, or ``relative_damping`` x mean diag of (1/m) sum g g^T over surviving weights.
+        gamma absolute, or ``relative_damping`` x mean diag of (1/m) sum g g^T over surviving weights.
     scope:
         ``"joint"`` (one implicit inverse over every prunable weight) or ``"layer"`` (one per weight).
     ief:
@@ -97,7 +97,7 @@ class MFACEstimator(InverseFisherEstimator):
         self.dtype = dtype
         self.max_stored_floats = float(max_stored_floats)
         self.name = "mfac-ief" if ief else "mfac"
-        self.lam: float = float("nan")
+        self.gamma: float = float("nan")
         self.m: int = 0
         self.w: dict[str, torch.Tensor] = {}  # name -> (m, numel) rows of L^-1 G
         self.chol: dict[str, torch.Tensor] = {}  # "joint" or name -> L (m x m, float64)
@@ -132,25 +132,25 @@ class MFACEstimator(InverseFisherEstimator):
             m = self.m = count
         # damping
         if self.damping is not None:
-            lam = float(self.damping)
+            gamma = float(self.damping)
         else:
             alive = sum(int(problem.masks[n].sum()) for n in names)
             sq = sum(float((t.double() ** 2).sum()) for t in g.values())
-            lam = self.relative_damping * sq / (m * max(alive, 1))
-            if not lam > 0:
+            gamma = self.relative_damping * sq / (m * max(alive, 1))
+            if not gamma > 0:
                 log.warning("%s: the empirical Fisher is zero; damping falls back to %g", self.name, self.relative_damping)
-                lam = self.relative_damping
-        self.lam = lam
-        # Gram matrices and Cholesky factors of K + m lambda I
+                gamma = self.relative_damping
+        self.gamma = gamma
+        # Gram matrices and Cholesky factors of K + m gamma I
         grams = {n: self._gram(t) for n, t in g.items()}
         eye = torch.eye(m, dtype=torch.float64)
         self.chol = {}
         if self.scope == "joint":
             k = sum(grams.values()) if grams else torch.zeros(m, m, dtype=torch.float64)
-            self.chol["joint"] = torch.linalg.cholesky(k + m * lam * eye)
+            self.chol["joint"] = torch.linalg.cholesky(k + m * gamma * eye)
         else:
             for n in names:
-                self.chol[n] = torch.linalg.cholesky(grams[n] + m * lam * eye)
+                self.chol[n] = torch.linalg.cholesky(grams[n] + m * gamma * eye)
         # W = L^-1 G, in place of G, in column chunks
         self.w = {}
         self._diag = {}
@@ -164,12 +164,12 @@ class MFACEstimator(InverseFisherEstimator):
             sumsq = torch.zeros(t.shape[1], dtype=torch.float64)
             for s in range(0, t.shape[1], step):
                 sumsq[s : s + step] = (t[:, s : s + step].double() ** 2).sum(0)
-            self._diag[n] = ((1.0 - sumsq) / lam).reshape(problem.weights[n].parameter.shape)
+            self._diag[n] = ((1.0 - sumsq) / gamma).reshape(problem.weights[n].parameter.shape)
         stats = FitStats(steps=m, seconds=time.perf_counter() - t0, samples=m)
-        stats.extra["gamma"] = lam
+        stats.extra["gamma"] = gamma
         stats.extra["num_grads"] = float(m)
         stats.extra["aux_floats"] = float(m * d)
-        log.info("%s: m=%d, d=%d (%s), lambda=%.3e, %.1fs", self.name, m, d, self.scope, lam, stats.seconds)
+        log.info("%s: m=%d, d=%d (%s), gamma=%.3e, %.1fs", self.name, m, d, self.scope, gamma, stats.seconds)
         return stats
 
     @staticmethod
@@ -195,7 +195,7 @@ class MFACEstimator(InverseFisherEstimator):
         assert problem is not None, "fit() first"
         w = self.w[name]
         x = z.detach().reshape(-1).to(w.dtype)
-        y = (x - w.t() @ (w @ x)) / self.lam
+        y = (x - w.t() @ (w @ x)) / self.gamma
         return y.reshape(z.shape).to(z.dtype) * problem.masks[name]
 
     def matvec_joint(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,17 +208,17 @@ class MFACEstimator(InverseFisherEstimator):
         out = {}
         for n, w in self.w.items():
             x = z[n].detach().reshape(-1).double()
-            out[n] = ((x - w.double().t() @ coef) / self.lam).reshape(z[n].shape).to(z[n].dtype) * problem.masks[n]
+            out[n] = ((x - w.double().t() @ coef) / self.gamma).reshape(z[n].shape).to(z[n].dtype) * problem.masks[n]
         return out
 
     def vectors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recursion's (v_i as rows, c_i) of memo 3.1 for weight ``name`` (or all, concatenated)."""
+        """The recursion's (v_i as rows, c_i) (Frantar et al. 2021, eq. 5) for weight ``name`` (or all, concatenated)."""
         key = "joint" if self.scope == "joint" else name
         if key is None:
             raise ValueError("scope='layer' needs a weight name")
         chol = self.chol[key]
         diag = chol.diagonal()
-        c = diag**2 / self.lam
+        c = diag**2 / self.gamma
         names = [name] if name is not None else list(self.w)
         w = torch.cat([self.w[n].double() for n in names], dim=1)
-        return (diag / self.lam)[:, None] * w, c
+        return (diag / self.gamma)[:, None] * w, c

@@ -26,9 +26,10 @@ from ..curvature.fishleg import FishLegConfig, FishLegEstimator
 from ..curvature.mfac import MFACEstimator
 from ..errors import InvalidOptionError
 from .base import Pruner, SparsitySpec
-from .layerwise import SparseGPTPruner, WandaPruner
 from .magnitude import MagnitudePruner
 from .obs import OBSPruner
+from .sparsegpt import SparseGPTPruner
+from .wanda import WandaPruner
 
 C = TypeVar("C", bound=MethodConfig)
 Handler = Callable[[MethodConfig, RunOptions], Pruner]
@@ -100,13 +101,14 @@ def _mfac(config: MFACConfig, run: RunOptions) -> Pruner:
 
 @handles(SparseGPTConfig)
 def _sparsegpt(config: SparseGPTConfig, run: RunOptions) -> Pruner:
-    return SparseGPTPruner(num_samples=run.num_calibration, blocksize=config.lazy_block, percdamp=config.percdamp,
-                           sequential=config.sequential)
+    return SparseGPTPruner(num_samples=run.num_calibration, block_size=config.lazy_block, percdamp=config.percdamp,
+                           sequential=config.sequential, max_rows_per_layer=config.max_rows_per_layer, seed=run.seed)
 
 
 @handles(WandaConfig)
 def _wanda(config: WandaConfig, run: RunOptions) -> Pruner:
-    return WandaPruner(num_samples=run.num_calibration, sequential=config.sequential)
+    return WandaPruner(num_samples=run.num_calibration, sequential=config.sequential,
+                       max_rows_per_layer=config.max_rows_per_layer, seed=run.seed)
 
 
 @handles(MagnitudeConfig)

@@ -48,6 +48,7 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
     likelihood: str | None = None
     convert_s: float = 0.0
+    model: onnx.ModelProto | None = None  # a whole new graph (quantize); None: write ``arrays`` back
 
 
 def is_excluded(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -92,7 +93,8 @@ def _run_steps(pruner: Pruner, problem: FisherProblem, spec: SparsitySpec, opts:
     return [asdict(st) for st in result.steps], info
 
 
-def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opts) -> Outcome:
+def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, Any, list[str], float]:
+    """onnx2torch graph -> FisherProblem with the likelihood :func:`infer_task` picks (and what it excluded)."""
     from ..bridge.convert import convert_to_torch
 
     t0 = time.perf_counter()
@@ -125,6 +127,11 @@ def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opt
         labels=calib.labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
         targets_from_input=guess.target_input,
     )
+    return problem, guess, excluded, convert_s
+
+
+def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opts) -> Outcome:
+    problem, guess, excluded, convert_s = build_problem(model, config, calib, device, opts)
     steps, info = _run_steps(pruner, problem, spec, opts)
     arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
     return Outcome(arrays, _layers(problem.weights), excluded, steps, info, guess.likelihood, convert_s)
@@ -141,7 +148,7 @@ def _with_activations(model, config: PruneConfig, pruner, spec, calib, opts) -> 
         advance(f"{pruner.name}: done")
     layers = {s.name: (int(np.prod(s.shape)), list(s.shape), s.op_type) for s in sites if s.name in names}
     info = {"num_samples": min(calib.num_samples, opts.num_calibration), "sequential": bool(getattr(config, "sequential", False)),
-            "allocation": "uniform per layer (the method's design)"}
+            "allocation": "uniform per layer (the method's design)", **getattr(pruner, "last_info", {})}
     return Outcome(arrays, layers, sorted(s.name for s in sites if s.name not in names), [{"target": spec.sparsity}], info)
 
 

@@ -1,4 +1,4 @@
-"""``fls-compress prune``: options generated from the pruning configs and the run options."""
+"""``fls-compress prune`` and ``quantize``: options generated from the method configs and the run options."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from fls_compress.configs import RunOptions, config_types
 from .options import knob_params, plain, split_knobs, with_signature
 from .output import emit_report
 
-PRUNE_TYPES = config_types("prune")
-Method = Enum("Method", {name: name for name in PRUNE_TYPES}, type=str)  # type: ignore[misc]
+DEFAULT_METHOD = {"prune": "fls", "quantize": "fls"}
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -38,16 +37,19 @@ def run_options(values: dict[str, Any]) -> RunOptions:
     return RunOptions(**{k: plain(v) for k, v in values.items() if v is not None})
 
 
-def register(app: typer.Typer) -> None:
-    classes = list(PRUNE_TYPES.values())
+def register(app: typer.Typer, command: str) -> None:
+    """Add ``command`` (prune / quantize) with one option per knob of its method configs."""
+    types = config_types(command)
+    classes = list(types.values())
+    method_enum = Enum(f"{command}_method", {name: name for name in types}, type=str)  # type: ignore[misc]
     run_names = [f.name for f in RunOptions.knobs()]
-    params = path_params("prune") + [
-        inspect.Parameter("method", _KW, default=Method("fls"), annotation=Annotated[
-            Method, typer.Option("--method", "-m", help="Pruning method (see `fls-compress methods`).", rich_help_panel="Pruning target")]),
+    params = path_params(command) + [
+        inspect.Parameter("method", _KW, default=method_enum(DEFAULT_METHOD[command]), annotation=Annotated[
+            method_enum, typer.Option("--method", "-m", help=f"{command.capitalize()} method (see `fls-compress methods`).",
+                                      rich_help_panel="Pruning target" if command == "prune" else "Quantization")]),
     ] + knob_params(classes) + knob_params([RunOptions], list_methods=False)
 
-    def prune(**kw: Any) -> None:
-        """Prune MODEL to the target sparsity, write the weights back into the original graph and verify with onnxruntime."""
+    def run(**kw: Any) -> None:
         from fls_compress.engine import compress, report_early_failure
         from fls_compress.errors import FlsError
 
@@ -55,14 +57,19 @@ def register(app: typer.Typer) -> None:
         paths = {k: kw.pop(k) for k in ("model", "output", "data", "eval_data", "labels", "weights", "report")}
         try:
             opts = run_options({k: kw.pop(k) for k in run_names})
-            config = split_knobs(PRUNE_TYPES[method], kw, classes)
+            config = split_knobs(types[method], kw, classes)
         except FlsError as exc:
             inputs = {"model": paths["model"], "--data": paths["data"], "--eval-data": paths["eval_data"],
                       "--labels": paths["labels"], "--weights": paths["weights"]}
-            report_early_failure(exc, "prune", paths["report"], inputs, {"-o": paths["output"]})
+            report_early_failure(exc, command, paths["report"], inputs, {"-o": paths["output"]})
             raise
         report = compress(paths["model"], config, paths["data"], output=paths["output"], eval_data=paths["eval_data"],
                           labels=paths["labels"], weights=paths["weights"], report=paths["report"], options=opts)
         emit_report(report)
 
-    app.command("prune")(with_signature(prune, params))
+    run.__doc__ = {
+        "prune": "Prune MODEL to the target sparsity, write the weights back into the original graph and verify with onnxruntime.",
+        "quantize": "Quantize MODEL's weights (int8/int4, OBS-compensated; optionally pruned in the same sweep) as QDQ ONNX, "
+                    "verified with onnxruntime.",
+    }[command]
+    app.command(command)(with_signature(run, params))

@@ -1,0 +1,113 @@
+"""Weight quantisation quality on small MNIST models: RTN vs GPTQ (and act-order), alone and with 2:4.
+
+Models are trained here from the bundled MNIST-5k subset (deterministic for the seed): a CNN
+classifier (2 conv + 2 dense layers) and a 784-256-64-256-784 autoencoder. Each is quantised with
+:func:`fls_compress.quantize.quantize_model` (QDQ ONNX, run in onnxruntime CPU) and evaluated on the
+1000 held-out images: CNN test accuracy and top-1 agreement with the float model; AE Bernoulli NLL
+per image (sum over pixels). Calibration: 256 training images.
+
+    python benchmarks/quantize_accuracy.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = [
+    {"method": "rtn", "bits": 8},
+    {"method": "gptq", "bits": 8},
+    {"method": "rtn", "bits": 4},
+    {"method": "gptq", "bits": 4},
+    {"method": "gptq", "bits": 4, "act_order": True},
+    {"method": "rtn", "bits": 4, "granularity": "tensor"},
+    {"method": "gptq", "bits": 4, "granularity": "tensor"},
+    {"method": "rtn", "bits": 8, "pattern": "2:4"},
+    {"method": "gptq", "bits": 8, "pattern": "2:4"},
+    {"method": "gptq", "bits": 8, "activations": "int8"},
+]
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import onnx
+    import torch
+
+    from sample_models.datasets import load_mnist5k, split_train_test
+    from fls_compress.quantize import quantize_model
+    from fls_compress.verify import bernoulli_nll
+    from sample_models.build_samples import (build_autoencoder, build_cnn, export_onnx, train_autoencoder,
+                                             train_classifier)
+
+    torch.set_num_threads(1)
+    X, y = load_mnist5k()
+    Xtr, ytr, Xte, yte = split_train_test(X, y, 1000, seed=0)
+    Xtr, Xte = Xtr.astype(np.float32), Xte.astype(np.float32)
+    tmp = Path(tempfile.mkdtemp())
+    torch.manual_seed(args.seed)
+    cnn = build_cnn((16, 32), 64)
+    train_classifier(cnn, Xtr.reshape(-1, 1, 28, 28), ytr, epochs=3, seed=args.seed)
+    export_onnx(cnn.eval(), torch.from_numpy(Xtr[:2].reshape(-1, 1, 28, 28)), tmp / "cnn.onnx", metadata={})
+    torch.manual_seed(args.seed)
+    ae = build_autoencoder((784, 256, 64, 256, 784))
+    train_autoencoder(ae, Xtr, epochs=10, seed=args.seed)
+    export_onnx(ae.eval(), torch.from_numpy(Xtr[:2]), tmp / "ae.onnx", metadata={})
+    models = {"cnn": (onnx.load(str(tmp / "cnn.onnx")), Xtr[:256].reshape(-1, 1, 28, 28), Xte.reshape(-1, 1, 28, 28)),
+              "ae": (onnx.load(str(tmp / "ae.onnx")), Xtr[:256], Xte)}
+    results = []
+    for key, (model, calib, test) in models.items():
+        name = model.graph.input[0].name
+        ref = _run(model, test)
+        base = {"model": key, "config": "float"}
+        if key == "cnn":
+            base.update(accuracy=float((ref.argmax(1) == yte).mean()), agreement=1.0)
+        else:
+            base.update(nll=float(bernoulli_nll(ref, Xte).mean()))
+        results.append(base)
+        print(base, flush=True)
+        for cfg in CONFIGS:
+            q, info = quantize_model(model, {name: calib}, num_samples=256, seed=args.seed, **cfg)
+            out = _run(q, test)
+            row = {"model": key, "config": ", ".join(f"{k}={v}" for k, v in cfg.items()), "opset": info["opset"]}
+            if key == "cnn":
+                row.update(accuracy=float((out.argmax(1) == yte).mean()),
+                           agreement=float((out.argmax(1) == ref.argmax(1)).mean()))
+            else:
+                row.update(nll=float(bernoulli_nll(out, Xte).mean()))
+            results.append(row)
+            print(row, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quantize_accuracy.json").write_text(json.dumps(results, indent=2))
+    lines = ["# Weight quantisation on small MNIST models (QDQ ONNX in onnxruntime CPU, 1000 test images)", "",
+             "Granularity per-channel and symmetric unless stated; calibration 256 training images.", "",
+             "| model | configuration | test accuracy | top-1 agreement | NLL / image |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else ""
+        agr = f"{r['agreement']:.3f}" if "agreement" in r else ""
+        nll = f"{r['nll']:.2f}" if "nll" in r else ""
+        lines.append(f"| {r['model']} | {r['config']} | {acc} | {agr} | {nll} |")
+    lines += ["", "Generated by `benchmarks/quantize_accuracy.py`."]
+    (out / "quantize_accuracy.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Quantization configs: one per method, sharing the grid and the optional joint pruning target.
+
+* :class:`RTNConfig` - round to nearest (the reference);
+* :class:`GPTQConfig` - OBS column sweep with the layer Hessian 2 X^T X of captured activations
+  (Frantar et al. 2023, GPTQ); needs onnxruntime activations only;
+* :class:`FLSQuantConfig` - the same sweep with the curvature FishLeg fits (the Kronecker factor of the
+  loss Fisher, so rounding errors are compensated where the model's loss cares); needs the torch graph.
+
+``sparsity``/``pattern`` prune in the same sweep (pruned weights are exactly zero after dequantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import InvalidOptionError
+from .base import knob
+from .pruning import ACTIVATIONS, DEFAULT_MAX_ROWS, LIKELIHOODS, TORCH, MethodConfig, PruneConfig
+
+
+def parse_granularity(value: str) -> str:
+    """``per-tensor`` | ``per-channel`` | ``block:G`` -> the grid's spelling (``tensor``/``channel``/``block:G``)."""
+    if value in ("per-tensor", "per-channel"):
+        return value[4:]
+    if value.startswith("block:"):
+        size = value.split(":", 1)[1]
+        if size.isdigit() and int(size) >= 1:
+            return value
+    raise InvalidOptionError(f"--granularity must be per-channel, per-tensor or block:G (G >= 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PruneConfig):
+    """Weight quantization (and optional joint pruning), emitted as QDQ ONNX."""
+
+    command: ClassVar[str] = "quantize"
+    panel: ClassVar[str] = "Quantization"
+
+    bits: int = knob(8, "Weight bits: 8 or 4.", min=4, max=8)
+    granularity: str = knob("per-channel", "Scale granularity: per-channel, per-tensor or block:G (G input columns per scale).")
+    symmetric: bool = knob(True, "Symmetric grid (int8/int4, zero point 0) or asymmetric (uint8/uint4 with zero point).")
+    activations: str = knob("none", "Also quantize the layers' input activations (static int8 QDQ, calibrated ranges).",
+                            choices=("none", "int8"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits not in (4, 8):
+            raise InvalidOptionError(f"--bits must be 4 or 8, got {self.bits}")
+        parse_granularity(self.granularity)
+
+    @property
+    def target(self) -> float:
+        """Joint pruning target (0: quantize only)."""
+        nm = self.nm
+        if nm is not None:
+            return nm[0] / nm[1]
+        return 0.0 if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def grid_granularity(self) -> str:
+        return parse_granularity(self.granularity)
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantizeConfig):
+    method: ClassVar[str] = "rtn"
+    summary: ClassVar[str] = "round to nearest on the grid (the reference); joint pruning by magnitude"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantizeConfig):
+    method: ClassVar[str] = "gptq"
+    panel: ClassVar[str] = "GPTQ"
+    needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
+    summary: ClassVar[str] = "OBS column sweep with the layer Hessian 2 X^T X (Frantar et al. 2023)"
+
+    percdamp: float = knob(0.01, "Damping of the layer Hessian, as a fraction of its mean diagonal.", min=0.0, max=10.0)
+    lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
+    act_order: bool = knob(False, "Quantize columns in order of decreasing Hessian diagonal (GPTQ act-order).")
+    sequential: bool = knob(True, "Recapture each layer's inputs on the model already quantized upstream (as the papers do).")
+    max_rows_per_layer: int | None = knob(
+        DEFAULT_MAX_ROWS, "Activation rows per layer at most (seeded random subsample of positions on big feature maps).",
+        min=1, max=1 << 40,
+    )
+
+
+@dataclass(frozen=True)
+class FLSQuantConfig(QuantizeConfig):
+    """The OBS sweep with FishLeg's Kronecker factor: U = chol(L L^T), rows scaled by D_A."""
+
+    method: ClassVar[str] = "fls"
+    panel: ClassVar[str] = "FishLeg Surgeon (fls)"
+    needs: ClassVar[frozenset[str]] = frozenset({TORCH})
+    summary: ClassVar[str] = "OBS sweep with the FishLeg inverse Fisher of the model's loss (Kronecker factor)"
+
+    likelihood: str = knob("auto", "Output likelihood that defines the Fisher.", choices=("auto",) + LIKELIHOODS[1:])
+    output_name: str | None = knob(None, "Model output the likelihood applies to (default: the first).")
+    damping: float | None = knob(None, "Absolute damping gamma of (F + gamma I)^-1 (default: relative, see --relative-damping).",
+                                 min=0.0, min_open=True)
+    relative_damping: float | None = knob(None, "gamma = this x mean diag(F) (default 0.1); not with --damping.",
+                                          min=0.0, min_open=True)
+    q_init: str = knob("kfac", "Q start: kfac or identity (the sweep needs the Kronecker form).", choices=("kfac", "identity"))
+    fit_steps: int = knob(50, "FishLeg auxiliary-loss steps before the sweep.", min=0, max=1_000_000)
+    aux_lr: float = knob(3e-3, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
+    batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
+    precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
+    moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac start and the relative damping.",
+                               min=1, max=1_000_000)
+    lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.damping is not None and self.relative_damping is not None:
+            raise InvalidOptionError("give --damping (absolute) or --relative-damping, not both")
+
+
+QUANTIZE_CONFIGS: tuple[type[MethodConfig], ...] = (FLSQuantConfig, GPTQConfig, RTNConfig)

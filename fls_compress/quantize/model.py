@@ -1,0 +1,247 @@
+"""Quantise the Conv/Gemm/MatMul weights of an ONNX model (optionally jointly with pruning) and export QDQ.
+
+:func:`quantize_weights` computes the integer codes of every weight with ``rtn``, ``gptq`` (layer
+Hessians from onnxruntime-captured inputs, wave by wave as in :mod:`fls_compress.pruning.layerwise`)
+or ``fls`` (a caller-supplied inverse-curvature factor per layer); :func:`quantize_model` also writes
+the QDQ model (:mod:`fls_compress.quantize.qdq`) and, with ``activations="int8"``, adds static
+activation QDQ (:mod:`fls_compress.quantize.activations`).
+
+Sparsity with quantisation: ``sparsity`` s prunes ceil(s * total) weights, split uniformly over the
+layers (largest remainder, as SparseGPT); ``pattern`` "N:M" prunes N of every M along the reduction
+axis (Conv: input channels at a kernel position). ``gptq``/``fls`` choose the pruned weights inside
+the sweep (SparseGPT's adaptive selection), ``rtn`` by magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import InvalidDataError, InvalidOptionError
+from ..io.activations import LayerUse, conv_groups, from_matrix, layer_sites, prepare_feeds, to_matrix
+from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported
+from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
+from ..pruning.layerwise import rows_info_fields, sweep_layers
+from ..pruning.selection import allocate_counts, nm_groupable, nm_layout, parse_pattern
+from .gptq import fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
+from .grid import Grid, QuantSpec
+from .qdq import QuantizedWeight, refuse_quantized, write_qdq
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "fls")
+ACTIVATIONS = ("none", "int8")
+
+
+def _magnitude_keep(mat: np.ndarray, count: int, nm: tuple[int, int] | None, order: torch.Tensor | None) -> np.ndarray:
+    """RTN's pruning: the ``count`` smallest |w| of the layer, or N smallest of each N:M group."""
+    a = np.abs(mat)
+    keep = np.ones(mat.shape, dtype=bool)
+    if nm is not None:
+        perm = None if order is None else order.numpy()
+        b = a if perm is None else a[:, perm]
+        idx = np.argsort(b.reshape(b.shape[0], -1, nm[1]), axis=-1, kind="stable")[..., : nm[0]]
+        kp = np.ones(b.shape, dtype=bool).reshape(b.shape[0], -1, nm[1])
+        np.put_along_axis(kp, idx, False, axis=-1)
+        kp = kp.reshape(b.shape)
+        if perm is not None:
+            keep[:, perm] = kp
+        else:
+            keep = kp
+    elif count > 0:
+        keep.reshape(-1)[np.argsort(a.reshape(-1), kind="stable")[:count]] = False
+    return keep
+
+
+def quantize_weights(
+    model: onnx.ModelProto,
+    calib_inputs: Mapping[str, np.ndarray] | None,
+    *,
+    method: str = "gptq",
+    bits: int = 8,
+    granularity: str = "channel",
+    symmetric: bool = True,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    act_order: bool = False,
+    names: list[str] | None = None,
+    seed: int = 0,
+    curvature: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    num_samples: int = 512,
+    max_rows_per_layer: int | None = DEFAULT_MAX_ROWS,
+    sequential: bool = True,
+    chunk: int = 64,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float | str]]:
+    """Integer codes (matrix view) of every float32 Conv/Gemm/MatMul weight (or ``names``) and an info dict."""
+    if method not in METHODS:
+        raise InvalidOptionError(f"quantization method must be one of {', '.join(METHODS)}, got {method!r}")
+    spec = QuantSpec(int(bits), bool(symmetric), str(granularity))
+    nm = parse_pattern(pattern)
+    if nm is not None and sparsity:
+        raise InvalidOptionError("give either sparsity or pattern, not both")
+    if sparsity is not None and not 0.0 <= float(sparsity) < 1.0:
+        raise InvalidOptionError(f"sparsity must be in [0, 1), got {sparsity}")
+    if act_order and method != "gptq":
+        raise InvalidOptionError("act_order is a GPTQ option (columns ordered by the layer Hessian)")
+    if not percdamp >= 0 or block_size < 1:
+        raise InvalidOptionError("percdamp must be >= 0 and block_size >= 1")
+    refuse_quantized(model)
+    work = densify_sparse_initializers(model)
+    sites, uses = layer_sites(work, names)
+    arrays = read_initializer_arrays(work)
+    info: dict[str, float | str] = {"method": method, "bits": float(spec.bits), "granularity": spec.granularity,
+                                    "symmetric": "yes" if spec.symmetric else "no", "act_order": "yes" if act_order else "no"}
+    skipped = [n for n, s in sites.items() if arrays[n].dtype != np.float32 or not uses[n]
+               or (method == "gptq" and not conv_supported(s))]
+    for n in skipped:
+        log.warning("quantize: %r (%s, dtype %s) is not supported by %s and stays float", n, sites[n].op_type,
+                    arrays[n].dtype, method)
+    info["skipped_layers"] = ", ".join(skipped)
+    active = [n for n in sites if n not in skipped]
+    mats = {n: to_matrix(sites[n], uses[n][0], arrays[n]).astype(np.float64) for n in active}
+    grids = {}
+    for n in active:
+        if spec.block is not None and mats[n].shape[1] % spec.block:
+            raise InvalidOptionError(f"granularity block:{spec.block} does not divide the {mats[n].shape[1]} input "
+                                     f"columns of {n!r}; choose a divisor or per-channel")
+        grids[n] = Grid.fit(mats[n], spec)
+    layout = {n: nm_layout(sites[n].op_type, sites[n].shape, mats[n].shape[1]) for n in active}
+    counts = {n: 0 for n in active}
+    dense: list[str] = []
+    if nm is not None:
+        dense = [n for n in active if not nm_groupable(layout[n][0], nm[1])]
+        for n in dense:
+            log.warning("quantize: %r has %d input channels, not a multiple of %d; N:M leaves it dense", n,
+                        layout[n][0], nm[1])
+    elif sparsity:
+        sizes = [mats[n].size for n in active]
+        counts = dict(zip(active, allocate_counts(math.ceil(float(sparsity) * sum(sizes) - 1e-9), sizes)))
+    info["nm_dense_layers"] = ", ".join(dense)
+    layer_nm = {n: (None if n in dense else nm) for n in active}
+    values: dict[str, np.ndarray] = {}
+    losses: dict[str, float] = {}
+
+    def quantize_groups(n: str, site: PrunableSite, use: LayerUse, mat: np.ndarray, stats: RowStatistics | None) -> np.ndarray:
+        g = conv_groups(site, use)
+        rows_per = mat.shape[0] // g
+        grid = grids[n]
+        group_counts = allocate_counts(counts[n], [rows_per * mat.shape[1]] * g)
+        out = np.empty(mat.shape, dtype=np.float32)
+        loss = 0.0
+        for gi in range(g):
+            r = slice(gi * rows_per, (gi + 1) * rows_per)
+            sub = Grid(spec, grid.scale[r], grid.zero_point[r], grid.group_size)
+            w = torch.from_numpy(mat[r])
+            order = layout[n][1] if layer_nm[n] is not None else None
+            if method == "gptq":
+                assert stats is not None
+                res = gptq_quantize_matrix(w, stats.hessian(gi), sub, percdamp=percdamp, use_act_order=act_order,
+                                           col_order=order, prune_count=group_counts[gi], nm=layer_nm[n],
+                                           block_size=block_size)
+            else:
+                u, row_scale = curvature[n]  # type: ignore[index]
+                rs = None if row_scale is None else torch.as_tensor(row_scale, dtype=torch.float64)[r]
+                res = fls_quantize_matrix(w, torch.as_tensor(u, dtype=torch.float64), rs, sub, col_order=order,
+                                          prune_count=group_counts[gi], nm=layer_nm[n], block_size=block_size)
+            out[r] = res.weight.numpy().astype(np.float32)
+            loss += float(res.loss.sum())
+        losses[n] = loss
+        return out
+
+    if method == "rtn":
+        for n in active:
+            keep = _magnitude_keep(mats[n], counts[n], layer_nm[n], layout[n][1]) if (counts[n] or layer_nm[n]) else None
+            values[n] = rtn_quantize_matrix(mats[n], grids[n], keep)
+    elif method == "fls":
+        missing = [n for n in active if curvature is None or n not in curvature]
+        if missing:
+            raise InvalidOptionError(f"fls quantization needs curvature (U, row_scale) for: {', '.join(missing)}")
+        for n in active:
+            u = curvature[n][0]  # type: ignore[index]
+            in_per = mats[n].shape[1]
+            if tuple(u.shape) != (in_per, in_per):
+                raise InvalidOptionError(f"curvature U of {n!r} must be ({in_per}, {in_per}), got {tuple(u.shape)}")
+            row_scale = curvature[n][1]  # type: ignore[index]
+            if row_scale is not None and tuple(row_scale.shape) != mats[n].shape:
+                raise InvalidOptionError(f"curvature row_scale of {n!r} must be {mats[n].shape}, got {tuple(row_scale.shape)}")
+            values[n] = quantize_groups(n, sites[n], uses[n][0], mats[n], None)
+    else:
+        if not calib_inputs:
+            raise InvalidDataError("gptq needs calibration inputs (layer Hessians come from captured activations)")
+        feeds = {k: np.asarray(v)[:num_samples] for k, v in calib_inputs.items()}
+
+        def transform(n: str, site: PrunableSite, us: list[LayerUse], stats: RowStatistics, arr: np.ndarray) -> np.ndarray:
+            values[n] = quantize_groups(n, site, us[0], mats[n], stats)
+            return from_matrix(site, us[0], values[n]).astype(arr.dtype)
+
+        _, rows = sweep_layers(work, feeds, active, transform, full=True, sequential=sequential, chunk=chunk,
+                               max_rows=max_rows_per_layer, seed=seed, label="gptq")
+        info.update(rows_info_fields(rows))
+        info["num_samples"] = float(len(next(iter(prepare_feeds(work, feeds).values()))))
+        info["sequential"] = "yes" if sequential else "no"
+
+    result: dict[str, QuantizedWeight] = {}
+    for n in active:
+        codes = grids[n].codes(values[n])
+        if not np.array_equal(grids[n].dequantize(codes), values[n]):  # every value must be a grid point
+            raise RuntimeError(f"quantize: weights of {n!r} left the grid")
+        result[n] = QuantizedWeight(codes, grids[n])
+    total = sum(mats[n].size for n in active)
+    info["layers_quantized"] = float(len(active))
+    info["weights_quantized"] = float(total)
+    info["sparsity"] = float(sum(int((values[n] == 0).sum()) for n in active) / max(total, 1))
+    if losses:
+        info["obs_loss"] = float(sum(losses.values()))
+    return result, info
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    calib_inputs: Mapping[str, np.ndarray] | None,
+    *,
+    method: str = "gptq",
+    bits: int = 8,
+    granularity: str = "channel",
+    symmetric: bool = True,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    act_order: bool = False,
+    activations: str = "none",
+    names: list[str] | None = None,
+    seed: int = 0,
+    curvature: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    allow_opset_raise: bool = True,
+    **options: object,
+) -> tuple[onnx.ModelProto, dict[str, float | str]]:
+    """Quantised QDQ model and report info. ``options``: percdamp, block_size, num_samples,
+    max_rows_per_layer, sequential, chunk (see :func:`quantize_weights`)."""
+    if activations not in ACTIVATIONS:
+        raise InvalidOptionError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    weights, info = quantize_weights(model, calib_inputs, method=method, bits=bits, granularity=granularity,
+                                     symmetric=symmetric, sparsity=sparsity, pattern=pattern, act_order=act_order,
+                                     names=names, seed=seed, curvature=curvature, **options)  # type: ignore[arg-type]
+    work = densify_sparse_initializers(model)
+    sites, uses = layer_sites(work, list(weights))
+    out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise)
+    info.update({k: (float(v) if not isinstance(v, bool) else ("yes" if v else "no")) for k, v in opset.items()})
+    if opset.get("matmul_nbits"):
+        info["fallback"] = "opset kept: 4-bit MatMul weights as com.microsoft.MatMulNBits (onnxruntime only)"
+    info["activations"] = activations
+    if activations == "int8":
+        from .activations import add_activation_qdq
+
+        if not calib_inputs:
+            raise InvalidDataError("activations=int8 needs calibration inputs for the activation ranges")
+        consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
+                     for n in weights for u in uses[n]]
+        out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers,
+                                           num_samples=int(options.get("num_samples", 512)))  # type: ignore[arg-type]
+        info.update(act_info)
+    return out, info

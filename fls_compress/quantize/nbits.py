@@ -1,0 +1,83 @@
+"""4-bit MatMul weights as onnxruntime's ``com.microsoft.MatMulNBits`` (for models below opset 21).
+
+``DequantizeLinear`` takes int4 codes only from opset 21. When a model's opset cannot be raised,
+MatMul weights read as ``X @ W`` can still carry 4-bit codes through the onnxruntime contrib operator
+``MatMulNBits`` (Y = A @ dequant(B)^T, B quantised in blocks along K; onnxruntime contrib-operator
+specification): B is uint8 [N, K / block, block / 2] with two codes per byte (low nibble first),
+``scales`` float [N * K / block], optional ``zero_points`` uint8 [N * ceil((K / block) / 2)] packed
+the same way (absent: 8). Signed codes c in [-8, 7] are stored as c + 8 with the default zero point
+8, so the dequantised values (code - zero_point) * scale are those of the grid. ``block_size`` must be
+a power of two >= 16: a ``block:g`` grid needs such a g; per-channel / per-tensor grids use the
+largest power of two in [16, 128] dividing K (their scale repeated over the blocks of a row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import UnsupportedModelError
+from ..io.activations import LayerUse
+from ..io.onnx_model import PrunableSite
+from .grid import Grid
+
+DOMAIN = "com.microsoft"
+
+
+def nbits_block(grid: Grid, k: int) -> int | None:
+    """The MatMulNBits block size that expresses ``grid`` over K columns, or None."""
+    g = grid.spec.block
+    if g is not None:
+        return g if g >= 16 and g & (g - 1) == 0 else None
+    for b in (128, 64, 32, 16):
+        if k % b == 0:
+            return b
+    return None
+
+
+def nbits_supported(site: PrunableSite, uses: list[LayerUse], grid: Grid, name: str) -> str | None:
+    """Why this weight cannot become MatMulNBits (None: it can)."""
+    if grid.spec.bits != 4:
+        return "only 4-bit weights"
+    if site.op_type != "MatMul" or any(u.weight_position != 1 or u.node.input[1] != name for u in uses):
+        return "only MatMul weights read directly as X @ W"
+    if nbits_block(grid, int(site.shape[0])) is None:
+        return "block size must be a power of two >= 16 dividing K"
+    return None
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (last axis even)."""
+    c = codes.astype(np.uint8)
+    return (c[..., 0::2] & 0x0F) | ((c[..., 1::2] & 0x0F) << 4)
+
+
+def write_matmul_nbits(graph: onnx.GraphProto, name: str, codes: np.ndarray, grid: Grid, uses: list[LayerUse],
+                       unique) -> None:
+    """Replace each MatMul reading initializer ``name`` by MatMulNBits over the (out=N, in=K) ``codes``."""
+    n, k = codes.shape
+    block = nbits_block(grid, k)
+    if block is None:
+        raise UnsupportedModelError(f"{name!r}: no MatMulNBits block size fits")
+    blocks = k // block
+    if grid.group_size == block:  # block:g grid
+        scale, zero = grid.scale, grid.zero_point
+    else:  # per-channel / per-tensor: the row's one scale repeated over its blocks
+        scale, zero = np.repeat(grid.scale, blocks, axis=1), np.repeat(grid.zero_point, blocks, axis=1)
+    stored = codes + 8 if grid.spec.symmetric else codes
+    b_name, s_name = unique(f"{name}_nbits"), unique(f"{name}_nbits_scale")
+    graph.initializer.append(numpy_helper.from_array(_pack(stored.reshape(n, blocks, block)), b_name))
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1), dtype=np.float32), s_name))
+    inputs = [b_name, s_name]
+    if not grid.spec.symmetric:
+        z = zero if blocks % 2 == 0 else np.concatenate([zero, np.zeros((n, 1), zero.dtype)], axis=1)
+        z_name = unique(f"{name}_nbits_zero_point")
+        graph.initializer.append(numpy_helper.from_array(_pack(z).reshape(-1), z_name))
+        inputs.append(z_name)
+    for use in uses:
+        node = next(nd for nd in graph.node if nd == use.node)
+        new = helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
+                               name=node.name or unique(f"{name}_MatMulNBits"), domain=DOMAIN, K=k, N=n, bits=4,
+                               block_size=block)
+        node.CopyFrom(new)
