@@ -184,7 +184,7 @@ def _run(
                 "excluded": outcome.excluded,
             }
             rep["notes"] = [SPEED_NOTE] if config.pattern is None else []
-        failure = check_gates(rep["verification"], opts)
+        failure = non_finite_outputs(rep["verification"]) or check_gates(rep["verification"], opts)
         kept = failure is None or opts.keep_failed
         if output is not None:
             rep["output"] = {"path": str(output), "kept": kept,
@@ -237,6 +237,16 @@ def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelPr
                                                               "ratio": after / before if before else None},
             "latency": latency, "faster": faster, "speed_note": note,
             "opset": outcome.info.get("opset"), "opset_raised": outcome.info.get("opset_raised")}
+
+
+def non_finite_outputs(verification: dict[str, Any]) -> str | None:
+    """A verification that compared NaN/Inf outputs proves nothing: it fails (exit 6) like a gate."""
+    for name, out in verification["outputs"].items():
+        for key, value in out.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                return (f"output '{name}' is not finite (NaN/Inf) in the original or the compressed model on the "
+                        f"verification data ({key} is {value}); check the scale of the data")
+    return None
 
 
 def check_gates(verification: dict[str, Any], opts: RunOptions) -> str | None:

@@ -100,3 +100,29 @@ def test_integer_token_inputs(capsys, files, outdir, inputs_before, method):
     res = h.cli(capsys, "prune", files["embed"], "-o", out, "--data", files["ids"], "-s", "0.5", *extra)
     doc = h.check_success(res, out, inputs_before)
     assert list(doc["sparsity"]["per_layer"]) == ["w"]  # the embedding table is not a prunable weight
+
+
+def test_outputs_that_overflow_give_strict_json(capsys, files, outdir, tmp_path, inputs_before):
+    """Finite but huge inputs overflow float32 inside the model: the report stays strict JSON (non-finite
+    numbers become null and are listed under ``non_finite``) and the run fails verification (exit 6): comparing
+    NaN/Inf outputs proves nothing, so no model is written."""
+    import numpy as np
+
+    huge = tmp_path / "huge.npz"
+    np.savez(huge, x=np.full((16, 16), 3e38, np.float32))
+    out, rep = outdir / "o.onnx", outdir / "r.json"
+    res = h.cli(capsys, "prune", files["mlp"], "-o", out, "--data", huge, "--eval-data", huge, "--report", rep, *h.MAGNITUDE)
+    doc = h.check_failure(res, 6, "not finite", before=inputs_before, output=out, report=rep, report_expected=True)
+    assert any(p.startswith("verification.outputs.logits.") for p in doc["non_finite"])
+
+
+def test_identically_zero_outputs(capsys, files, tmp_path, outdir, inputs_before):
+    """A model whose output is all zeros: relative errors are undefined, the report is still strict JSON."""
+    model = h.mlp()
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.zeros((32, 4), np.float32), "w2"))
+    path = tmp_path / "zero.onnx"
+    onnx.save(model, path)
+    out = outdir / "o.onnx"
+    res = h.cli(capsys, "prune", path, "-o", out, "--data", files["calib"], *h.MAGNITUDE)
+    doc = h.check_success(res, out, inputs_before)
+    assert doc["verification"]["outputs"]["logits"]["max_abs_error"] == 0.0
