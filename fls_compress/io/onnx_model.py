@@ -104,8 +104,32 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
         onnx.checker.check_model(str(p))
     except Exception as exc:  # noqa: BLE001 - ValidationError, and C++ errors on garbage input
         raise InvalidModelError(f"invalid ONNX model {p}: {_one_line(exc)}") from exc
+    _check_payloads(model, p)
     _LOG.debug("loaded %s (%d nodes, %d initializers)", p, len(model.graph.node), len(model.graph.initializer))
     return model
+
+
+_PACKED_4BIT = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+
+
+def _check_payloads(model: onnx.ModelProto, path: Path) -> None:
+    """Every inline initializer holds as many elements as its dims say (the checker does not look)."""
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL or t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        numel = int(np.prod([int(d) for d in t.dims], dtype=np.int64)) if t.dims else 1
+        try:
+            if t.raw_data:
+                if t.data_type in _PACKED_4BIT:
+                    want = (numel + 1) // 2
+                else:
+                    want = numel * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                if len(t.raw_data) != want:
+                    raise ValueError(f"{len(t.raw_data)} bytes of data for dims {list(t.dims)} ({want} expected)")
+            else:
+                numpy_helper.to_array(t)
+        except Exception as exc:  # noqa: BLE001 - numpy/onnx raise ValueError, TypeError, KeyError
+            raise InvalidModelError(f"invalid ONNX model {path}: initializer '{t.name}': {_one_line(exc)}") from exc
 
 
 def ensure_distinct_paths(inp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
