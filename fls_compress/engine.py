@@ -126,6 +126,7 @@ def _run(
         from .io.safetensors_weights import apply_safetensors
 
         proto = apply_safetensors(proto, weights_path)
+    check_original(proto, model_path if weights_path is None else None)
     if isinstance(config, AutoConfig):
         config = _resolve_auto(rep, proto, config)
     quantize = isinstance(config, QuantizeConfig)
@@ -237,6 +238,24 @@ def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelPr
                                                               "ratio": after / before if before else None},
             "latency": latency, "faster": faster, "speed_note": note,
             "opset": outcome.info.get("opset"), "opset_raised": outcome.info.get("opset_raised")}
+
+
+def check_original(proto: onnx.ModelProto, path: Path | None) -> None:
+    """Fail before any work on what would only fail later: onnxruntime must load the original (every
+    result is verified with it; a model it refuses is exit 3, one with an operator it lacks exit 4), and
+    the prunable weights must be finite (NaN/Inf weights make every saliency meaningless)."""
+    from onnx import numpy_helper
+
+    from .errors import InvalidModelError
+    from .io.onnx_model import prunable_initializers
+    from .verify import _session  # the one place that maps onnxruntime's load errors to exit codes
+
+    _session(proto, "original", path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    base = str(path.parent) if path is not None else ""
+    for site in prunable_initializers(proto):
+        if site.name in inits and not np.isfinite(numpy_helper.to_array(inits[site.name], base)).all():
+            raise InvalidModelError(f"prunable weight '{site.name}' holds NaN or Inf values; fix the model first")
 
 
 def non_finite_outputs(verification: dict[str, Any]) -> str | None:

@@ -126,3 +126,57 @@ def test_identically_zero_outputs(capsys, files, tmp_path, outdir, inputs_before
     res = h.cli(capsys, "prune", path, "-o", out, "--data", files["calib"], *h.MAGNITUDE)
     doc = h.check_success(res, out, inputs_before)
     assert doc["verification"]["outputs"]["logits"]["max_abs_error"] == 0.0
+
+
+def _structural(name: str) -> onnx.ModelProto:
+    """The classifier with one defect the ONNX checker does not see but onnxruntime (or pruning) would."""
+    m = h.mlp()
+    init = {t.name: t for t in m.graph.initializer}
+    if name == "inner-dim-mismatch":
+        init["w1"].CopyFrom(numpy_helper.from_array(np.ones((15, 32), np.float32), "w1"))
+    elif name == "rank3-weight":
+        init["w1"].CopyFrom(numpy_helper.from_array(np.ones((16, 32, 1), np.float32), "w1"))
+    elif name == "int8-weight":
+        init["w1"].CopyFrom(numpy_helper.from_array(np.ones((16, 32), np.int8), "w1"))
+    elif name == "nan-weight":
+        init["w1"].CopyFrom(numpy_helper.from_array(np.full((16, 32), np.nan, np.float32), "w1"))
+    elif name == "inf-weight":
+        w = numpy_helper.to_array(init["w2"]).copy()
+        w[0, 0] = np.inf
+        init["w2"].CopyFrom(numpy_helper.from_array(w, "w2"))
+    elif name == "duplicate-node-names":
+        m.graph.node[0].name = m.graph.node[1].name = "same"
+    elif name == "declared-input-dim-wrong":
+        m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 17
+    elif name == "payload-size-wrong":
+        init["w1"].dims[0] = 11
+    return m
+
+
+STRUCTURAL = ["inner-dim-mismatch", "rank3-weight", "int8-weight", "nan-weight", "inf-weight", "duplicate-node-names",
+              "declared-input-dim-wrong", "payload-size-wrong"]
+
+
+@pytest.mark.parametrize("defect", STRUCTURAL)
+@pytest.mark.parametrize("method", ["magnitude", "fls", "sparsegpt"])
+def test_defects_the_checker_misses_are_exit_3_before_any_work(capsys, files, tmp_path, outdir, inputs_before, defect, method):
+    path = tmp_path / f"{defect}.onnx"
+    onnx.save(_structural(defect), path)
+    out, rep = outdir / "o.onnx", outdir / "r.json"
+    extra = {"magnitude": h.MAGNITUDE, "fls": h.FAST_FLS, "sparsegpt": ("-m", "sparsegpt", "--no-progress")}[method]
+    res = h.cli(capsys, "prune", path, "-o", out, "--data", files["calib"], "--report", rep, *extra)
+    doc = h.check_failure(res, 3, "", before=inputs_before, output=out, report=rep, report_expected=True)
+    assert doc["error_class"] == "InvalidModelError"
+    assert "calibration" not in doc and "timing_s" in doc  # refused before the data was read
+
+
+def test_weights_listed_as_graph_inputs_are_still_pruned(capsys, files, tmp_path, outdir, inputs_before):
+    """Old exporters list initializers among the graph inputs too; they are weights, not data inputs."""
+    m = h.mlp()
+    m.graph.input.append(onnx.helper.make_tensor_value_info("w1", onnx.TensorProto.FLOAT, [16, 32]))
+    path = tmp_path / "inputs.onnx"
+    onnx.save(m, path)
+    out = outdir / "o.onnx"
+    res = h.cli(capsys, "prune", path, "-o", out, "--data", files["calib"], "-s", "0.5", *h.MAGNITUDE)
+    doc = h.check_success(res, out, inputs_before)
+    assert doc["sparsity"]["achieved"] >= 0.5 and doc["sparsity"]["per_layer"]["w1"]["sparsity"] > 0.3
