@@ -82,6 +82,8 @@ CASES = [
     (FLSConfig, FLS, "aux_lr", 0.05),
     (FLSConfig, FLS, "batch_size", 4),
     (FLSConfig, FLS, "precondition", False),
+    (FLSConfig, FLS, "probes", 3),
+    (FLSConfig, {**FLS, "fit_steps": 400}, "fit_seconds", 1e-4),
     (FLSConfig, FLS, "obs_update", "decoupled"),
     (FLSConfig, FLS, "moment_samples", 8),
     (OBertConfig, EF, "sparsity", 0.8),
@@ -102,6 +104,7 @@ CASES = [
     (SparseGPTConfig, dict(sparsity=0.6), "percdamp", 2.0),
     (SparseGPTConfig, dict(sparsity=0.6), "lazy_block", 4),
     (SparseGPTConfig, dict(sparsity=0.6), "sequential", False),
+    (SparseGPTConfig, dict(sparsity=0.6), "max_rows_per_layer", 16),
     (SparseGPTConfig, dict(sparsity=0.6), "sparsity", 0.8),
     (SparseGPTConfig, dict(), "pattern", "2:4"),
     (SparseGPTConfig, dict(sparsity=0.6), "exclude", ("w1",)),
@@ -116,7 +119,7 @@ CASES = [
 INHERITED_ELSEWHERE = {
     IEFConfig: {"sparsity", "pattern", "exclude", "scope", "steps", "likelihood", "output_name", "damping", "relative_damping"},
     MFACConfig: {"sparsity", "pattern", "exclude", "scope", "steps", "likelihood", "output_name", "damping"},
-    WandaConfig: {"sparsity", "pattern", "exclude"},
+    WandaConfig: {"sparsity", "pattern", "exclude", "max_rows_per_layer"},
     AutoConfig: {"pattern", "exclude"},
 }
 
@@ -138,6 +141,7 @@ def test_knob_changes_the_pruned_weights(mlp, cls, base, knob, value):
     (dict(q_form="kron", block_size=8), "--block-size applies to --q-form block"),
     (dict(q_form="block", q_init="kfac"), "--q-init kfac needs --q-form kron"),
     (dict(q_form="block", obs_update="row-exact"), "needs --q-form kron"),
+    (dict(q_form="kron", obs_update="block-exact"), "needs --q-form block"),
     (dict(damping=0.1, relative_damping=0.1), "not both"),
     (dict(sparsity=0.5, pattern="2:4"), "not both"),
     (dict(pattern="2:4", steps=3), "--steps > 1 does not apply"),

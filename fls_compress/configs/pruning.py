@@ -227,14 +227,21 @@ class FLSConfig(CurvatureConfig):
         "(1/(diag F + gamma)) or identity (I/gamma). Default: kfac for kron, diag for block.",
         choices=("kfac", "diag", "identity"),
     )
-    fit_steps: int = knob(50, "FishLeg auxiliary-loss steps before the first pruning step.", min=0, max=1_000_000)
-    refit_steps: int = knob(20, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
-    aux_lr: float = knob(3e-3, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
+    fit_steps: int = knob(800, "FishLeg auxiliary-loss steps before the first pruning step.", min=0, max=1_000_000)
+    refit_steps: int = knob(320, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
+    fit_seconds: float | None = knob(
+        None, "Wall-clock budget of each fit/refit; the steps done are in the report (results then depend on machine speed).",
+        min=0.0, min_open=True,
+    )
+    aux_lr: float = knob(1e-2, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
     batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
+    probes: int = knob(1, "Gaussian probes per Fisher-vector product (one shared forward pass).", min=1, max=1024)
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
     obs_update: str | None = knob(
-        None, "Compensation: row-exact (exact group OBS per output row with Q's factors; kron only) or decoupled (-Q z). "
-        "Default: row-exact for kron, decoupled for block.", choices=("row-exact", "decoupled"),
+        None, "Compensation: sweep (OBS column sweep with Q's Kronecker factor, one Cholesky per layer; kron), row-exact "
+        "(exact per-row solve, the reference; kron, inputs <= 2048), block-exact (exact group OBS inside each block; block) "
+        "or decoupled (-Q z). Default: sweep for kron, block-exact for block.",
+        choices=("sweep", "row-exact", "block-exact", "decoupled"),
     )
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)
@@ -245,8 +252,10 @@ class FLSConfig(CurvatureConfig):
             raise InvalidOptionError("--block-size applies to --q-form block only")
         if self.q_form == "block" and self.q_init == "kfac":
             raise InvalidOptionError("--q-init kfac needs --q-form kron (Kronecker factors)")
-        if self.q_form == "block" and self.obs_update not in (None, "decoupled"):
+        if self.q_form == "block" and self.obs_update in ("sweep", "row-exact"):
             raise InvalidOptionError(f"--obs-update {self.obs_update} needs --q-form kron")
+        if self.q_form == "kron" and self.obs_update == "block-exact":
+            raise InvalidOptionError("--obs-update block-exact needs --q-form block")
 
     @property
     def resolved_init(self) -> str:
@@ -254,7 +263,7 @@ class FLSConfig(CurvatureConfig):
 
     @property
     def resolved_update(self) -> str:
-        return self.obs_update or ("row-exact" if self.q_form == "kron" else "decoupled")
+        return self.obs_update or ("sweep" if self.q_form == "kron" else "block-exact")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 OBS (Hassibi & Stork 1993) needs two things from an approximation Q ~ F^{-1} (block-diagonal over
 layers): the diagonal [Q]_qq, for the saliency rho_q = w_q^2 / (2 [Q]_qq), and products Q z, for the
-compensating update delta = -Q z with z_q = w_q / [Q]_qq on the pruned set (FLS memo section 4.2).
+compensating update delta = -Q z with z_q = w_q / [Q]_qq on the pruned set (Hassibi & Stork 1993, eq. 5).
 Block estimators can also offer the exact group update inside a block (oBERT/WoodFisher).
 """
 
@@ -32,6 +32,9 @@ class InverseFisherEstimator(ABC):
 
     #: short method name used in reports and the CLI
     name: str = ""
+    #: per-layer record of the OBS update used (e.g. {"update": "sweep", "in": 4608, "out": 512}); estimators
+    #: that choose per layer set it in ``fit``
+    layer_info: dict[str, dict]
 
     @abstractmethod
     def fit(self, problem: FisherProblem) -> FitStats:
@@ -50,5 +53,7 @@ class InverseFisherEstimator(ABC):
         """Q z for one weight's block, ``z`` shaped like the parameter."""
 
     def block_exact_update(self, name: str, weight: torch.Tensor, prune: torch.Tensor) -> torch.Tensor | None:
-        """Optional exact group-OBS update for block-structured Q; ``None`` means "use decoupled"."""
+        """Optional group-OBS update (exact inside blocks, or a column sweep): the change of ``weight``
+        when the weights in ``prune`` (and all earlier-pruned ones) are held at zero. ``None`` means
+        "use the decoupled update -Q z"."""
         return None

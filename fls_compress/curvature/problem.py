@@ -8,20 +8,28 @@
 * exact Fisher-vector products F v = E[J^T H_out J] v computed with two reverse-mode passes
   (the "double-vjp" trick for J v) - exact for canonical-link likelihoods, with no label noise
   and no finite-difference round-off (FLS memo section 2.5: GGN product recommended),
-* per-example gradients with sampled or true labels (for empirical/diagonal Fisher estimators),
+* per-example gradients with sampled or true labels (for empirical/diagonal Fisher estimators), from
+  one backward per batch when layer hooks cover every prunable weight (see :mod:`.per_example`),
 * explicit boolean masks (True = weight alive) keyed by ONNX initializer name.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from ..bridge.weights import PrunableWeight
 from .likelihoods import Likelihood
+from .per_example import hooked_per_example_gradients
+
+log = logging.getLogger(__name__)
+
+#: Per-example gradients materialised at once are limited to about this many floats.
+PER_EXAMPLE_BUDGET = 1 << 25
 
 Forward = Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
 
@@ -66,6 +74,9 @@ class FisherProblem:
         Batch size used by :meth:`next_batch`.
     targets_from_input:
         For reconstruction models (autoencoders) the "true label" is the input itself; names the input.
+    module:
+        The torch module that ``forward`` runs, if any. With it, per-example gradients of weights held by
+        ``nn.Linear``/``nn.Conv2d`` submodules come from layer hooks in one backward per batch.
     """
 
     forward: Forward
@@ -78,6 +89,7 @@ class FisherProblem:
     seed: int = 0
     targets_from_input: str | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -86,6 +98,8 @@ class FisherProblem:
         self._cursor = 0
         for name, w in self.weights.items():
             self.masks.setdefault(name, torch.ones_like(w.parameter, dtype=torch.bool))
+        #: how per-example gradients were computed last ("hooks" or "loop") and why the loop was used
+        self.per_example_info: dict[str, str] = {}
 
     # ---------------------------------------------------------------- data
     @property
@@ -93,10 +107,11 @@ class FisherProblem:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def batch_from_indices(self, idx: np.ndarray) -> Batch:
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in self.inputs.items()}
+        device = self.params[0].device if self.weights else torch.device("cpu")
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(device) for k, v in self.inputs.items()}
         labels = None
         if self.labels is not None:
-            labels = torch.from_numpy(np.ascontiguousarray(self.labels[idx]))
+            labels = torch.from_numpy(np.ascontiguousarray(self.labels[idx])).to(device)
         elif self.targets_from_input is not None:
             labels = inputs[self.targets_from_input]
         return Batch(inputs, labels)
@@ -133,7 +148,8 @@ class FisherProblem:
     def target(self, out: torch.Tensor, batch: Batch, labels: str = "sampled") -> torch.Tensor:
         """Labels ``"sampled"`` from the model's predictive distribution, or the ``"true"`` ones."""
         if labels == "sampled":
-            return self.likelihood.sample(out, self.generator)
+            # drawn on the CPU with the problem's generator: the same labels on every device
+            return self.likelihood.sample(out.detach().cpu(), self.generator).to(out.device)
         if batch.labels is None:
             raise ValueError("true labels requested but the calibration data has none")
         return batch.labels
@@ -152,44 +168,104 @@ class FisherProblem:
             for (n, p), g in zip(((n, w.parameter) for n, w in self.weights.items()), grads)
         }
 
+    def per_example_gradient_batch(self, batch: Batch, *, labels: str = "sampled") -> Mapping[str, torch.Tensor]:
+        """Per-example NLL gradients, name -> (B, *parameter shape), masked.
+
+        Labels are drawn once for the whole batch (from the model's predictive distribution, or the
+        true ones). With ``module`` set, one forward and one backward give those of every weight held by
+        a hookable layer (G_n = g_n^T x_n summed over positions; checked, see :mod:`.per_example`),
+        computed lazily one layer per access; the other weights (all of them without ``module``) take
+        one backward per example (logged; ``per_example_info`` says which and why).
+        """
+        with torch.no_grad():
+            out = self.output(batch)
+        target = self.target(out, batch, labels)
+        if self.module is not None:
+            grads, rest = hooked_per_example_gradients(self, batch, target)
+        else:
+            grads, rest = None, {n: "no torch module given to the FisherProblem" for n in self.names}
+        mode = "hooks" if not rest else ("loop" if len(rest) == len(self.names) else "hooks+loop")
+        info = {"per_example": mode}
+        if rest:
+            reasons = sorted({f"{why} ({n})" for n, why in rest.items()})
+            info["per_example_reason"] = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+            if self.per_example_info.get("per_example") != mode:
+                log.warning("per-example gradients: one backward per example for %d of %d weights: %s",
+                            len(rest), len(self.names), info["per_example_reason"])
+        self.per_example_info = info
+        if not rest:
+            return grads  # type: ignore[return-value]
+        names = [n for n in self.names if n in rest]
+        params = [self.weights[n].parameter for n in names]
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for i, sub in enumerate(batch.examples()):
+            loss = self.likelihood.nll(self.output(sub), target[i : i + 1])
+            for n, p, g in zip(names, params, torch.autograd.grad(loss, params, allow_unused=True)):
+                rows[n].append((torch.zeros_like(p) if g is None else g.detach()) * self.masks[n])
+        looped = {n: torch.stack(r) for n, r in rows.items()}
+        if grads is None:
+            return looped
+        grads.fixed.update(looped)
+        return grads
+
     def per_example_gradients(
         self, batch: Batch, *, labels: str = "sampled"
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield one gradient dict per example (a backward pass each; exact, model-agnostic)."""
-        for sub in batch.examples():
-            yield self.gradient(sub, labels=labels)
+        """Yield one gradient dict per example (see :meth:`per_example_gradient_batch`).
+
+        The batch is processed in chunks so that at most ~``PER_EXAMPLE_BUDGET`` floats are alive.
+        """
+        total = sum(w.numel for w in self.weights.values())
+        chunk = max(1, min(batch.size, PER_EXAMPLE_BUDGET // max(total, 1)))
+        for start in range(0, batch.size, chunk):
+            stop = min(start + chunk, batch.size)
+            sub = Batch(
+                {k: v[start:stop] for k, v in batch.inputs.items()},
+                None if batch.labels is None else batch.labels[start:stop],
+            )
+            grads = dict(self.per_example_gradient_batch(sub, labels=labels))
+            for i in range(stop - start):
+                yield {n: g[i] for n, g in grads.items()}
 
     def fisher_vp(self, batch: Batch, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Exact Fisher (GGN) vector product F v = (1/B) sum_n J_n^T H_n J_n v over ``batch``.
+        """Exact Fisher (GGN) vector product F v = (1/B) sum_n J_n^T H_n J_n v over ``batch``."""
+        return self.fisher_vps(batch, [vectors])[0]
+
+    def fisher_vps(self, batch: Batch, vectors: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """F v for several vectors v sharing one forward pass (GGN products, Schraudolph 2002).
 
         J v is obtained without forward-mode AD: g(w) = J^T w is linear in a dummy cotangent w, so
-        J v = d<g(w), v>/dw. Then J^T (H_out J v) is one more vector-Jacobian product. The result is
+        J v = d<g(w), v>/dw. Then J^T (H_out J v) is one more vector-Jacobian product. The results are
         masked (only surviving weights carry curvature).
         """
         params = self.params
         out = self.output(batch)
         dummy = torch.zeros_like(out, requires_grad=True)
         jt_dummy = torch.autograd.grad(out, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
-        pairs = [(g, vectors[n]) for g, n in zip(jt_dummy, self.names) if g is not None]
-        jv = torch.autograd.grad([g for g, _ in pairs], dummy, grad_outputs=[v for _, v in pairs], retain_graph=True)[0]
-        hjv = self.likelihood.output_hvp(out, jv.detach())
-        fv = torch.autograd.grad(out, params, grad_outputs=hjv, allow_unused=True)
-        return {
-            n: (torch.zeros_like(p) if g is None else g) * self.masks[n]
-            for n, p, g in zip(self.names, params, fv)
-        }
+        results = []
+        for vecs in vectors:
+            pairs = [(g, vecs[n]) for g, n in zip(jt_dummy, self.names) if g is not None]
+            jv = torch.autograd.grad([g for g, _ in pairs], dummy, grad_outputs=[v for _, v in pairs], retain_graph=True)[0]
+            hjv = self.likelihood.output_hvp(out, jv.detach())
+            fv = torch.autograd.grad(out, params, grad_outputs=hjv, allow_unused=True, retain_graph=True)
+            results.append({
+                n: (torch.zeros_like(p) if g is None else g) * self.masks[n]
+                for n, p, g in zip(self.names, params, fv)
+            })
+        return results
 
     def dense_fisher(self, names: list[str] | None = None, num_samples: int | None = None) -> torch.Tensor:
         """Exact Fisher restricted to the listed weights (small models only; used by tests/benchmarks)."""
         names = names or self.names
         sizes = [self.weights[n].numel for n in names]
         total = sum(sizes)
-        fisher = torch.zeros(total, total, dtype=torch.float64)
+        device = self.params[0].device
+        fisher = torch.zeros(total, total, dtype=torch.float64, device=device)
         batches = list(self.iter_batches(num_samples))
         count = sum(b.size for b in batches)
         for batch in batches:
             for col in range(total):
-                e = torch.zeros(total)
+                e = torch.zeros(total, dtype=self.params[0].dtype, device=device)
                 e[col] = 1.0
                 vec, off = {}, 0
                 for n in self.names:
@@ -248,4 +324,5 @@ def problem_from_module(
         labels=labels,
         batch_size=batch_size,
         seed=seed,
+        module=module,
     )

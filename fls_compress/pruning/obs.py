@@ -8,9 +8,10 @@ dL ~ 1/2 d^T F d around trained weights (gradient term ~ 0), removing weight q c
 and the optimal compensation of the survivors is d = -(w_q / [F^{-1}]_qq) F^{-1} e_q. FishLeg Surgeon
 (McGowan et al., 2412.02328) replaces F^{-1} with the learned Q(lambda) ~ (F + gamma I)^{-1}.
 
-For a set P removed at once we use the decoupled ("independent OBS") update, one Q-product per layer:
-z_q = w_q / Q_qq on P, d = -Q z, then hard-zero P (FLS memo 4.2 rule 3). Estimators with small dense
-blocks may instead return the exact group update d = -Q[:,P] (Q_PP)^{-1} w_P (memo 4.2 rule 4).
+For a set P removed at once the default is the decoupled ("independent OBS") update, one Q-product per
+layer: z_q = w_q / Q_qq on P, d = -Q z, then hard-zero P. Estimators may instead return a group update
+(``block_exact_update``): the exact d = -Q[:,P] (Q_PP)^{-1} w_P inside dense blocks (oBERT, Kurtic et
+al. 2022), or the OBS column sweep of :mod:`.sweep` (FLS with the Kronecker Q).
 High sparsities are reached in ``spec.steps`` sub-steps with the estimator refitted in between
 (progressive assimilation for FishLeg, re-estimation for the others).
 """
@@ -76,4 +77,8 @@ class OBSPruner(Pruner):
             log.info("%s step %d: target %.4f reached %.4f (fit %.1fs)", self.name, k + 1, target, problem.sparsity(), stats.seconds)
             if progress:
                 progress(f"{self.name}: step {k + 1}/{len(spec.schedule())}, sparsity {problem.sparsity():.3f}")
+        layer_info = getattr(self.estimator, "layer_info", None) or {}
+        updates = sorted({str(i.get("update")) for i in layer_info.values()})
+        if updates:
+            result.info.setdefault("obs_update", ",".join(updates))
         return result

@@ -74,6 +74,8 @@ def fishleg_config(config: FLSConfig) -> FishLegConfig:
         precondition=config.precondition,
         update=config.resolved_update,
         diag_samples=config.moment_samples,
+        probes=config.probes,
+        fit_seconds=config.fit_seconds,
     )
 
 

@@ -90,6 +90,8 @@ def _run_steps(pruner: Pruner, problem: FisherProblem, spec: SparsitySpec, opts:
     layer_info = getattr(getattr(pruner, "estimator", None), "layer_info", None)
     if layer_info:
         info["per_layer"] = layer_info
+    if problem.per_example_info:
+        info["per_example_gradients"] = problem.per_example_info
     return [asdict(st) for st in result.steps], info
 
 
@@ -120,12 +122,17 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
         out = bridge.forward(probe)[output_index].detach().cpu().numpy()
     guess = infer_task({p.key: p.value for p in model.metadata_props}, {k: v[:2] for k, v in calib.inputs.items()}, out,
                        has_labels=calib.labels is not None, likelihood=config.likelihood)
+    labels = calib.labels
+    if labels is not None and guess.likelihood != "categorical":
+        log.warning("the data's class labels do not fit the %s likelihood; targets are sampled from the model instead",
+                    guess.likelihood)
+        labels = None
     log.info("calibrating on %d samples (%s), likelihood %s, %d prunable tensors (%d weights)", calib.num_samples,
              calib.source, guess.likelihood, len(weights), sum(w.numel for w in weights.values()))
     problem = FisherProblem(
         forward=bridge.forward, weights=weights, inputs=calib.inputs, likelihood=make_likelihood(guess.likelihood),
-        labels=calib.labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
-        targets_from_input=guess.target_input,
+        labels=labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
+        targets_from_input=guess.target_input, module=bridge.module,
     )
     return problem, guess, excluded, convert_s
 

@@ -1,0 +1,86 @@
+"""Group OBS updates with FishLeg's learned inverse Fisher (FishLeg Surgeon, McGowan et al. 2024).
+
+Removing a set P of weights at once, the OBS problem (Hassibi & Stork 1993) with the local model
+1/2 d^T Q^{-1} d is min_d d^T Q^{-1} d s.t. (theta + d)_P = 0, solved by d = -Q[:, P] (Q_PP)^{-1} theta_P.
+
+* :func:`kron_sweep_update` (Kronecker Q, default): the lazy-block column sweep of
+  :func:`fls_compress.pruning.sweep.obs_sweep` per output row with H_r^{-1} = D_{A_r} L L^T D_{A_r}
+  (the cross-row terms of R^T R are dropped; the scalar (R^T R)_rr cancels). One Cholesky of L L^T per
+  layer, O(in^3 + out in^2) for every width (OBC, Frantar & Alistarh 2022; SparseGPT, Frantar &
+  Alistarh 2023, Alg. 1).
+* :func:`kron_row_exact_update` (reference): the same per-row problem solved exactly, one dense
+  solve over the kept inputs per row, O(out in^3): every kept weight of the row may move, whereas the
+  sweep only moves the columns to the right of each removed one.
+* :func:`block_exact_update` (block-diagonal Q): the exact group OBS inside every block, batched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..pruning.sweep import inverse_hessian_cholesky, obs_sweep
+
+
+def kron_upper_factor(L: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """U upper with U^T U = L L^T (float64), and the jitter that was needed (0 normally)."""
+    L = L.detach().double()
+    return inverse_hessian_cholesky(L @ L.t())
+
+
+def kron_sweep_update(
+    theta: torch.Tensor, gone: torch.Tensor, upper: torch.Tensor, A: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (out, in) weights (removed entries exactly 0) and the per-row sweep loss."""
+    res = obs_sweep(theta.double(), upper, row_scale=A.detach().double(), prune_mask=gone, block_size=block_size)
+    return res.weight, res.loss
+
+
+def kron_row_exact_update(theta: torch.Tensor, new: torch.Tensor, gone: torch.Tensor, L: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Exact per-row group OBS (matrix view): the change of theta, float64.
+
+    With H0 = (L L^T)^{-1} and D = diag(A_r): w_P = 0, w_K = theta_K + D_K (H0_KK)^{-1} H0_KP (theta_P / A_P).
+    """
+    theta = theta.double()
+    L = L.detach().double()
+    h0 = torch.linalg.inv(L @ L.t())
+    h0 = 0.5 * (h0 + h0.t())
+    scale = A.detach().double()
+    delta = torch.zeros_like(theta)
+    for r in torch.nonzero(new.any(1)).flatten().tolist():
+        removed = gone[r]
+        kept = ~removed
+        delta[r, removed] = -theta[r, removed]
+        if not bool(kept.any()):
+            continue
+        x = theta[r, removed] / scale[r, removed]
+        rhs = h0[kept][:, removed] @ x
+        delta[r, kept] = scale[r, kept] * torch.linalg.solve(h0[kept][:, kept], rhs)
+    return delta
+
+
+def block_exact_update(theta: torch.Tensor, new: torch.Tensor, gone: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Exact group OBS inside each block of a block-diagonal Q = blockdiag(B_k B_k^T).
+
+    ``theta``/``new``/``gone`` are flat (n,) over the layer's row-major matrix view, ``blocks`` the layer's
+    (k, b, b) factors (the last block zero-padded past n). Only blocks with a newly removed weight move:
+    in such a block d = -Q[:, P] (Q_PP)^{-1} theta_P with P all removed weights of the block (earlier
+    ones included, which keeps them at 0). Solved for all blocks at once as
+    (D_P Q D_P + I - D_P) z = D_P theta, d = -Q z with D_P the 0/1 indicator of P.
+    """
+    k, b, _ = blocks.shape
+    n = theta.numel()
+    pad = k * b - n
+    th = torch.cat([theta.double(), theta.new_zeros(pad, dtype=torch.float64)]).reshape(k, b)
+    nw = torch.cat([new, new.new_zeros(pad)]).reshape(k, b)
+    gn = torch.cat([gone, gone.new_zeros(pad)]).reshape(k, b)
+    active = nw.any(1)
+    delta = torch.zeros(k, b, dtype=torch.float64, device=theta.device)
+    if bool(active.any()):
+        B = blocks[active].detach().double()
+        Q = B @ B.transpose(1, 2)
+        p = gn[active].double()
+        M = p[:, :, None] * Q * p[:, None, :] + torch.diag_embed(1.0 - p)
+        z = torch.linalg.solve(M, (p * th[active]).unsqueeze(-1))
+        d = -(Q @ z).squeeze(-1)
+        delta[active] = torch.where(gn[active], -th[active], d)
+    return delta.reshape(-1)[:n]

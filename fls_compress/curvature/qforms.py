@@ -1,0 +1,190 @@
+"""Parametric forms of FishLeg's inverse Fisher Q(lambda), PSD by construction, with closed-form gradients.
+
+FishLeg (Garcia, Sutton, Lim, Nickl, ICLR 2023) fits Q by minimising the auxiliary loss
+A(lambda; u) = 1/2 u^T Q F_gamma Q u - u^T Q u. Its gradient is J_lambda^T r with r = F_gamma Q u - u
+(Garcia et al. 2023, eq. 9), i.e. the gradient of the surrogate s(lambda) = <c, Q(lambda) u> with
+c = r held fixed (or c = Q r for the preconditioned variant of McGowan et al. 2024, FLS, Alg. 1).
+Both forms below return d s / d lambda in closed form (:meth:`surrogate_grads`), reusing the
+intermediates of the product v = Q u computed before the Fisher product, so a fit step needs no
+autograd graph through Q.
+
+* :class:`KroneckerQ`: Q = D_A (R^T R kron L L^T) D_A on the (out, in) matrix view,
+  Q . U = A * (R^T R (A * U) L L^T) (Garcia et al. 2023, section 3.2). Optional leading "stack"
+  dimension: layers with the same matrix shape share one module and every product is a batched
+  matmul. diag(Q)[a, b] = A_ab^2 ||R_{:,a}||^2 ||L_{b,:}||^2.
+* :class:`BlockQ`: a flat vector split into blocks of ``block_size`` (last one padded),
+  Q = blockdiag(B_k B_k^T). Several layers are packed into one module (each layer padded to whole
+  blocks, so no block straddles two layers) and every product is one ``bmm`` over all blocks.
+
+Probes: inputs may carry extra leading dimensions (several probes u_1..u_p); gradients are summed
+over them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum the extra leading (probe) dimensions of ``t`` away to get ``shape``."""
+    extra = t.dim() - len(shape)
+    return t.sum(dim=tuple(range(extra))) if extra > 0 else t
+
+
+class KroneckerQ(nn.Module):
+    """Q = D_A (R^T R kron L L^T) D_A acting on (..., out, in) matrices; A = A0 * a with a learnable.
+
+    ``a0`` is (out, in) or (g, out, in) for a stack of g same-shaped layers.
+    """
+
+    def __init__(self, a0: torch.Tensor):
+        super().__init__()
+        *lead, out_f, in_f = a0.shape
+        self.register_buffer("a0", a0.clone())
+        self.a = nn.Parameter(torch.ones_like(a0))
+        eye_o = torch.eye(out_f, dtype=a0.dtype, device=a0.device)
+        eye_i = torch.eye(in_f, dtype=a0.dtype, device=a0.device)
+        self.R = nn.Parameter(eye_o.expand(*lead, out_f, out_f).clone())
+        self.L = nn.Parameter(eye_i.expand(*lead, in_f, in_f).clone())
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.a0 * self.a
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.products(u)[0]
+
+    def products(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """v = Q u and the intermediates (X L, R X L, R^T R X L, K(X)) that :meth:`surrogate_grads` reuses."""
+        A, R, L = self.A, self.R, self.L
+        x = A * u
+        xl = x @ L
+        p = R @ xl
+        nxl = R.transpose(-1, -2) @ p
+        kx = nxl @ L.transpose(-1, -2)
+        return A * kx, (xl, p, nxl, kx)
+
+    @torch.no_grad()
+    def surrogate_grads(
+        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
+        scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L), summed over leading probe dimensions.
+        (``out`` is accepted for interface symmetry with :class:`BlockQ`; these gradients are small.)
+
+        With X = A * u, Y = A * c, s = <R Y L, R X L>, so
+        ds/dR = (R Y L)(X L)^T + (R X L)(Y L)^T, ds/dL = Y^T (R^T R X L) + X^T (R^T R Y L),
+        ds/dA = c * K(X) + u * K(Y) with K(Z) = R^T R Z L L^T, and ds/da = A0 * ds/dA.
+        """
+        A, R, L = self.A, self.R, self.L
+        if cache is None:
+            cache = self.products(u)[1]
+        xl, p, nxl, kx = cache
+        c = c * scale  # s is linear in c
+        x = A * u
+        y = A * c
+        yl = y @ L
+        s = R @ yl
+        nyl = R.transpose(-1, -2) @ s
+        ky = nyl @ L.transpose(-1, -2)
+        g_r = s @ xl.transpose(-1, -2) + p @ yl.transpose(-1, -2)
+        g_l = y.transpose(-1, -2) @ nxl + x.transpose(-1, -2) @ nyl
+        g_a = (c * kx + u * ky) * self.a0
+        return _sum_to(g_a, self.a.shape), _sum_to(g_r, self.R.shape), _sum_to(g_l, self.L.shape)
+
+    def diag(self) -> torch.Tensor:
+        col_r = (self.R**2).sum(-2)  # ||R_{:,a}||^2
+        row_l = (self.L**2).sum(-1)  # ||L_{b,:}||^2
+        return self.A**2 * col_r[..., :, None] * row_l[..., None, :]
+
+    def num_floats(self) -> int:
+        return sum(t.numel() for t in (self.a0, self.a, self.R, self.L))
+
+
+class BlockQ(nn.Module):
+    """Q = blockdiag(B_k B_k^T) over consecutive blocks of the row-major flattening of ``a0``.
+
+    ``B_k`` starts as diag(a0 block) (the last block padded with the mean of ``a0``).
+    """
+
+    def __init__(self, a0: torch.Tensor, block_size: int = 50):
+        super().__init__()
+        self.shape = tuple(a0.shape)
+        self.n = a0.numel()
+        self.block = int(block_size)
+        nblocks = math.ceil(self.n / self.block)
+        pad = nblocks * self.block - self.n
+        flat = a0.reshape(-1)
+        init = torch.cat([flat, flat.new_full((pad,), float(flat.mean()) if self.n else 1.0)])
+        self.B = nn.Parameter(torch.diag_embed(init.reshape(nblocks, self.block)))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.B.shape[0])
+
+    # ---------------------------------------------------------------- blocked layout (k, b, probes)
+    def to_blocks(self, u: torch.Tensor) -> torch.Tensor:
+        """(*probes, *shape) -> (k, b, P) with P = prod(probes) (1 without probes)."""
+        probes = u.shape[: u.dim() - len(self.shape)]
+        flat = u.reshape(-1, self.n)
+        pad = self.num_blocks * self.block - self.n
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], 1)
+        return flat.reshape(flat.shape[0], self.num_blocks, self.block).permute(1, 2, 0), probes
+
+    def from_blocks(self, x: torch.Tensor, probes: torch.Size | tuple) -> torch.Tensor:
+        flat = x.permute(2, 0, 1).reshape(x.shape[2], -1)[:, : self.n]
+        return flat.reshape(*probes, *self.shape)
+
+    def blocked_products(self, x: torch.Tensor, blocks: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q x, B^T x) for blocked x (k, b, P), optionally only for a range of blocks.
+
+        B^T x is computed as (x^T B)^T so that B is read row-major (several times faster on CPU).
+        """
+        B = self.B[blocks]
+        t = torch.bmm(x.transpose(1, 2), B).transpose(1, 2)
+        return torch.bmm(B, t), t
+
+    def blocked_grad(
+        self, xu: torch.Tensor, xc: torch.Tensor, tu: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """scale * d<c, B B^T u>/dB = scale * (c (B^T u)^T + u (B^T c)^T) per block, summed over probes.
+
+        One bmm with inner dimension 2P, written into ``out`` if given (no B-sized temporaries).
+        """
+        tc_t = torch.bmm(xc.transpose(1, 2), self.B)
+        left = torch.cat([xc, xu], 2) * scale
+        right = torch.cat([tu.transpose(1, 2), tc_t], 1)
+        return torch.bmm(left, right, out=out) if out is not None else torch.bmm(left, right)
+
+    # ---------------------------------------------------------------- shaped interface
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x, probes = self.to_blocks(u)
+        return self.from_blocks(self.blocked_products(x)[0], probes)
+
+    def products(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        x, probes = self.to_blocks(u)
+        y, t = self.blocked_products(x)
+        return self.from_blocks(y, probes), (x, t)
+
+    @torch.no_grad()
+    def surrogate_grads(
+        self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
+        scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor]:
+        """scale * gradient of s = <c, Q u> w.r.t. B (closed form, see :meth:`blocked_grad`)."""
+        xu, tu = cache if cache is not None else self.products(u)[1]
+        xc, _ = self.to_blocks(c)
+        return (self.blocked_grad(xu, xc, tu, scale, None if out is None else out[0]),)
+
+    def diag(self) -> torch.Tensor:
+        return (self.B**2).sum(-1).reshape(-1)[: self.n].reshape(self.shape)
+
+    def block_matrices(self) -> torch.Tensor:
+        return self.B @ self.B.transpose(1, 2)
+
+    def num_floats(self) -> int:
+        return self.B.numel()
