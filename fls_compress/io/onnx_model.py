@@ -332,10 +332,16 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
         return _size_by_parts(model)
 
 
+def _tensor_size(t: TensorProto) -> int:
+    try:
+        return int(t.ByteSize())
+    except Exception:  # noqa: BLE001 - one tensor of 2 GiB or more
+        return len(t.raw_data) + 16 * (1 + len(t.dims)) + len(t.name)
+
+
 def _size_by_parts(model: onnx.ModelProto) -> int:
     graph = model.graph
-    total = sum(len(t.raw_data) + 16 * (1 + len(t.dims)) + len(t.name) if t.raw_data else t.ByteSize()
-                for t in graph.initializer)
+    total = sum(_tensor_size(t) for t in graph.initializer)
     total += sum(sp.ByteSize() for sp in graph.sparse_initializer)
     total += sum(part.ByteSize() for field in (graph.node, graph.input, graph.output, graph.value_info) for part in field)
     total += sum(op.ByteSize() for op in model.opset_import) + sum(p.ByteSize() for p in model.metadata_props)

@@ -16,11 +16,10 @@ before any work,
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import onnx
-
-import tempfile
 
 from ..errors import FlsError, InvalidOptionError, OutputError
 

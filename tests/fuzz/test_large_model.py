@@ -2,7 +2,7 @@
 
 The 2.15 GB embedding table is a sparse file (``truncate``: no disk blocks for the zeros, a few
 rows of real values), so building the input is instant; the run still reads it, writes a 2.15 GB output
-and opens both models in onnxruntime, which takes ~1-2 minutes and ~13 GB of memory. It therefore
+and opens both models in onnxruntime, which takes ~45 s and ~9 GB of memory (measured on 2 cores). It therefore
 runs only with ``FLS_LARGE_TESTS=1`` and is skipped (with the reason printed) when the disk or the
 memory is short.
 """
@@ -58,13 +58,13 @@ def _big_model(d: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(os.environ.get("FLS_LARGE_TESTS") != "1", reason="set FLS_LARGE_TESTS=1 (writes 2.15 GB, ~13 GB RAM)")
+@pytest.mark.skipif(os.environ.get("FLS_LARGE_TESTS") != "1", reason="set FLS_LARGE_TESTS=1 (writes 2.15 GB, ~9 GB RAM)")
 def test_model_above_2_gib_is_pruned_and_verified(capsys, tmp_path):
     free = shutil.disk_usage(tmp_path).free
     if free < 3 * TABLE_BYTES:
         pytest.skip(f"needs {3 * TABLE_BYTES / 1e9:.1f} GB free disk under {tmp_path}, has {free / 1e9:.1f} GB")
-    if _mem_available() < 14e9:
-        pytest.skip(f"needs 14 GB of available memory, has {_mem_available() / 1e9:.1f} GB")
+    if _mem_available() < 11e9:
+        pytest.skip(f"needs 11 GB of available memory, has {_mem_available() / 1e9:.1f} GB")
     src = tmp_path / "in"
     src.mkdir()
     model = _big_model(src)
