@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -58,6 +59,8 @@ def cli(capsys, *argv: Any) -> Result:
     from cli.main import run
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    logger = logging.getLogger("fls_compress")  # the CLI points it at this test's stderr: undo that after
+    log_state = (list(logger.handlers), logger.level, logger.propagate)
     capsys.readouterr()
     code: Any = 0
     try:
@@ -67,6 +70,7 @@ def cli(capsys, *argv: Any) -> Result:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+        logger.handlers[:], logger.level, logger.propagate = log_state
     out, err = capsys.readouterr()
     return Result(int(code or 0), out, err)
 
