@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from fls_compress.configs import Config, MethodConfig, option_flag
 from fls_compress.configs.base import _base_type
@@ -37,8 +38,8 @@ def _param(f: dataclasses.Field, tp: Any, panel: str, methods: list[str] | None)
     meta = f.metadata
     decls = [option_flag(f)] + ([meta["short"]] if meta.get("short") else [])
     help_text = meta.get("help", "")
-    if methods is not None:
-        help_text += f" [{', '.join(methods)}]"
+    if methods is not None:  # escaped: the app renders help as rich markup, where [fls] would be a style tag
+        help_text += " " + escape(f"[{', '.join(methods)}]")
     kwargs: dict[str, Any] = {"help": help_text, "rich_help_panel": panel, "show_default": False}
     if inner is bool:
         flag = option_flag(f)
@@ -54,7 +55,7 @@ def _param(f: dataclasses.Field, tp: Any, panel: str, methods: list[str] | None)
         # then fails after argument parsing, so it still leaves a failure report at --report.
         bounds = _range_text(meta)
         if bounds:
-            kwargs["help"] = f"{help_text} [{bounds}]"
+            kwargs["help"] = f"{help_text} " + escape(f"[{bounds}]")
     return inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[py_type, typer.Option(*decls, **kwargs)],
