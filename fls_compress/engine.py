@@ -148,11 +148,11 @@ def _run(
     if quantize:
         from .quantize.stage import run_quantizer
 
-        outcome = run_quantizer(proto, config, calib, dev, opts)
+        outcome = _numerically_guarded(run_quantizer, proto, config, calib, dev, opts)
     else:
         from .pruning.stage import run_pruner
 
-        outcome = run_pruner(proto, config, pruner, spec, calib, dev, opts)
+        outcome = _numerically_guarded(run_pruner, proto, config, pruner, spec, calib, dev, opts)
     rep["timing_s"] = {"convert": outcome.convert_s, config.command: time.perf_counter() - t0 - outcome.convert_s}
     rep["likelihood"] = outcome.likelihood
     rep["steps"] = outcome.steps
@@ -238,6 +238,21 @@ def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelPr
                                                               "ratio": after / before if before else None},
             "latency": latency, "faster": faster, "speed_note": note,
             "opset": outcome.info.get("opset"), "opset_raised": outcome.info.get("opset_raised")}
+
+
+def _numerically_guarded(fn, *args: Any) -> Any:
+    """Run a compression stage; a matrix factorisation that fails (``torch.linalg.LinAlgError``: eigh or
+    Cholesky of a curvature factor that is not finite or hopelessly ill-conditioned, e.g. weights of
+    1e34) is a property of this model and data, so it is exit 4 with one line, not an internal error."""
+    import torch
+
+    try:
+        return fn(*args)
+    except torch.linalg.LinAlgError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UnsupportedModelError(
+            f"the curvature of this model could not be factorised ({first}); check the scale of its weights and data"
+        ) from exc
 
 
 def check_original(proto: onnx.ModelProto, path: Path | None) -> None:
