@@ -126,7 +126,7 @@ def _run(
         from .io.safetensors_weights import apply_safetensors
 
         proto = apply_safetensors(proto, weights_path)
-    check_original(proto, model_path if weights_path is None else None)
+    session = check_original(proto, model_path if weights_path is None else None)
     if isinstance(config, AutoConfig):
         config = _resolve_auto(rep, proto, config)
     quantize = isinstance(config, QuantizeConfig)
@@ -143,6 +143,8 @@ def _run(
 
     calib, holdout = prepare_data(proto, data, eval_data, labels, opts)
     rep["calibration"] = {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic}
+    check_outputs_finite(session, {"calibration": calib, "verification": holdout})
+    del session
 
     t0 = time.perf_counter()
     if quantize:
@@ -255,22 +257,49 @@ def _numerically_guarded(fn, *args: Any) -> Any:
         ) from exc
 
 
-def check_original(proto: onnx.ModelProto, path: Path | None) -> None:
+def check_original(proto: onnx.ModelProto, path: Path | None) -> Any:
     """Fail before any work on what would only fail later: onnxruntime must load the original (every
     result is verified with it; a model it refuses is exit 3, one with an operator it lacks exit 4), and
-    the prunable weights must be finite (NaN/Inf weights make every saliency meaningless)."""
+    the prunable weights must be finite (NaN/Inf weights make every saliency meaningless). Returns the
+    onnxruntime session of the original for :func:`check_outputs_finite`."""
     from onnx import numpy_helper
 
     from .errors import InvalidModelError
     from .io.onnx_model import prunable_initializers
     from .verify import _session  # the one place that maps onnxruntime's load errors to exit codes
 
-    _session(proto, "original", path)
+    session = _session(proto, "original", path)
     inits = {t.name: t for t in proto.graph.initializer}
     base = str(path.parent) if path is not None else ""
     for site in prunable_initializers(proto):
         if site.name in inits and not np.isfinite(numpy_helper.to_array(inits[site.name], base)).all():
             raise InvalidModelError(f"prunable weight '{site.name}' holds NaN or Inf values; fix the model first")
+    return session
+
+
+def check_outputs_finite(session: Any, datasets: dict[str, Any], batch_size: int = 32) -> None:
+    """The original model must give finite outputs on the first batch of each data set: finite inputs
+    that overflow it (or weights that do) leave nothing to fit a curvature to or to verify against.
+    A failure to run is bad data too (exit 5), as in verification."""
+    from .errors import InvalidDataError
+
+    names = [o.name for o in session.get_outputs()]
+    for role, data in datasets.items():
+        feed = next(iter(data.batches(batch_size)), None)
+        if feed is None:
+            continue
+        try:
+            outputs = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise InvalidDataError(f"onnxruntime cannot run the original model on the {role} data: {first}") from exc
+        for name, out in zip(names, outputs):
+            arr = np.asarray(out)
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise InvalidDataError(
+                    f"the original model's output '{name}' is not finite (NaN/Inf) on the {role} data ({data.source}); "
+                    "the inputs (or weights) overflow it: check their scale"
+                )
 
 
 def non_finite_outputs(verification: dict[str, Any]) -> str | None:

@@ -102,18 +102,27 @@ def test_integer_token_inputs(capsys, files, outdir, inputs_before, method):
     assert list(doc["sparsity"]["per_layer"]) == ["w"]  # the embedding table is not a prunable weight
 
 
-def test_outputs_that_overflow_give_strict_json(capsys, files, outdir, tmp_path, inputs_before):
-    """Finite but huge inputs overflow float32 inside the model: the report stays strict JSON (non-finite
-    numbers become null and are listed under ``non_finite``) and the run fails verification (exit 6): comparing
-    NaN/Inf outputs proves nothing, so no model is written."""
-    import numpy as np
-
+def test_inputs_that_overflow_the_model_are_bad_data(capsys, files, outdir, tmp_path, inputs_before):
+    """Finite but huge inputs overflow float32 inside the model: refused as bad data (exit 5) before any
+    work, since there is nothing to fit a curvature to or to verify against."""
     huge = tmp_path / "huge.npz"
     np.savez(huge, x=np.full((16, 16), 3e38, np.float32))
     out, rep = outdir / "o.onnx", outdir / "r.json"
-    res = h.cli(capsys, "prune", files["mlp"], "-o", out, "--data", huge, "--eval-data", huge, "--report", rep, *h.MAGNITUDE)
-    doc = h.check_failure(res, 6, "not finite", before=inputs_before, output=out, report=rep, report_expected=True)
-    assert any(p.startswith("verification.outputs.logits.") for p in doc["non_finite"])
+    for method in (h.MAGNITUDE, h.FAST_FLS):
+        res = h.cli(capsys, "prune", files["mlp"], "-o", out, "--data", huge, "--eval-data", huge, "--report", rep, *method)
+        doc = h.check_failure(res, 5, "not finite", before=inputs_before, output=out, report=rep, report_expected=True)
+        assert doc["calibration"]["num_samples"] == 16  # the data was read, the model was never compressed
+        assert "verification" not in doc
+
+
+def test_non_finite_verification_fails_like_a_gate():
+    """The backstop for a compressed model whose outputs overflow: a report holding NaN/Inf is exit 6."""
+    from fls_compress.engine import non_finite_outputs
+
+    ok = {"outputs": {"y": {"max_abs_error": 0.5, "cosine_similarity": 0.9, "shape": [3]}}}
+    bad = {"outputs": {"y": {"max_abs_error": 0.5, "cosine_similarity": float("nan")}}}
+    assert non_finite_outputs(ok) is None
+    assert "output 'y' is not finite" in non_finite_outputs(bad)
 
 
 def test_identically_zero_outputs(capsys, files, tmp_path, outdir, inputs_before):
