@@ -142,7 +142,9 @@ def _run(
     from .io.splits import prepare_data
 
     calib, holdout = prepare_data(proto, data, eval_data, labels, opts)
-    rep["calibration"] = {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic}
+    rep["calibration"] = {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic,
+                          "synthetic_shapes": calib.synthetic_shapes, "defaulted_dims": calib.defaulted_dims,
+                          "constants": {k: float(v) for k, v in calib.constants.items()}}
     check_outputs_finite(session, {"calibration": calib, "verification": holdout})
     del session
 
@@ -159,6 +161,7 @@ def _run(
     rep["likelihood"] = outcome.likelihood
     rep["steps"] = outcome.steps
     rep["method_info"] = outcome.info
+    rep["conversion"] = outcome.conversion
 
     pruned = outcome.model if outcome.model is not None else write_back(proto, outcome.arrays, sparse=opts.sparse_storage)
     t0 = time.perf_counter()

@@ -24,7 +24,8 @@ from .errors import InvalidOptionError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "reconstruction", "generic")
+TASKS = ("classification", "reconstruction", "detection", "generic")
+DETECT_TASKS = frozenset({"detect", "detection"})
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
@@ -34,6 +35,39 @@ class TaskGuess:
     likelihood: str
     target_input: str | None
     reason: str
+    fallback: dict[str, str] | None = None
+
+
+def reproduces_input(inputs: dict[str, np.ndarray], output: np.ndarray) -> bool:
+    """A single float input whose per-sample shape the output has (an autoencoder's reconstruction)."""
+    single = next(iter(inputs.values())) if len(inputs) == 1 else None
+    return (single is not None and single.dtype.kind == "f" and output.ndim >= 2
+            and tuple(output.shape[1:]) == tuple(single.shape[1:]))
+
+
+def resolve_task(
+    task: str | None, metadata: dict[str, str], output_shapes: list[tuple[int, ...]], *,
+    reconstructs: bool, has_labels: bool,
+) -> tuple[str, str, dict[str, str] | None]:
+    """(task, reason, fallback record): explicit, then declared (``detect`` -> detection; unknown ->
+    generic with a warning and a fallback record), then the data heuristic."""
+    declared = metadata.get("task")
+    if task is not None and task not in TASKS and task != declared:
+        raise InvalidOptionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    wanted = task if task is not None else declared
+    if wanted:
+        reason = "explicit" if task is not None else "metadata"
+        if wanted in DETECT_TASKS:
+            return "detection", reason, None
+        if wanted in TASKS:
+            return wanted, reason, None
+        log.warning("model metadata declares task=%r, which fls-compress does not know; using generic verification", wanted)
+        return "generic", "fallback", {"declared": wanted, "used": "generic", "reason": "unknown task in model metadata"}
+    if reconstructs:
+        return "reconstruction", "heuristic: the output reproduces the input's shape", None
+    if has_labels or any(len(s) == 2 and s[1] > 1 for s in output_shapes):
+        return "classification", "heuristic: labels or [N, C] logits", None
+    return "generic", "heuristic", None
 
 
 def infer_task(
@@ -45,30 +79,12 @@ def infer_task(
     task: str | None = None,
     likelihood: str = "auto",
 ) -> TaskGuess:
-    """Decide task, likelihood and reconstruction target from ``output`` (a batch of the chosen output)."""
-    if task is not None and task not in TASKS:
-        raise InvalidOptionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    declared = metadata.get("task")
-    if task is None and declared is not None and declared not in TASKS:
-        log.warning("model metadata declares task=%r, which fls-compress does not know; using generic verification", declared)
-        declared = None
-    single = next(iter(inputs.values())) if len(inputs) == 1 else None
-    reconstructs = (
-        single is not None
-        and single.dtype.kind == "f"
-        and output.ndim >= 2
-        and tuple(output.shape[1:]) == tuple(single.shape[1:])
-    )
+    """Task (via :func:`resolve_task`), likelihood and reconstruction target for the chosen ``output``."""
+    reconstructs = reproduces_input(inputs, output)
     classifier_shape = output.ndim == 2 and output.shape[1] > 1
-    chosen_task = task or declared
-    reason = "explicit" if task else ("metadata" if declared else "heuristic")
-    if chosen_task is None:
-        if reconstructs:
-            chosen_task = "reconstruction"
-        elif has_labels or classifier_shape:
-            chosen_task = "classification"
-        else:
-            chosen_task = "generic"
+    chosen_task, reason, fallback = resolve_task(task, metadata, [tuple(output.shape)], reconstructs=reconstructs,
+                                                 has_labels=has_labels)
+    single = next(iter(inputs.values())) if len(inputs) == 1 else None
     target = next(iter(inputs)) if (chosen_task == "reconstruction" and reconstructs) else None
     name = likelihood
     if name == "auto":
@@ -87,4 +103,4 @@ def infer_task(
         raise InvalidOptionError(f"categorical likelihood needs class logits [N, C]; the output has shape {tuple(output.shape)}")
     if name == "categorical":
         target = None  # class labels come from the data (or are sampled), never from an input
-    return TaskGuess(chosen_task, name, target, reason)
+    return TaskGuess(chosen_task, name, target, reason, fallback)

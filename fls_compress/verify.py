@@ -19,11 +19,18 @@ Task-specific metrics (``task`` argument, else the original's ``metadata_props["
 
 * ``classification``, for every ``[N, C>1]`` output: ``top1_agreement`` (argmax equal), and
   ``accuracy_original`` / ``accuracy_compressed`` when the data has labels;
+* ``detection`` (declared ``task=detect``, as Ultralytics writes it), for every ``[B, 4+C, N]``
+  boxes+scores output: ``topk_box_agreement`` over the original's ``topk_boxes`` best anchors
+  (see :mod:`fls_compress.verify_detection`);
 * ``reconstruction`` (single-input models, outputs with as many features as the input): the input
   is the target. ``mse_original`` / ``mse_compressed`` compare the prediction to it; for Bernoulli
   outputs (metadata ``likelihood=bernoulli`` or an output named ``*logits*``) the prediction is
   ``sigmoid(logits)`` and ``bernoulli_nll_original`` / ``bernoulli_nll_compressed`` give the mean over
   samples of the NLL summed over features.
+
+A task declared in the model's metadata that is none of these (foreign metadata, e.g. ``pose``) never
+aborts verification: the generic metrics are computed, a warning is logged and the report says so in
+``task_fallback``.
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ from fls_compress.errors import (
 )
 from fls_compress.io.calibration import CalibrationData, graph_input_specs
 from fls_compress.io.onnx_model import load_onnx, model_size_bytes
+from fls_compress.verify_detection import TOP_K, is_box_output, topk_box_agreement
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "reconstruction", "generic")
+from fls_compress.task import TASKS, reproduces_input, resolve_task  # noqa: E402  (one task decision for pruning and verification)
 """Values accepted for ``task``."""
 
 
@@ -165,20 +173,6 @@ class _OutputStats:
         return result
 
 
-def _resolve_task(task: str | None, metadata: dict[str, str], output_shapes: dict[str, tuple[int, ...]]) -> str:
-    """Explicit ``task`` wins, then the model's declared task, then the ``[N, C>1]`` heuristic."""
-    if task is not None:
-        if task not in TASKS:
-            raise InvalidOptionError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-        return task
-    declared = metadata.get("task")
-    if declared:
-        return declared if declared in TASKS else "generic"
-    if any(len(shape) == 2 and shape[1] > 1 for shape in output_shapes.values()):
-        return "classification"
-    return "generic"
-
-
 def verify_models(
     original: onnx.ModelProto | str | Path,
     compressed: onnx.ModelProto | str | Path,
@@ -226,18 +220,22 @@ def verify_models(
     metadata = _metadata(original_model)
     stats = {name: _OutputStats() for name in output_names}
     resolved_task: str | None = None
+    task_fallback: dict[str, str] | None = None
     reconstruction_outputs: dict[str, bool] = {}  # output name -> is Bernoulli logits
     input_names = list(data.inputs)
     if any(spec.one_sample_at_a_time for spec in graph_input_specs(original_model)):
         batch_size = 1  # the graph has a static leading dimension of 1
 
     for feed, labels in data.labeled_batches(batch_size):
-        rows = next(iter(feed.values())).shape[0]
+        first = input_names[0]
+        rows = feed[first].shape[data.batch_axes.get(first, 0)]
         ref_outputs = _run(ref_session, feed, "original")
         new_outputs = _run(new_session, feed, "compressed")
         if resolved_task is None:
-            resolved_task = _resolve_task(
-                task, metadata, {name: out.shape for name, out in zip(output_names, ref_outputs)}
+            inputs_now = {k: v for k, v in feed.items() if k in data.inputs}
+            resolved_task, _reason, task_fallback = resolve_task(
+                task, metadata, [tuple(out.shape) for out in ref_outputs],
+                reconstructs=reproduces_input(inputs_now, ref_outputs[0]), has_labels=labels is not None,
             )
             if resolved_task == "reconstruction":
                 reconstruction_outputs = _reconstruction_outputs(
@@ -254,6 +252,10 @@ def verify_models(
             stat.update(ref, out, rows)
             if resolved_task == "classification" and ref.ndim == 2 and ref.shape[1] > 1:
                 _add_classification(stat, ref, out, labels)
+            if resolved_task == "detection" and is_box_output(ref.shape):
+                k = min(TOP_K, ref.shape[2])
+                stat.add_task("topk_box_agreement", topk_box_agreement(ref, out, k).sum(), ref.shape[0])
+                stat.add_task("topk_boxes", k * ref.shape[0], ref.shape[0])  # k, the same for every sample
             if name in reconstruction_outputs:
                 _add_reconstruction(stat, ref, out, feed[input_names[0]], reconstruction_outputs[name])
 
@@ -271,6 +273,8 @@ def verify_models(
         },
         "outputs": {name: stat.report() for name, stat in stats.items()},
     }
+    if task_fallback is not None:
+        report["task_fallback"] = task_fallback
     logger.debug("verification report: %s", report)
     return report
 
@@ -347,6 +351,10 @@ def summarize(report: dict[str, Any]) -> str:
                     f"; accuracy {100 * out['accuracy_original']:.2f}% -> {100 * out['accuracy_compressed']:.2f}%"
                 )
             lines.append(text)
+        if "topk_box_agreement" in out:
+            lines.append(
+                f"  top-{int(out['topk_boxes'])} box agreement (IoU >= 0.5, same class) {100 * out['topk_box_agreement']:.2f}%"
+            )
         if "mse_original" in out:
             text = "  "
             if "bernoulli_nll_original" in out:

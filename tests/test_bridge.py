@@ -21,9 +21,12 @@ from fls_compress.bridge.convert import TorchBridge, convert_to_torch, unsupport
 from fls_compress.bridge.prep import explicit_same_pads, prepare_for_torch
 from fls_compress.errors import InvalidDataError, InvalidOptionError, UnsupportedModelError
 from fls_compress.io.onnx_model import (
+    ALL_PRUNABLE_OPS,
     load_onnx,
+    prunable_sites,
     prunable_initializers,
     read_initializer_arrays,
+    read_weight,
     write_back,
 )
 
@@ -82,9 +85,8 @@ def _prune_and_check_round_trip(bridge: TorchBridge, model: onnx.ModelProto, fee
     arrays = {name: w.to_onnx() for name, w in bridge.weights.items()}
     pruned = write_back(model, arrays)
     onnx.checker.check_model(pruned)
-    stored = read_initializer_arrays(pruned)
     for name in arrays:
-        assert np.mean(stored[name] == 0) >= 0.45
+        assert np.mean(read_weight(pruned, name) == 0) >= 0.45
     _assert_matches_ort(bridge, pruned, feeds, tol)
 
 
@@ -254,8 +256,10 @@ def test_constant_node_weights_convert() -> None:
     assert {t.name for t in prepared.graph.initializer} == {"cw", "shape", "cm"}
     assert len(model.graph.initializer) == 0  # the input model is untouched
     bridge = convert_to_torch(model)
-    assert bridge.weights == {}  # Constant-node tensors are not initializers, so not prunable
-    _assert_matches_ort(bridge, model, {"X": _rand(1, 3, 8, 8)})
+    assert set(bridge.weights) == {"cw", "cm"}  # Constant-node weights are prunable sites
+    feeds = {"X": _rand(1, 3, 8, 8)}
+    _assert_matches_ort(bridge, model, feeds)
+    _prune_and_check_round_trip(bridge, model, feeds)
 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
@@ -344,53 +348,194 @@ def test_compat_newer_opset_converters() -> None:
     assert split[6].shape == (2, 3, 3) and split[7].shape == (2, 3, 2)  # ceil(5/2), then the rest
 
 
-def test_compat_refuses_what_it_cannot_do_exactly() -> None:
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_every_rank_and_mode_matches_onnxruntime(mode: str) -> None:
+    """2-D reflect padding (audio [batch, time], as in Silero VAD), a 3-D tensor padded on two axes,
+    and the opset-18 ``axes`` input, each against onnxruntime."""
+    for shape, pads, axes in (([2, 7], [0, 3, 0, 2], None), ([2, 5, 6], [0, 1, 2, 0, 2, 1], None), ([2, 3, 6], [2, 1], [-1])):
+        inits = [numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+        inputs = ["X", "pads"]
+        if axes is not None:
+            inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+            inputs += ["", "axes"]
+        model = _model([helper.make_node("Cast", ["pads"], ["p"], to=TensorProto.INT64),
+                        helper.make_node("Pad", ["X", "p"] + inputs[2:], ["Y"], mode=mode)],
+                       [helper.make_tensor_value_info("X", F32, shape)], ["Y"], inits, opset=19)
+        x = _rand(*shape)
+        bridge = convert_to_torch(model)
+        np.testing.assert_array_equal(_torch(bridge, {"X": x})[0], _ort(model, {"X": x})[0])
+
+
+def test_size_and_lstm_weights_computed_from_constants() -> None:
+    """The TorchScript exporter can write LSTM weights as Concat(Slice(W)) chains; they are
+    evaluated once for conversion. Size (no onnx2torch converter) is supported."""
+    hidden = 3
+    w = _rand(1, 4 * hidden, 2)
+    nodes = [
+        helper.make_node("Slice", ["W_raw", "s0", "s1", "ax"], ["w_a"]),
+        helper.make_node("Slice", ["W_raw", "s1", "s2", "ax"], ["w_b"]),
+        helper.make_node("Concat", ["w_b", "w_a"], ["W"], axis=1),
+        helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=hidden),
+        helper.make_node("Size", ["Y"], ["n"]),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["Y", "nf"], ["Z"]),
+    ]
     model = _model(
-        [helper.make_node("Pad", ["X", "pads", "", "axes"], ["Y"])],
-        [helper.make_tensor_value_info("X", F32, [2, 3])],
-        ["Y"],
-        [numpy_helper.from_array(np.array([1, 1], np.int64), "pads"),
-         numpy_helper.from_array(np.array([1], np.int64), "axes")],
-        opset=18,
+        nodes, [helper.make_tensor_value_info("X", F32, [4, 2, 2])], ["Z"],
+        [numpy_helper.from_array(w, "W_raw"), numpy_helper.from_array(_rand(1, 4 * hidden, hidden), "R"),
+         numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([hidden], np.int64), "s1"),
+         numpy_helper.from_array(np.array([4 * hidden], np.int64), "s2"), numpy_helper.from_array(np.array([1], np.int64), "ax")],
+        opset=14,
     )
-    with pytest.raises(UnsupportedModelError, match="axes input"):
-        convert_to_torch(model)
+    bridge = convert_to_torch(model)
+    assert bridge.info["computed_recurrent_weights"] == ["W"]
+    assert set(bridge.weights) == {"R"}  # W is computed, not a stored tensor of the graph
+    _assert_matches_ort(bridge, model, {"X": _rand(4, 2, 2)})
 
 
 # ------------------------------------------------------------------------------------------------
 # unsupported models and bad inputs
 # ------------------------------------------------------------------------------------------------
-def test_lstm_and_control_flow_are_rejected_in_one_line() -> None:
-    hidden = 4
-    lstm = _model(
-        [helper.make_node("LSTM", ["X", "W", "R"], ["", "Y"], hidden_size=hidden)],
-        [helper.make_tensor_value_info("X", F32, [5, 1, 3])],
-        [helper.make_tensor_value_info("Y", F32, [1, 1, hidden])],
-        [numpy_helper.from_array(_rand(1, 4 * hidden, 3), "W"),
-         numpy_helper.from_array(_rand(1, 4 * hidden, hidden), "R")],
-        opset=14,
-    )
-    assert unsupported_ops(lstm) == ["LSTM (opset 14)"]
-    with pytest.raises(UnsupportedModelError) as info:
-        convert_to_torch(lstm)
-    assert str(info.value) == "unsupported operators for conversion: LSTM (opset 14)"
+def _recurrent(op: str, direction: str, hidden: int = 4, features: int = 3, layout: int = 0,
+               with_state: bool = True, **attrs) -> onnx.ModelProto:
+    gates = 4 if op == "LSTM" else 3
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [
+        numpy_helper.from_array(_rand(dirs, gates * hidden, features), "W"),
+        numpy_helper.from_array(_rand(dirs, gates * hidden, hidden), "R"),
+        numpy_helper.from_array(_rand(dirs, 2 * gates * hidden), "B"),
+    ]
+    state_shape = [dirs, 2, hidden] if layout == 0 else [2, dirs, hidden]
+    inputs = [helper.make_tensor_value_info("X", F32, [5, 2, features] if layout == 0 else [2, 5, features])]
+    node_inputs = ["X", "W", "R", "B", ""]
+    if with_state:
+        inputs.append(helper.make_tensor_value_info("h0", F32, state_shape))
+        node_inputs.append("h0")
+        if op == "LSTM":
+            inputs.append(helper.make_tensor_value_info("c0", F32, state_shape))
+            node_inputs.append("c0")
+    outputs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    node = helper.make_node(op, node_inputs, outputs, hidden_size=hidden, direction=direction, layout=layout, **attrs)
+    return _model([node], inputs, outputs, inits, opset=14)
 
-    branch = lambda name, op: helper.make_graph(  # noqa: E731
-        [helper.make_node(op, ["X"], [name])], name, [], [helper.make_tensor_value_info(name, F32, None)])
-    control = _model(
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize(("direction", "layout"), [("forward", 0), ("reverse", 0), ("bidirectional", 0)])
+def test_recurrent_layers_match_onnxruntime_and_prune(op: str, direction: str, layout: int) -> None:
+    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+    model = _recurrent(op, direction, layout=layout, **attrs)
+    feeds = {vi.name: _rand(*[d.dim_value for d in vi.type.tensor_type.shape.dim]) for vi in model.graph.input}
+    assert prunable_sites(model) == []  # recurrent weights only when asked for (the bridge asks)
+    assert [(s.name, s.input_index) for s in prunable_sites(model, ALL_PRUNABLE_OPS)] == [("W", 1), ("R", 2)]
+    bridge = convert_to_torch(model)
+    assert set(bridge.weights) == {"W", "R"}
+    assert bridge.weights["W"].matrix_shape == ((2 if direction == "bidirectional" else 1) * (4 if op == "LSTM" else 3) * 4, 3)
+    _assert_matches_ort(bridge, model, feeds)
+    _prune_and_check_round_trip(bridge, model, feeds)
+
+
+def test_recurrent_variants_torch_cannot_express_are_refused() -> None:
+    gru = _recurrent("GRU", "forward", linear_before_reset=0)
+    with pytest.raises(UnsupportedModelError, match="linear_before_reset=0"):
+        convert_to_torch(gru)
+    with pytest.raises(UnsupportedModelError, match="layout=1"):
+        convert_to_torch(_recurrent("LSTM", "forward", layout=1))
+    assert unsupported_ops(_recurrent("LSTM", "forward")) == []
+
+
+def _if_model() -> onnx.ModelProto:
+    """Y = If(sr == 16000, MatMul(X, Wa), Relu(MatMul(X, Wb))) with a rank-0 int64 input sr."""
+    def branch(name: str, weight: str, relu: bool) -> onnx.GraphProto:
+        nodes = [helper.make_node("MatMul", ["X", weight], [f"{name}_mm"])]
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"{name}_mm"], [name]))
+        else:
+            nodes.append(helper.make_node("Identity", [f"{name}_mm"], [name]))
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(name, F32, None)])
+
+    return _model(
         [
-            helper.make_node("ReduceSum", ["X"], ["s"], keepdims=0),
-            helper.make_node("Greater", ["s", "zero"], ["cond"]),
-            helper.make_node("If", ["cond"], ["Y"], then_branch=branch("a", "Relu"), else_branch=branch("b", "Erf")),
+            helper.make_node("MatMul", ["X", "W0"], ["h"], name="pre"),
+            helper.make_node("Equal", ["sr", "rate"], ["cond"]),
+            helper.make_node("If", ["cond"], ["Z"], name="rate_switch",
+                             then_branch=branch("a", "Wa", False), else_branch=branch("b", "Wb", True)),
+            helper.make_node("Add", ["Z", "h"], ["Y"]),
         ],
-        [helper.make_tensor_value_info("X", F32, [3])],
-        [helper.make_tensor_value_info("Y", F32, [3])],
-        [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+        [helper.make_tensor_value_info("X", F32, ["N", 3]), helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("Y", F32, ["N", 4])],
+        [numpy_helper.from_array(np.array(16000, np.int64), "rate"), numpy_helper.from_array(_rand(3, 4), "W0"),
+         numpy_helper.from_array(_rand(3, 4), "Wa"), numpy_helper.from_array(_rand(3, 4), "Wb")],
         opset=16,
     )
-    assert unsupported_ops(control) == ["If (opset 16)"]
-    with pytest.raises(UnsupportedModelError, match=r"If \(opset 16\)"):
-        convert_to_torch(control)
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_if_on_a_constant_input_is_folded_for_the_calibration_data(rate: int) -> None:
+    from fls_compress.io.calibration import CalibrationData
+
+    model = _if_model()
+    with pytest.raises(UnsupportedModelError, match=r"If \(opset 16\).*-m sparsegpt\|wanda"):
+        convert_to_torch(model)
+    x = _rand(6, 3)
+    calib = CalibrationData({"X": x}, None, synthetic=False, source="mem", constants={"sr": np.array(rate, np.int64)})
+    bridge = convert_to_torch(model, calibration=calib)
+    assert bridge.input_names == ["X"] and bridge.info["bound_inputs"] == ["sr"]
+    taken = "then_branch" if rate == 16000 else "else_branch"
+    assert [(f["node"], f["condition"], f["branch"]) for f in bridge.info["folded_ifs"]] == [("rate_switch", rate == 16000, taken)]
+    assert set(bridge.weights) == {"W0"}  # weights inside branches are not top-level sites
+    got = _torch(bridge, {"X": x})[0]
+    np.testing.assert_allclose(got, _ort(model, {"X": x, "sr": np.array(rate, np.int64)})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_after_computed_reshape_gets_observed_shapes() -> None:
+    from fls_compress.io.calibration import CalibrationData
+
+    model = _model(
+        [
+            helper.make_node("Conv", ["X", "cw"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Shape", ["c"], ["s"]),
+            helper.make_node("Add", ["one", "one"], ["two"]),  # computed, so the Slice length is unknown
+            helper.make_node("Slice", ["s", "zero", "two"], ["dims"]),
+            helper.make_node("Concat", ["dims", "tail"], ["target"], axis=0),
+            helper.make_node("Reshape", ["c", "target"], ["r"]),
+            helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["bn"]),
+            helper.make_node("Relu", ["bn"], ["Y"]),
+        ],
+        [helper.make_tensor_value_info("X", F32, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("Y", F32, ["N", 3, 16])],
+        [numpy_helper.from_array(_rand(3, 2, 3, 3), "cw"), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"),
+         numpy_helper.from_array(np.array([16], np.int64), "tail")]
+        + [numpy_helper.from_array(np.abs(_rand(3)) + 0.5, n) for n in ("g", "b", "m", "v")],
+    )
+    with pytest.raises(UnsupportedModelError, match="spatial rank"):
+        convert_to_torch(model)
+    x = _rand(3, 2, 4, 4)
+    bridge = convert_to_torch(model, calibration=CalibrationData({"X": x}, None, synthetic=False, source="mem"))
+    assert bridge.info["observed_shapes"] >= 1
+    _assert_matches_ort(bridge, model, {"X": x})
+    _prune_and_check_round_trip(bridge, model, {"X": x})
+
+
+@pytest.mark.parametrize(("elem", "dtype"), [(TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)])
+def test_fp16_and_float64_models_compute_in_float32(elem: int, dtype: type) -> None:
+    w1, w2 = _rand(6, 8).astype(dtype), _rand(8, 3).astype(dtype)
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Cast", ["r"], ["rc"], to=elem), helper.make_node("Gemm", ["rc", "W2"], ["Y"])],
+        [helper.make_tensor_value_info("X", elem, ["N", 6])],
+        [helper.make_tensor_value_info("Y", elem, ["N", 3])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    bridge = convert_to_torch(model)
+    assert bridge.info["compute_dtype"].startswith("float32 (model stores")
+    assert {w.onnx_dtype for w in bridge.weights.values()} == {np.dtype(dtype)}
+    x = _rand(4, 6).astype(dtype)
+    _assert_matches_ort(bridge, model, {"X": x}, tol=2e-2 if dtype == np.float16 else 1e-5)
+    arrays = {n: w.to_onnx() for n, w in bridge.weights.items()}
+    assert all(a.dtype == dtype for a in arrays.values())
+    np.testing.assert_array_equal(arrays["W1"], w1)
+    _prune_and_check_round_trip(bridge, model, {"X": x}, tol=2e-2 if dtype == np.float16 else 1e-5)
 
 
 def test_bad_options_and_feeds() -> None:

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidDataError, InvalidOptionError
 from fls_compress.io.calibration import CalibrationData, graph_input_specs, load_calibration
+from fls_compress.io.synthesis import DEFAULT_DYNAMIC_DIM
 
 FEATURES = 8
 CLASSES = 5
@@ -300,13 +301,135 @@ def test_synthetic_data_follows_graph_and_warns(model: onnx.ModelProto, caplog: 
     np.testing.assert_array_equal(again.inputs["input"], x)
 
 
-def test_synthetic_refuses_dynamic_non_batch_dims_and_integers() -> None:
+def test_synthetic_dynamic_dims_default_or_take_the_given_shape(caplog: pytest.LogCaptureFixture) -> None:
     dynamic = make_model([("input", TensorProto.FLOAT, ["N", "L", FEATURES])])
-    with pytest.raises(InvalidDataError, match="dynamic dimension 'L' at axis 1"):
-        load_calibration(None, dynamic)
+    with caplog.at_level(logging.WARNING, logger="fls_compress.io.synthesis"):
+        calib = load_calibration(None, dynamic, num_synthetic=3)
+    assert calib.inputs["input"].shape == (3, DEFAULT_DYNAMIC_DIM, FEATURES)
+    assert calib.synthetic_shapes == {"input": [3, DEFAULT_DYNAMIC_DIM, FEATURES]}
+    assert calib.defaulted_dims == {"input": [1]}
+    assert any("dynamic dimension(s) at axis 1" in r.getMessage() for r in caplog.records)
+    given = load_calibration(None, dynamic, num_synthetic=3, shapes={"input": (1, 5, FEATURES)})
+    assert given.inputs["input"].shape == (3, 5, FEATURES) and given.defaulted_dims == {}
+    with pytest.raises(InvalidOptionError, match="disagrees with the model"):
+        load_calibration(None, dynamic, shapes={"input": (1, 5, FEATURES + 1)})
+    with pytest.raises(InvalidOptionError, match="not a model input"):
+        load_calibration(None, dynamic, shapes={"nope": (1, 5, FEATURES)})
     ids = make_model([("ids", TensorProto.INT64, ["N", 4])])
     with pytest.raises(InvalidDataError, match="only be generated for float inputs"):
         load_calibration(None, ids)
+
+
+def _paddle_style_model() -> onnx.ModelProto:
+    """[-1, 3, ?, ?] input (dim_value -1, unknown dims) -> GlobalAveragePool -> Flatten -> MatMul."""
+    weight = numpy_helper.from_array(np.arange(3 * CLASSES, dtype=np.float32).reshape(3, CLASSES), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, None, None])
+    x.type.tensor_type.shape.dim[2].ClearField("dim_param")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "W"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "paddle", [x], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [-1, CLASSES])], [weight]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_minus_one_and_unknown_dims_accept_any_size(tmp_path: Path) -> None:
+    model = _paddle_style_model()
+    arr = np.random.default_rng(0).random((6, 3, 48, 192)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=arr)
+    calib = load_calibration(tmp_path / "d.npz", model)
+    np.testing.assert_array_equal(calib.inputs["x"], arr)
+    assert [s.shape for s in graph_input_specs(model)] == [(None, 3, None, None)]
+    with pytest.raises(InvalidDataError, match="--shape gives"):
+        load_calibration(tmp_path / "d.npz", model, shapes={"x": (1, 3, 48, 100)})
+
+
+def _scalar_input_model() -> onnx.ModelProto:
+    """logits = (x @ W) * sr: a rank-0 float input 'sr' shared by all samples."""
+    weight = numpy_helper.from_array(np.ones((FEATURES, CLASSES), np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "sr"], ["logits"])]
+    graph = helper.make_graph(
+        nodes,
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [weight],
+    )
+    graph.node.insert(1, helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT))
+    graph.node[2].input[1] = "srf"
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_rank0_input_from_npz_scalar_or_consts(tmp_path: Path) -> None:
+    model = _scalar_input_model()
+    x = data(6)
+    np.savez(tmp_path / "d.npz", x=x, sr=np.int64(16000))
+    calib = load_calibration(tmp_path / "d.npz", model)
+    assert calib.num_samples == 6 and calib.constants["sr"].shape == () and int(calib.constants["sr"]) == 16000
+    batch = next(calib.batches(4))
+    assert batch["x"].shape == (4, FEATURES) and int(batch["sr"]) == 16000
+    override = load_calibration(tmp_path / "d.npz", model, consts={"sr": 8000})
+    assert int(override.constants["sr"]) == 8000
+    _, holdout = calib.split(0.5)
+    assert int(holdout.constants["sr"]) == 16000
+    np.savez(tmp_path / "x.npz", x=x)
+    assert "--const sr=VALUE" in load_error(tmp_path / "x.npz", model)
+    assert "cannot be guessed" in load_error(None, model)
+    synthetic = load_calibration(None, model, consts={"sr": 16000.0}, num_synthetic=4)
+    assert synthetic.constants["sr"].dtype == np.int64 and synthetic.inputs["x"].shape == (4, FEATURES)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, next(synthetic.batches(4)))[0]
+    np.testing.assert_allclose(out, synthetic.inputs["x"].sum(1, keepdims=True).repeat(CLASSES, 1) * 16000, rtol=1e-5)
+    with pytest.raises(InvalidOptionError, match="not a scalar"):
+        load_calibration(tmp_path / "d.npz", model, consts={"x": 1})
+    np.savez(tmp_path / "bad.npz", x=x, sr=np.array([1, 2]))
+    assert "differing values" in load_error(tmp_path / "bad.npz", model)
+
+
+def _embedding_model(vocab: int = 10) -> onnx.ModelProto:
+    table = numpy_helper.from_array(np.random.default_rng(0).random((vocab, 4)).astype(np.float32), "emb")
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),
+        helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["m", "W"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [table, numpy_helper.from_array(np.ones((4, 3), np.float32), "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_token_ids_are_checked_against_the_embedding_table(tmp_path: Path) -> None:
+    model = _embedding_model(vocab=10)
+    np.savez(tmp_path / "ok.npz", ids=np.array([[0, 9, -10]], np.int64))
+    assert load_calibration(tmp_path / "ok.npz", model).num_samples == 1
+    np.savez(tmp_path / "bad.npz", ids=np.array([[0, 10]], np.int64))
+    assert "index 10, outside the 10-row table" in load_error(tmp_path / "bad.npz", model)
+    synthetic = load_calibration(None, model, num_synthetic=50, shapes={"ids": (1, 7)})
+    ids = synthetic.inputs["ids"]
+    assert ids.shape == (50, 7) and ids.dtype == np.int64 and ids.min() >= 0 and ids.max() <= 9
+
+
+def test_fp16_and_float64_inputs_get_the_model_dtype(tmp_path: Path) -> None:
+    for elem, dtype in ((TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)):
+        model = make_model([("input", elem, ["N", FEATURES])])
+        np.savez(tmp_path / "d.npz", input=data(4))
+        calib = load_calibration(tmp_path / "d.npz", model)
+        assert calib.inputs["input"].dtype == dtype
+        np.testing.assert_allclose(calib.inputs["input"].astype(np.float64), data(4), rtol=1e-3)
+    np.savez(tmp_path / "big.npz", input=np.full((2, FEATURES), 1e6, np.float32))
+    half = make_model([("input", TensorProto.FLOAT16, ["N", FEATURES])])
+    assert "Inf" in load_error(tmp_path / "big.npz", half)
 
 
 def test_graph_input_specs_skip_initializers() -> None:
@@ -354,3 +477,40 @@ def test_subset_takes_prefix() -> None:
     calib = make_calib(10)
     np.testing.assert_array_equal(calib.subset(3).labels, [0, 1, 2])
     assert calib.subset(50).num_samples == 10
+
+
+def test_state_input_with_batch_on_axis_1(tmp_path: Path) -> None:
+    """[2, batch, H] recurrent state next to [batch, F] data: samples live on axis 1 of the state."""
+    weight = numpy_helper.from_array(np.ones((FEATURES, 3), np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("ReduceSum", ["state"], ["s"], axes=[0, 2], keepdims=0),
+        helper.make_node("Unsqueeze", ["s"], ["s1"], axes=[1]),
+        helper.make_node("Add", ["h", "s1"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "stateful",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, FEATURES]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    assert [s.batch_axis for s in graph_input_specs(model)] == [0, 1]
+    x = data(5)
+    state = np.random.default_rng(1).random((2, 5, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, state=state)
+    calib = load_calibration(tmp_path / "d.npz", model)
+    assert calib.num_samples == 5 and calib.batch_axes == {"state": 1}
+    np.testing.assert_array_equal(calib.inputs["state"], state.transpose(1, 0, 2))
+    _, holdout = calib.split(0.4)
+    feed = next(holdout.batches(10))
+    assert feed["state"].shape == (2, 2, 4)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = x.sum(1, keepdims=True) + state.sum(axis=(0, 2))[:, None]
+    full = sess.run(None, next(calib.batches(5)))[0]
+    np.testing.assert_allclose(full, np.repeat(expected, 3, axis=1), rtol=1e-5)
+    synthetic = load_calibration(None, model, num_synthetic=3, shapes={"x": (1, FEATURES)})
+    assert synthetic.inputs["state"].shape == (3, 2, 4) and next(synthetic.batches(3))["state"].shape == (2, 3, 4)
+    assert synthetic.synthetic_shapes["state"] == [2, 3, 4]

@@ -316,7 +316,7 @@ def test_sweep_update_is_close_to_row_exact_and_its_loss_is_exact():
     name = problem.names[0]
     theta = problem.weights[name].parameter.detach().clone()
     prune = theta.abs() < theta.abs().quantile(0.5)
-    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64))
+    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64, update="sweep"))
     est.fit(problem)
     assert est.layer_info[name]["update"] == "sweep"
     results = {}
@@ -338,9 +338,10 @@ def test_wide_layer_uses_the_sweep_and_row_exact_is_refused():
 
     problem, _ = tiny_mlp_problem("categorical", sizes=(2100, 3), n=32)
     name = problem.names[0]
-    est = FishLegEstimator(FishLegConfig(init="identity", fit_steps=0, damping=0.05))
+    est = FishLegEstimator(FishLegConfig(init="identity", fit_steps=0, damping=0.05))  # update="auto"
     est.fit(problem)
-    assert est.layer_info[name] == {"in": 2100, "out": 3, "form": "kron", "update": "sweep"}
+    assert est.layer_info[name] == {"in": 2100, "out": 3, "form": "kron", "update": "sweep",
+                                    "policy": "auto: row-exact up to 2048 inputs, sweep above"}
     group = est.group_of[name]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -392,7 +393,7 @@ def test_everything_follows_the_parameter_dtype():
         est = FishLegEstimator(FishLegConfig(form=form, block_size=7, fit_steps=3, refit_steps=2, damping=0.05, diag_samples=16))
         result = OBSPruner(est).prune(p2, SparsitySpec(0.5, steps=2))
         assert all(p.dtype == torch.float64 for g in est.groups for p in g.params)
-        assert result.info["obs_update"] == ("sweep" if form == "kron" else "block-exact")
+        assert result.info["obs_update"] == ("row-exact" if form == "kron" else "block-exact")  # auto: narrow layers
         assert abs(p2.sparsity() - 0.5) < 0.05
 
 

@@ -18,7 +18,9 @@ from fls_compress.io.onnx_model import (
     load_onnx,
     model_size_bytes,
     prunable_initializers,
+    prunable_sites,
     read_initializer_arrays,
+    read_weight,
     save_onnx_atomic,
     sparse_bytes_saved,
     weight_sparsity,
@@ -173,7 +175,87 @@ def test_prunable_initializers_selects_weights_only() -> None:
     ]
     assert [s.name for s in prunable_initializers(model, ops=("Conv",))] == ["conv_w"]
     with pytest.raises(InvalidOptionError):
-        prunable_initializers(model, ops=("LSTM",))
+        prunable_initializers(model, ops=("Add",))
+
+
+def _constant_weights_model() -> onnx.ModelProto:
+    """Every weight a ``Constant`` node, as paddle2onnx writes them: Conv kernel, bias, a MatMul
+    weight read through Identity, and a Gemm B; metadata and doc strings to check they survive."""
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(1)
+
+    def const(name: str, arr: np.ndarray, node_name: str) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], name=node_name, value=numpy_helper.from_array(arr, ""))
+
+    nodes = [
+        const("conv_w", rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "p2o.Constant.0"),
+        const("conv_b", rng.standard_normal(4).astype(np.float32), "p2o.Constant.1"),
+        const("mm_w", rng.standard_normal((16, 6)).astype(np.float32), "p2o.Constant.2"),
+        const("gemm_w", rng.standard_normal((5, 6)).astype(np.float32), ""),
+        const("shape", np.array([0, -1], np.int64), "p2o.Constant.4"),
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+        helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+        helper.make_node("Tile", ["f", "reps"], ["t"], name="tile"),
+        helper.make_node("Identity", ["mm_w"], ["mm_w_id"], name="id"),
+        helper.make_node("MatMul", ["t", "mm_w_id"], ["h"], name="mm"),
+        helper.make_node("Gemm", ["h", "gemm_w"], ["y"], name="fc", transB=1),
+    ]
+    nodes.insert(4, helper.make_node("Constant", [], ["reps"], name="p2o.Constant.5",
+                                     value=numpy_helper.from_array(np.array([1, 4], np.int64), "")))
+    graph = helper.make_graph(
+        nodes, "paddle", [helper.make_tensor_value_info("x", f32, [-1, 2, 8, 8])],
+        [helper.make_tensor_value_info("y", f32, [-1, 5])], doc_string="pd",
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="PaddlePaddle")
+    helper.set_model_props(model, {"framework": "paddle"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_constant_node_weights_are_sites_and_written_back_into_the_same_node() -> None:
+    model = _constant_weights_model()
+    sites = prunable_sites(model)
+    summary = [(s.name, s.op_type, s.storage, s.constant_node, s.node_names, s.shape, s.dtype) for s in sites]
+    assert summary == [
+        ("conv_w", "Conv", "constant", "p2o.Constant.0", ("conv",), (4, 2, 3, 3), "float32"),
+        ("mm_w", "MatMul", "constant", "p2o.Constant.2", ("mm",), (16, 6), "float32"),
+        ("gemm_w", "Gemm", "constant", "Constant_3", ("fc",), (5, 6), "float32"),
+    ]
+    before = model.SerializeToString()
+    arrays = {s.name: read_weight(model, s.name).copy() for s in sites}
+    for arr in arrays.values():
+        arr.reshape(-1)[::2] = 0.0
+    out = write_back(model, arrays)
+    assert model.SerializeToString() == before
+
+    # graph identity outside the rewritten tensors
+    rewritten = {"p2o.Constant.0", "p2o.Constant.2", ""}
+    assert len(out.graph.node) == len(model.graph.node)
+    for new, old in zip(out.graph.node, model.graph.node):
+        if new.op_type == "Constant" and new.name in rewritten and new.output[0] in arrays:
+            assert (new.name, list(new.input), list(new.output), new.domain) == (old.name, list(old.input), list(old.output), old.domain)
+            assert [a.name for a in new.attribute] == ["value"]
+            assert (new.attribute[0].t.dims, new.attribute[0].t.data_type) == (old.attribute[0].t.dims, old.attribute[0].t.data_type)
+            np.testing.assert_array_equal(numpy_helper.to_array(new.attribute[0].t), arrays[new.output[0]])
+        else:
+            assert new.SerializeToString() == old.SerializeToString()
+    for field_name in ("input", "output", "initializer", "value_info"):
+        assert getattr(out.graph, field_name) == getattr(model.graph, field_name)
+    assert out.opset_import == model.opset_import and out.metadata_props == model.metadata_props
+    assert (out.producer_name, out.ir_version, out.graph.name, out.graph.doc_string) == (
+        model.producer_name, model.ir_version, model.graph.name, model.graph.doc_string)
+    assert weight_sparsity(out, list(arrays)) == {n: 0.5 for n in arrays}
+
+    onnx.checker.check_model(out, full_check=True)
+    x = RNG.standard_normal((3, 2, 8, 8)).astype(np.float32)
+    got = _run(out, {"x": x})[0]
+    # reference: the same graph with every weight replaced as an initializer via the converter pass
+    from fls_compress.bridge.prep import constants_to_initializers
+
+    reference = write_back(constants_to_initializers(model), arrays)
+    np.testing.assert_allclose(got, _run(reference, {"x": x})[0], rtol=1e-6)
+    assert not np.allclose(got, _run(model, {"x": x})[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,3 +389,31 @@ def test_save_atomic_external_data(tmp_path: Path) -> None:
     save_onnx_atomic(model, dst, external_data_threshold=0)  # the data file is replaced, not appended to
     assert (dst.parent / "model.onnx.data").stat().st_size < model_size_bytes(model)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_weights_inside_if_bodies_are_sites_on_request_and_written_back_there() -> None:
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(3)
+
+    def body(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), f"{name}_w")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [name], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(name, f32, None)], [w])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="switch", then_branch=body("t"), else_branch=body("e"))], "g",
+        [helper.make_tensor_value_info("x", f32, [2, 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", f32, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    assert prunable_sites(model) == []
+    sites = prunable_sites(model, include_subgraphs=True)
+    assert sorted((s.name, s.subgraph, s.node_names) for s in sites) == [  # bodies in attribute order
+        ("e_w", "switch/else_branch", ("e_mm",)), ("t_w", "switch/then_branch", ("t_mm",))]
+    new_t = np.zeros((4, 3), np.float32)
+    out = write_back(model, {"t_w": new_t})
+    np.testing.assert_array_equal(read_weight(out, "t_w"), new_t)
+    np.testing.assert_array_equal(read_weight(out, "e_w"), read_weight(model, "e_w"))
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    assert not _run(out, {"x": x, "c": np.array(True)})[0].any()
+    np.testing.assert_allclose(_run(out, {"x": x, "c": np.array(False)})[0], x @ read_weight(model, "e_w"), rtol=1e-5)

@@ -186,3 +186,68 @@ def test_summary_lists_key_numbers() -> None:
     assert lines[1].startswith("model size:")
     assert f"max|err| {report['outputs']['logits']['max_abs_error']:.3g}" in lines[2]
     assert "top-1 agreement" in lines[3] and "accuracy" in lines[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Foreign metadata and detectors
+# ------------------------------------------------------------------------------------------------
+def test_unknown_declared_task_falls_back_to_generic(caplog: pytest.LogCaptureFixture) -> None:
+    weights = make_weights()
+    model = mlp(weights, metadata={"task": "pose", "names": "{0: 'person'}"})
+    with caplog.at_level("WARNING", logger="fls_compress"):
+        report = verify_models(model, model, make_data(), task="pose")  # as the pipeline passes it through
+    assert report["task"] == "generic"
+    assert report["task_fallback"] == {"declared": "pose", "used": "generic", "reason": "unknown task in model metadata"}
+    assert report["outputs"]["logits"]["cosine_similarity"] == pytest.approx(1.0)
+    assert any("task='pose'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InvalidOptionError, match="unknown task 'segmentation'"):
+        verify_models(model, model, make_data(), task="segmentation")
+
+
+def _detector(boxes: np.ndarray, scores: np.ndarray) -> onnx.ModelProto:
+    """A 'detector' that ignores its input and returns a constant [1, 4+C, N] prediction (+ 0 * x)."""
+    pred = np.concatenate([boxes.T, scores.T], axis=0)[None].astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["pred", "z"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "det",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", pred.shape[1], pred.shape[2]])],
+        initializer=[numpy_helper.from_array(pred, "pred"), numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero"),
+                     numpy_helper.from_array(np.array([1, 2], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"task": "detect", "names": "{0: 'a', 1: 'b'}", "stride": "32"}.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    return model
+
+
+def test_detector_top_k_box_agreement_matches_iou_by_hand() -> None:
+    from fls_compress.verify_detection import box_iou
+
+    n = 8
+    boxes = np.array([[10.0 * i, 10.0, 4.0, 4.0] for i in range(n)])
+    scores = np.zeros((n, 2))
+    scores[np.arange(n), np.arange(n) % 2] = np.linspace(0.9, 0.2, n)
+    # compressed: box 0 shifted by 1 px in x (IoU = 3*4 / (2*16 - 12) = 0.6 -> kept), box 1 by 2 px
+    # (IoU = 8 / 24 = 1/3 -> lost), box 2 with the other class (lost); the other 5 identical: 6/8
+    moved = boxes.copy()
+    moved[0, 0] += 1.0
+    moved[1, 0] += 2.0
+    swapped = scores.copy()
+    swapped[2] = swapped[2][::-1]
+    assert box_iou(boxes[:1], moved[:1])[0, 0] == pytest.approx(0.6)
+    assert box_iou(boxes[1:2], moved[1:2])[0, 0] == pytest.approx(1 / 3)
+    data = CalibrationData({"x": np.ones((3, 3, 1), np.float32)}, None, synthetic=False, source="test")
+    original = _detector(boxes, scores)
+    report = verify_models(original, _detector(moved, swapped), data)
+    assert report["task"] == "detection" and "task_fallback" not in report
+    out = report["outputs"]["output0"]
+    assert out["topk_box_agreement"] == pytest.approx(6 / 8) and out["topk_boxes"] == 8
+    assert verify_models(original, original, data)["outputs"]["output0"]["topk_box_agreement"] == 1.0
+    assert "top-8 box agreement" in summarize(report)

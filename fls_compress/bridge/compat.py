@@ -10,8 +10,10 @@ writes opset 18-20) therefore fail on ops whose schema was bumped only to admit 
 * aliases to onnx2torch's existing converter where the new version is a type-only bump;
 * guarded aliases where the new version adds a feature (the guard raises ``NotImplementedError``
   when the feature is used, so nothing is converted silently wrong);
+* LSTM and GRU (:mod:`.rnn`), and an exact Pad for every rank and mode (:mod:`.pad`);
 * small exact modules where the semantics changed: Reduce*-18/20 (constant ``axes`` input),
-  Gelu-20, Reshape-19/21 with ``allowzero=1`` and Split-18 with ``num_outputs``.
+  Gelu-20, Reshape-19/21 with ``allowzero=1``, Split-18 with ``num_outputs``, and Size (absent
+  from onnx2torch).
 
 Calling it more than once is harmless.
 """
@@ -35,6 +37,9 @@ from onnx2torch.utils.common import (
     onnx_mapping_from_node,
 )
 from torch import nn
+
+from fls_compress.bridge.pad import install_pad
+from fls_compress.bridge.rnn import install_recurrent
 
 _LOG = logging.getLogger(__name__)
 
@@ -131,6 +136,13 @@ class OnnxReshapeAllowZero(nn.Module, OnnxToTorchModule):
         return torch.reshape(input_tensor, tuple(int(d) for d in shape.tolist()))
 
 
+class OnnxSize(nn.Module, OnnxToTorchModule):
+    """ONNX Size: the number of elements of the input, as an int64 scalar."""
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(input_tensor.numel(), dtype=torch.int64, device=input_tensor.device)
+
+
 class OnnxSplitNumOutputs(nn.Module, OnnxToTorchModule):
     """ONNX Split-18 with ``num_outputs``: chunks of ``ceil(len / n)``, the last one smaller."""
 
@@ -182,6 +194,11 @@ def _reshape_19(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return get_converter("Reshape", 14)(node, graph)
 
 
+def _size(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    del graph
+    return OperationConverterResult(OnnxSize(), onnx_mapping_from_node(node))
+
+
 def _split_18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     inputs = node.input_values
     if len(inputs) > 1 and inputs[1] != "":
@@ -203,11 +220,6 @@ def _guarded(base_op: str, base_version: int, check: Callable[[OnnxNode], str | 
         return get_converter(base_op, base_version)(node, graph)
 
     return converter
-
-
-def _pad_axes_used(node: OnnxNode) -> str | None:
-    inputs = node.input_values
-    return "the axes input" if len(inputs) > 3 and inputs[3] != "" else None
 
 
 def _pool_dilated(node: OnnxNode) -> str | None:
@@ -253,9 +265,11 @@ def install_compat() -> None:
     for version in (19, 21):
         _register("Reshape", version, _reshape_19)
     _register("Split", 18, _split_18)
-    for version in (18, 19, 21):
-        _register("Pad", version, _guarded("Pad", 13, _pad_axes_used))
+    for version in (1, 13, 19, 21):
+        _register("Size", version, _size)
     _register("AveragePool", 19, _guarded("AveragePool", 11, _pool_dilated))
     _register("IsInf", 20, _guarded("IsInf", 10, _isinf_one_sided))
+    install_recurrent()
+    install_pad()
     _installed = True
     _LOG.debug("onnx2torch compatibility converters installed")

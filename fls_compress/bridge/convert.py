@@ -25,22 +25,24 @@ import numpy as np
 import onnx
 import onnx2torch
 import torch
-from onnx import defs, helper, numpy_helper
-from onnx2torch.node_converters.registry import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import fx, nn
 
+from fls_compress.bridge.check import check_conversion
 from fls_compress.bridge.compat import install_compat
-from fls_compress.bridge.prep import prepare_for_torch
+from fls_compress.bridge.constant_fold import fold_recurrent_weights
+from fls_compress.bridge.control_flow import fold_constant_ifs
+from fls_compress.bridge.prep import bind_inputs, prepare_for_torch, to_float32
+from fls_compress.bridge.rnn import OnnxRecurrent
+from fls_compress.bridge.shapes import annotate_shapes
+from fls_compress.bridge.support import unsupported, unsupported_ops  # noqa: F401 - unsupported_ops re-exported
 from fls_compress.bridge.weights import PrunableWeight
 from fls_compress.errors import InvalidDataError, UnsupportedModelError
-from fls_compress.io.onnx_model import SUPPORTED_PRUNABLE_OPS, PrunableSite, prunable_initializers
+from fls_compress.io.calibration import CalibrationData
+from fls_compress.io.onnx_model import ALL_PRUNABLE_OPS, PrunableSite, prunable_sites, read_weight
 
 _LOG = logging.getLogger(__name__)
-
-#: Control-flow ops: onnx2torch converts none of them (their bodies are subgraphs).
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 #: (transpose, scale) of a torch tensor relative to its ONNX initializer.
 _Relation = tuple[bool, float]
@@ -51,83 +53,44 @@ _IDENTITY: _Relation = (False, 1.0)
 class TorchBridge:
     """A converted model plus the link from ONNX initializer names to torch parameters.
 
-    ``input_names``/``output_names`` are the ONNX graph inputs (initializers excluded) and outputs;
-    ``weights`` holds one :class:`PrunableWeight` per prunable initializer, in graph order.
+    ``input_names``/``output_names`` are the ONNX graph inputs (initializers and inputs bound to a
+    calibration constant excluded) and outputs; ``weights`` holds one :class:`PrunableWeight` per
+    prunable weight, in graph order. ``info`` records what conversion had to do to the graph
+    (see :func:`convert_to_torch`), for the report.
     """
 
     module: fx.GraphModule
     input_names: list[str]
     output_names: list[str]
     weights: dict[str, PrunableWeight] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Run the module on named inputs; outputs come back as a list in ONNX output order."""
+        """Run the module on named inputs; outputs come back as a list in ONNX output order.
+
+        Inputs listed in :attr:`batch_axes` are given with their samples on axis 0 (as
+        :class:`~fls_compress.io.calibration.CalibrationData` stores them) and moved into place here.
+        """
         missing = [n for n in self.input_names if n not in feeds]
         unknown = sorted(set(feeds) - set(self.input_names))
         if missing or unknown:
             raise InvalidDataError(
                 f"model inputs are {self.input_names}; missing {missing}, unexpected {unknown}"
             )
-        return list(self.module(*(feeds[n] for n in self.input_names)))
+        args = []
+        for name in self.input_names:
+            value = feeds[name]
+            if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
+                value = value.float()  # float16/float64 models compute in float32 here
+            if name in self.batch_axes:  # samples come on axis 0 (CalibrationData layout)
+                value = value.movedim(0, self.batch_axes[name])
+            args.append(value)
+        return list(self.module(*args))
 
     def parameters_by_name(self) -> dict[str, nn.Parameter]:
         """ONNX initializer name -> the trainable parameter standing for it."""
         return {name: weight.parameter for name, weight in self.weights.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Pre-flight
-# ------------------------------------------------------------------------------------------------
-def _normalize_domain(domain: str) -> str:
-    return "" if domain == "ai.onnx" else domain
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def _since_version(op_type: str, domain: str, opset: int) -> int:
-    try:
-        return int(defs.get_schema(op_type, max_inclusive_version=opset, domain=domain).since_version)
-    except defs.SchemaError:
-        return opset
-
-
-def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """Operators with no onnx2torch converter (compat included), e.g. ``["LSTM (opset 14)"]``.
-
-    Every node is checked, subgraph bodies included; If/Loop/Scan are always unsupported. Entries
-    are unique, in graph order, formatted ``"<op> (opset <since_version>)"`` with ``<domain>::``
-    prepended outside the default domain.
-    """
-    install_compat()
-    opsets = {_normalize_domain(o.domain): int(o.version) for o in model.opset_import}
-    found: dict[str, None] = {}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            domain = _normalize_domain(node.domain)
-            opset = opsets.get(domain)
-            version = _since_version(node.op_type, domain, opset) if opset is not None else 0
-            label = f"{node.op_type} (opset {version})" if not domain else f"{domain}::{node.op_type} (opset {version})"
-            if node.op_type in _CONTROL_FLOW or opset is None:
-                found[label] = None
-            else:
-                try:
-                    get_converter(operation_type=node.op_type, version=opset, domain=domain)
-                except NotImplementedError:
-                    found[label] = None
-            for sub in _subgraphs(node):
-                visit(sub)
-
-    visit(model.graph)
-    return list(found)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +168,9 @@ def _uses_of(
         if isinstance(layer, nn.modules.conv._ConvNd) and onnx_node.operation_type == "Conv" and positions == [1]:
             uses.append(_Use(layer, "weight", _IDENTITY))
             continue
+        if isinstance(module, OnnxRecurrent) and positions in ([1], [2]):
+            uses.append(_Use(module, "W" if positions == [1] else "R", _IDENTITY))
+            continue
         if isinstance(module, nn.Linear) and onnx_node.operation_type == "Gemm" and positions == [1]:
             trans_b = onnx_node.attributes.get("transB", 0) != 0
             uses.append(_Use(module, "weight", (not trans_b, float(onnx_node.attributes.get("alpha", 1.0)))))
@@ -259,7 +225,6 @@ def _build_weights(
     original: onnx.ModelProto, sites: list[PrunableSite], gm: fx.GraphModule, graph: OnnxGraph
 ) -> dict[str, PrunableWeight]:
     fx_by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    inits = {t.name: t for t in original.graph.initializer}
     weights: dict[str, PrunableWeight] = {}
     for site in sites:
         uses = _uses_of(site.name, gm, graph, fx_by_target)
@@ -279,7 +244,7 @@ def _build_weights(
             op_type=site.op_type,
             parameter=param,
             onnx_shape=site.shape,
-            onnx_dtype=np.dtype(helper.tensor_dtype_to_np_dtype(inits[site.name].data_type)),
+            onnx_dtype=np.dtype(site.dtype),
             transpose=transpose,
             scale=scale,
             matrix_transpose=matrix_transpose,
@@ -289,9 +254,8 @@ def _build_weights(
 
 
 def _verify_weights(original: onnx.ModelProto, weights: dict[str, PrunableWeight]) -> None:
-    inits = {t.name: t for t in original.graph.initializer}
     for name, weight in weights.items():
-        expected = numpy_helper.to_array(inits[name])
+        expected = read_weight(original, name)
         got = weight.to_onnx()
         if got.shape != expected.shape or not np.allclose(
             got.astype(np.float64), expected.astype(np.float64), rtol=1e-6, atol=0.0
@@ -300,23 +264,74 @@ def _verify_weights(original: onnx.ModelProto, weights: dict[str, PrunableWeight
 
 
 def convert_to_torch(
-    model: onnx.ModelProto, *, prunable_ops: tuple[str, ...] = SUPPORTED_PRUNABLE_OPS
+    model: onnx.ModelProto,
+    *,
+    prunable_ops: tuple[str, ...] = ALL_PRUNABLE_OPS,
+    calibration: CalibrationData | None = None,
 ) -> TorchBridge:
     """Convert ``model`` (left unmodified) into a :class:`TorchBridge`.
 
-    Raises :class:`UnsupportedModelError` (one line) when operators cannot be converted, when
-    onnx2torch fails, or when a prunable initializer cannot be mapped to one verified parameter.
+    With ``calibration`` (recommended; the pipeline passes its calibration set) the copy used for
+    conversion is first specialised to the data, each step recorded in ``bridge.info``:
+
+    * rank-0 inputs become constants holding :attr:`CalibrationData.constants` (``bound_inputs``);
+    * ``If`` nodes whose condition is the same on every calibration batch are replaced by the branch
+      taken (``folded_ifs``, :mod:`.control_flow`); the weights of the taken branch become prunable
+      like top-level ones (written back inside the branch), those of other bodies stay as they are
+      (``unpruned_branch_weights``);
+    * shapes ONNX inference cannot derive are observed with onnxruntime (``observed_shapes``,
+      :mod:`.shapes`);
+    * LSTM/GRU weights computed from constants are evaluated once (``computed_recurrent_weights``,
+      :mod:`.constant_fold`; done with or without calibration);
+    * after conversion, the module is run against onnxruntime on one batch
+      (``max_rel_error_vs_onnxruntime``, :mod:`.check`; a torch failure there is unsupported).
+
+    float16 / bfloat16 / float64 models are converted to compute in float32 (``compute_dtype``);
+    :meth:`PrunableWeight.to_onnx` returns the original dtype. Raises
+    :class:`UnsupportedModelError` (one line, naming the operators and the methods that need no
+    torch graph) when operators cannot be converted, when onnx2torch fails, or when a prunable
+    weight cannot be mapped to one verified parameter.
     """
-    sites = prunable_initializers(model, prunable_ops)
-    prepared = prepare_for_torch(model)
+    sites = prunable_sites(model, prunable_ops, include_subgraphs=True)
+    info: dict[str, object] = {"bound_inputs": [], "folded_ifs": [], "observed_shapes": 0, "compute_dtype": "float32"}
+    work = model
+    feeds: list[dict[str, np.ndarray]] = []
+    if calibration is not None:
+        if calibration.constants:
+            work = bind_inputs(work, calibration.constants)
+            info["bound_inputs"] = sorted(calibration.constants)
+        n = calibration.num_samples
+        sizes = [1] if calibration.max_batch == 1 or n < 2 else [1, min(n, 2)]
+        feeds = [calibration.to_model_layout({k: v[:size] for k, v in calibration.inputs.items()}) for size in sizes]
+    prepared = prepare_for_torch(work)
+    if feeds:
+        prepared, folded = fold_constant_ifs(prepared, feeds)
+        if folded:
+            info["folded_ifs"] = folded
+            prepared = prepare_for_torch(prepared)
+        prepared, observed = annotate_shapes(prepared, feeds)
+        info["observed_shapes"] = len(observed)
+    available = {t.name for t in prepared.graph.initializer}
+    idle = [s.name for s in sites if s.subgraph is not None and s.name not in available]
+    sites = [s for s in sites if s.subgraph is None or s.name in available]
+    if idle:
+        info["unpruned_branch_weights"] = idle
+        _LOG.warning("%d weight(s) in If/Loop/Scan bodies not taken on the calibration data stay unpruned", len(idle))
+    prepared, computed = fold_recurrent_weights(prepared)
+    if computed:
+        info["computed_recurrent_weights"] = computed
+    prepared, widened = to_float32(prepared)
+    if widened:
+        info["compute_dtype"] = "float32 (model stores " + ", ".join(sorted({s.dtype for s in sites} - {"float32"}) or ["other float types"]) + ")"
+        _LOG.warning("model is not float32; calibration computes in float32 and writes back in the original dtype")
     install_compat()
     missing = unsupported_ops(prepared)
     if missing:
-        raise UnsupportedModelError(f"unsupported operators for conversion: {', '.join(missing)}")
+        raise unsupported(f"unsupported operators for conversion: {', '.join(missing)}")
     try:
         gm = onnx2torch.convert(prepared, attach_onnx_mapping=True)
     except Exception as exc:  # noqa: BLE001 - onnx2torch signals unsupported features with many types
-        raise UnsupportedModelError(f"onnx2torch cannot convert the model: {_one_line(exc)}") from exc
+        raise unsupported(f"onnx2torch cannot convert the model: {_one_line(exc)}") from exc
     gm.eval()
     gm.float()
 
@@ -332,9 +347,18 @@ def convert_to_torch(
     for weight in weights.values():
         weight.parameter.requires_grad_(True)
     _verify_weights(model, weights)
+    bridge = TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights, info=info)
+    if calibration is not None:
+        bridge.batch_axes = {k: v for k, v in calibration.batch_axes.items() if k in input_names}
+        rows = 1 if calibration.max_batch == 1 else min(2, calibration.num_samples)
+        batch = {k: v[:rows] for k, v in calibration.inputs.items()}
+        try:
+            info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, batch, calibration.feed(batch))
+        except UnsupportedModelError as exc:
+            raise unsupported(str(exc)) from exc
     _LOG.info(
         "converted model: %d prunable weights (%d elements)",
         len(weights),
         sum(w.numel for w in weights.values()),
     )
-    return TorchBridge(module=gm, input_names=input_names, output_names=output_names, weights=weights)
+    return bridge

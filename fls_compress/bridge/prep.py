@@ -221,6 +221,67 @@ def drop_redundant_allowzero(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ------------------------------------------------------------------------------------------------
+_WIDE_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _tensor_to_float32(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_type not in _WIDE_FLOATS:
+        return False
+    arr = numpy_helper.to_array(tensor).astype(np.float32)
+    replacement = numpy_helper.from_array(arr, tensor.name)
+    tensor.CopyFrom(replacement)
+    return True
+
+
+def _value_info_to_float32(vi: onnx.ValueInfoProto) -> bool:
+    if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _WIDE_FLOATS:
+        vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return True
+    return False
+
+
+def _graph_to_float32(graph: onnx.GraphProto) -> int:
+    changed = sum(_tensor_to_float32(t) for t in graph.initializer)
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        changed += _value_info_to_float32(vi)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                changed += _tensor_to_float32(attr.t)
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                changed += _graph_to_float32(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                changed += sum(_graph_to_float32(g) for g in attr.graphs)
+            elif attr.name == "to" and node.op_type == "Cast" and attr.i in _WIDE_FLOATS:
+                attr.i = onnx.TensorProto.FLOAT
+                changed += 1
+    return changed
+
+
+def to_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Copy of ``model`` computing in float32: float16 / bfloat16 / float64 initializers, Constant
+    values, Cast targets and declared input/output types become float32 (calibration only; the
+    pruned weights are written back in the original dtype). Returns the copy and the number of
+    rewritten items (0: the model already was float32)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, _graph_to_float32(copy.graph)
+
+
+def bind_inputs(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Copy of ``model`` where the named graph inputs become initializers holding ``values``
+    (rank-0 inputs that take one value for the whole calibration set)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for i in reversed(range(len(copy.graph.input))):
+        name = copy.graph.input[i].name
+        if name in values:
+            del copy.graph.input[i]
+            copy.graph.initializer.append(numpy_helper.from_array(np.asarray(values[name]), name))
+    return copy
+
+
+# ------------------------------------------------------------------------------------------------
 def prepare_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of ``model`` with every clean-up applied, ready for ``onnx2torch.convert``."""
     prepared = densify_sparse_initializers(model)

@@ -28,7 +28,7 @@ class PrunableWeight:
     name:
         The ONNX initializer name (the key used everywhere: masks, curvature blocks, reports).
     op_type:
-        The consuming ONNX op: ``"Conv"``, ``"ConvTranspose"``, ``"Gemm"`` or ``"MatMul"``.
+        The consuming ONNX op: ``"Conv"``, ``"ConvTranspose"``, ``"Gemm"``, ``"MatMul"``, ``"LSTM"`` or ``"GRU"``.
     parameter:
         The trainable torch tensor. Initializers consumed by several nodes map to ONE parameter
         (tied), so a gradient sums over every use.
@@ -66,13 +66,20 @@ class PrunableWeight:
         return tuple(self.to_matrix(self.parameter.detach()).shape)  # type: ignore[return-value]
 
     def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Map a tensor shaped like ``parameter`` to the (out, in) matrix view (a view when possible)."""
+        """Map a tensor shaped like ``parameter`` to the (out, in) matrix view (a view when possible).
+
+        LSTM/GRU ``W`` / ``R`` ``[dirs, gates*H, in]`` give ``[dirs*gates*H, in]`` (one row per gate unit).
+        """
+        if self.op_type in ("LSTM", "GRU"):
+            return tensor.reshape(-1, tensor.shape[-1])
         if self.matrix_transpose:
             return tensor.reshape(tensor.shape[0], -1).t()
         return tensor.reshape(tensor.shape[0], -1)
 
     def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_matrix`: back to the shape of ``parameter``."""
+        if self.op_type in ("LSTM", "GRU"):
+            return matrix.reshape(self.parameter.shape)
         if self.matrix_transpose:
             return matrix.t().reshape(self.parameter.shape)
         return matrix.reshape(self.parameter.shape)

@@ -238,10 +238,11 @@ class FLSConfig(CurvatureConfig):
     probes: int = knob(1, "Gaussian probes per Fisher-vector product (one shared forward pass).", min=1, max=1024)
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
     obs_update: str | None = knob(
-        None, "Compensation: sweep (OBS column sweep with Q's Kronecker factor, one Cholesky per layer; kron), row-exact "
-        "(exact per-row solve, the reference; kron, inputs <= 2048), block-exact (exact group OBS inside each block; block) "
-        "or decoupled (-Q z). Default: sweep for kron, block-exact for block.",
-        choices=("sweep", "row-exact", "block-exact", "decoupled"),
+        None, "Compensation: auto (row-exact for layers with up to 2048 inputs, sweep above; each layer's choice is in "
+        "the report), row-exact (exact group OBS per output row with Q's factors; kron), sweep (OBS column sweep, one "
+        "Cholesky per layer, compensates only later columns; kron), block-exact (block) or decoupled (-Q z). "
+        "Default: auto for kron, block-exact for block.",
+        choices=("auto", "sweep", "row-exact", "block-exact", "decoupled"),
     )
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)
@@ -252,7 +253,7 @@ class FLSConfig(CurvatureConfig):
             raise InvalidOptionError("--block-size applies to --q-form block only")
         if self.q_form == "block" and self.q_init == "kfac":
             raise InvalidOptionError("--q-init kfac needs --q-form kron (Kronecker factors)")
-        if self.q_form == "block" and self.obs_update in ("sweep", "row-exact"):
+        if self.q_form == "block" and self.obs_update in ("auto", "sweep", "row-exact"):
             raise InvalidOptionError(f"--obs-update {self.obs_update} needs --q-form kron")
         if self.q_form == "kron" and self.obs_update == "block-exact":
             raise InvalidOptionError("--obs-update block-exact needs --q-form block")
@@ -263,7 +264,7 @@ class FLSConfig(CurvatureConfig):
 
     @property
     def resolved_update(self) -> str:
-        return self.obs_update or ("sweep" if self.q_form == "kron" else "block-exact")
+        return self.obs_update or ("auto" if self.q_form == "kron" else "block-exact")
 
 
 @dataclass(frozen=True)

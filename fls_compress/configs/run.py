@@ -30,8 +30,40 @@ class RunOptions(Config):
                                     min=-1.0, max=1.0)
     keep_failed: bool = knob(False, "Keep the compressed model at -o when a verification gate fails (the report says so).")
     progress: bool = knob(True, "Progress bar on stderr (on a terminal).")
+    shape: tuple[str, ...] = knob((), "Size of synthetic inputs' dynamic dims, NAME=1x3x320x320 (repeatable; without --data).")
+    const: tuple[str, ...] = knob((), "Value of a rank-0 input for all samples, NAME=VALUE (repeatable).")
 
     def validate(self) -> None:
         super().validate()
+        self.shapes  # noqa: B018  (parse now: a malformed value is an option error, before any work)
+        self.consts  # noqa: B018
         if self.keep_failed and self.min_agreement is None and self.max_rel_error is None and self.min_cosine is None:
             raise InvalidOptionError("--keep-failed needs a verification gate (--min-agreement, --max-rel-error or --min-cosine)")
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for item in self.shape:
+            name, _, dims = item.partition("=")
+            try:
+                parsed = tuple(int(d) for d in dims.lower().split("x"))
+            except ValueError:
+                parsed = ()
+            if not name or not parsed or any(d < 1 for d in parsed):
+                raise InvalidOptionError(f"--shape must look like NAME=1x3x320x320 (positive sizes), got {item!r}")
+            out[name] = parsed
+        return out
+
+    @property
+    def consts(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for item in self.const:
+            name, _, value = item.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                number = float("nan")
+            if not name or number != number or number in (float("inf"), float("-inf")):
+                raise InvalidOptionError(f"--const must look like NAME=VALUE with a finite number, got {item!r}")
+            out[name] = int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        return out

@@ -48,7 +48,7 @@ from .qgroups import BlockGroup, KronGroup
 
 log = logging.getLogger(__name__)
 
-UPDATES = ("sweep", "row-exact", "decoupled", "block-exact")
+UPDATES = ("auto", "sweep", "row-exact", "decoupled", "block-exact")
 
 
 @dataclass
@@ -80,7 +80,7 @@ class FishLegConfig:
     lr: float = FLSConfig.default_of("aux_lr")
     final_lr_fraction: float = 0.1
     precondition: bool = True
-    update: str = "sweep"  # "sweep" | "row-exact" | "decoupled" | "block-exact" (block form)
+    update: str = "auto"  # "auto" | "sweep" | "row-exact" | "decoupled" | "block-exact" (block form)
     row_exact_max_in: int = 2048
     sweep_block: int = 128
     probes: int = FLSConfig.default_of("probes")
@@ -142,6 +142,10 @@ class FishLegEstimator(InverseFisherEstimator):
                 info["block"] = cfg.block_size
                 if cfg.update in ("sweep", "row-exact"):
                     info["requested"] = cfg.update
+            elif cfg.update == "auto":
+                # exact per-row group OBS where one dense solve per row is affordable, the column sweep above
+                info["update"] = "row-exact" if in_f <= cfg.row_exact_max_in else "sweep"
+                info["policy"] = f"auto: row-exact up to {cfg.row_exact_max_in} inputs, sweep above"
             else:
                 if cfg.update == "row-exact" and in_f > cfg.row_exact_max_in:
                     raise InvalidOptionError(
@@ -152,6 +156,11 @@ class FishLegEstimator(InverseFisherEstimator):
             self.layer_info[n] = info
         if cfg.form == "block" and cfg.update in ("sweep", "row-exact"):
             log.warning("FishLeg block form: %r is defined for the Kronecker form; using the exact group OBS inside each block", cfg.update)
+        swept = [n for n, i in self.layer_info.items() if i.get("policy") and i["update"] == "sweep"]
+        if swept:
+            log.warning("OBS update: %d layer(s) wider than %d inputs use the column sweep, which compensates only the "
+                        "columns after each removed weight (per layer in method_info.per_layer): %s",
+                        len(swept), cfg.row_exact_max_in, ", ".join(swept[:5]) + (" ..." if len(swept) > 5 else ""))
 
     def _build(self, problem: FisherProblem) -> FitStats:
         cfg = self.config

@@ -13,103 +13,57 @@ onnxruntime or torch. :func:`load_calibration` accepts
 * ``None``: synthetic standard-normal inputs built from the graph's input shapes (a rough Fisher only).
 
 Conventions: axis 0 of every array is the sample axis and every array has the graph input's rank
-(a directory file may also drop axis 0 to hold a single sample). Static dimensions must match;
-dynamic ones (``dim_param`` or unknown) are free. A model whose leading dimension is a static ``1``
+(a directory file may also drop axis 0 to hold a single sample); state-like inputs declared
+``[layers, batch, hidden]`` are given in that layout, with the samples on their batch axis (see
+:attr:`CalibrationData.batch_axes`). Static dimensions must match;
+dynamic ones (``dim_param``, unknown, or the ``-1`` / ``0`` some exporters write) are free. A
+rank-0 input (e.g. a sample rate) has no sample axis: it takes ONE value for all samples, from a
+scalar (or one-element) array in the data or from ``consts={"sr": 16000}``; it is kept apart in
+:attr:`CalibrationData.constants` and added to every batch. A model whose leading dimension is a static ``1``
 is treated as taking one sample at a time: any number of samples is accepted and
 :meth:`CalibrationData.batches` never yields more than one. Float data is cast to the input's float
 type (float64 -> float32 silently); integer data feeds integer inputs only; float data for integer
-inputs is refused. Every problem is an :class:`~fls_compress.errors.InvalidDataError` with a
+inputs is refused; integer inputs used as ``Gather`` indices into a constant table (token ids)
+must lie inside the table. Every problem is an :class:`~fls_compress.errors.InvalidDataError` with a
 one-line message naming the file, the input and what is wrong.
 """
 
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from fls_compress.errors import InvalidDataError, InvalidOptionError
+from fls_compress.io.data_files import (
+    LABELS_KEY,
+    batch_axes_of,
+    load_labels,
+    read_directory,
+    read_npy,
+    read_npz,
+)
+from fls_compress.io.input_specs import Dim, InputSpec, graph_input_specs, output_classes
+from fls_compress.io.synthesis import synthesize_inputs
+from fls_compress.io.validation import check_const_names, check_labels, check_shape_names, validate_inputs
+
+__all__ = [
+    "LABELS_KEY",
+    "CalibrationData",
+    "Dim",
+    "InputSpec",
+    "graph_input_specs",
+    "load_calibration",
+    "load_labels",
+    "output_classes",
+    "validate_inputs",
+]
 
 logger = logging.getLogger(__name__)
-
-LABELS_KEY = "labels"
-"""Array name that holds labels in a ``.npz`` file (unless a graph input has that name)."""
-
-Dim = int | str | None
-"""A graph dimension: a static size, a symbolic name (``dim_param``) or ``None`` (unknown)."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What one graph input expects: name, numpy dtype and shape (``None`` when the rank is unknown)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[Dim, ...] | None
-
-    @property
-    def one_sample_at_a_time(self) -> bool:
-        """``True`` when the leading dimension is a static 1 (the model takes one sample per call)."""
-        return bool(self.shape) and self.shape[0] == 1
-
-    def describe_shape(self) -> str:
-        """The expected shape as users read it, e.g. ``(N, 784)``; dynamic dims by name or ``?``."""
-        if self.shape is None:
-            return "(any shape)"
-        parts = [str(d) if d is not None else "?" for d in self.shape]
-        return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-
-
-def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real inputs of ``model``'s graph (``graph.input`` minus initializers), in graph order.
-
-    Raises :class:`InvalidDataError` for inputs that cannot be fed from numpy arrays (non-tensor or
-    string inputs).
-    """
-    graph = model.graph
-    constant = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    specs = []
-    for value_info in graph.input:
-        if value_info.name in constant:
-            continue
-        if value_info.type.WhichOneof("value") != "tensor_type":
-            raise InvalidDataError(f"model input '{value_info.name}' is not a tensor; it cannot be fed from arrays")
-        tensor_type = value_info.type.tensor_type
-        if tensor_type.elem_type == onnx.TensorProto.STRING:
-            raise InvalidDataError(f"model input '{value_info.name}' holds strings; string inputs are not supported")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape: tuple[Dim, ...] | None = None
-        if tensor_type.HasField("shape"):
-            dims: list[Dim] = []
-            for dim in tensor_type.shape.dim:
-                if dim.HasField("dim_value"):
-                    dims.append(int(dim.dim_value))
-                elif dim.HasField("dim_param"):
-                    dims.append(dim.dim_param)
-                else:
-                    dims.append(None)
-            shape = tuple(dims)
-        specs.append(InputSpec(value_info.name, dtype, shape))
-    return specs
-
-
-def output_classes(model: onnx.ModelProto) -> int | None:
-    """Number of classes of a classifier-shaped first output ``[N, C]`` with static ``C > 1``, else ``None``."""
-    if not model.graph.output:
-        return None
-    tensor_type = model.graph.output[0].type.tensor_type
-    if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 2:
-        return None
-    last = tensor_type.shape.dim[1]
-    if last.HasField("dim_value") and last.dim_value > 1:
-        return int(last.dim_value)
-    return None
 
 
 @dataclass
@@ -128,6 +82,17 @@ class CalibrationData:
         Where the data came from (a path, or ``"synthetic"``), for reports and messages.
     max_batch:
         Largest batch the model accepts (``1`` for a static leading dimension of 1), or ``None``.
+    constants:
+        Rank-0 inputs: one 0-d array per input, shared by every sample and added to every batch.
+    synthetic_shapes:
+        For synthetic data, the shape generated per input (sample axis first).
+    batch_axes:
+        Inputs whose batch axis in the model is not axis 0 (state ``[layers, batch, hidden]``): their
+        arrays in :attr:`inputs` hold the samples on axis 0 like every other input, and
+        :meth:`feed` moves that axis back to where the model expects it.
+    defaulted_dims:
+        For synthetic data, the axes per input whose dynamic size was not given and defaulted to
+        :data:`fls_compress.io.synthesis.DEFAULT_DYNAMIC_DIM` (each one logged as a warning).
     """
 
     inputs: dict[str, np.ndarray]
@@ -135,6 +100,10 @@ class CalibrationData:
     synthetic: bool
     source: str
     max_batch: int | None = None
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    synthetic_shapes: dict[str, list[int]] = field(default_factory=dict)
+    defaulted_dims: dict[str, list[int]] = field(default_factory=dict)
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -149,6 +118,10 @@ class CalibrationData:
             synthetic=self.synthetic,
             source=self.source,
             max_batch=self.max_batch,
+            constants=self.constants,
+            synthetic_shapes=self.synthetic_shapes,
+            defaulted_dims=self.defaulted_dims,
+            batch_axes=self.batch_axes,
         )
 
     def subset(self, n: int) -> CalibrationData:
@@ -189,318 +162,30 @@ class CalibrationData:
         drawn from ``numpy.random.default_rng(seed)``; otherwise samples come in stored order.
         """
         for index in self._batch_indices(batch_size, shuffle, seed):
-            yield {name: arr[index] for name, arr in self.inputs.items()}
+            yield self.feed({name: arr[index] for name, arr in self.inputs.items()})
+
+    def to_model_layout(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` (samples on axis 0) with each input's sample axis moved to its :attr:`batch_axes` place."""
+        return {
+            name: np.moveaxis(arr, 0, self.batch_axes[name]) if name in self.batch_axes else arr
+            for name, arr in batch.items()
+        }
+
+    def feed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` in the model's layout plus the rank-0 :attr:`constants`: a complete onnxruntime feed."""
+        return {**self.to_model_layout(batch), **self.constants}
 
     def labeled_batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
     ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Like :meth:`batches`, but yield ``(inputs, labels)`` pairs (labels ``None`` when absent)."""
         for index in self._batch_indices(batch_size, shuffle, seed):
-            inputs = {name: arr[index] for name, arr in self.inputs.items()}
+            inputs = self.feed({name: arr[index] for name, arr in self.inputs.items()})
             yield inputs, (None if self.labels is None else self.labels[index])
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading files
-# ------------------------------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
-
-
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty zip
-
-
-def _check_magic(path: Path, magics: tuple[bytes, ...], kind: str) -> None:
-    """Refuse files that do not start like a ``.npy`` / ``.npz`` file.
-
-    Without this, :func:`numpy.load` treats any unknown content as a pickle and reports "pickled
-    data", which would be a misleading message for a truncated or mislabelled file.
-    """
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(max(len(m) for m in magics))
-    except OSError as exc:
-        raise InvalidDataError(f"{path}: cannot be read ({_first_line(exc)})") from exc
-    if not any(head.startswith(m) for m in magics):
-        raise InvalidDataError(f"{path}: not a readable {kind} file (unrecognised file header)")
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of a ``.npz`` file, with file-format problems turned into :class:`InvalidDataError`."""
-    _check_magic(path, _ZIP_MAGICS, ".npz")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
-        raise InvalidDataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise InvalidDataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from exc
-    if not arrays:
-        raise InvalidDataError(f"{path}: the .npz file contains no arrays")
-    return arrays
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    """One ``.npy`` array, with file-format problems turned into :class:`InvalidDataError`."""
-    _check_magic(path, (_NPY_MAGIC,), ".npy")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
-        raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
-    except (OSError, EOFError) as exc:
-        raise InvalidDataError(f"{path}: not a readable .npy file ({_first_line(exc)})") from exc
-    return array
-
-
-def _add_sample_axis(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
-    """Give single-sample arrays (rank one below the input's, or a scalar label) a sample axis of length 1."""
-    result = {}
-    for name, arr in arrays.items():
-        spec = specs.get(name)
-        if spec is not None and spec.shape is not None and arr.ndim == len(spec.shape) - 1:
-            arr = arr[np.newaxis]
-        elif spec is None and name == LABELS_KEY and arr.ndim == 0:
-            arr = arr.reshape(1)
-        result[name] = arr
-    return result
-
-
-def _concatenate_parts(parts: list[tuple[str, dict[str, np.ndarray]]], where: str) -> dict[str, np.ndarray]:
-    """Join per-file arrays along axis 0; every file must name the same arrays."""
-    first_file, first = parts[0]
-    names = set(first)
-    merged: dict[str, list[np.ndarray]] = {name: [] for name in first}
-    for file_name, arrays in parts:
-        if set(arrays) != names:
-            raise InvalidDataError(
-                f"{where}: {file_name} holds arrays {sorted(arrays)} but {first_file} holds {sorted(names)}"
-            )
-        for name, arr in arrays.items():
-            merged[name].append(arr)
-    result = {}
-    for name, pieces in merged.items():
-        scalar = next((file for (file, _), p in zip(parts, pieces) if p.ndim == 0), None)
-        if scalar is not None:
-            raise InvalidDataError(f"{where}: '{name}' in {scalar} is a scalar; expected one sample or a batch")
-        tails = {p.shape[1:] for p in pieces}
-        if len({p.ndim for p in pieces}) > 1 or len(tails) > 1:
-            shapes = ", ".join(str(p.shape) for p in pieces[:3])
-            raise InvalidDataError(f"{where}: files disagree on the shape of '{name}' ({shapes}, ...)")
-        result[name] = np.concatenate(pieces, axis=0)
-    return result
-
-
-def _read_directory(path: Path, specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
-    """Arrays from a directory of ``.npz`` or ``.npy`` files (see the module docstring for the layout)."""
-    npz_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".npz")
-    npy_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".npy")
-    label_files = [p for p in npy_files if p.stem == LABELS_KEY and LABELS_KEY not in specs]
-    npy_files = [p for p in npy_files if p not in label_files]
-    if not npz_files and not npy_files:
-        raise InvalidDataError(f"{path}: directory contains no .npz or .npy files")
-    if npz_files and npy_files:
-        raise InvalidDataError(f"{path}: directory mixes .npz and .npy files; use one kind")
-
-    if npz_files:
-        parts = [(p.name, _add_sample_axis(_read_npz(p), specs)) for p in npz_files]
-        arrays = _concatenate_parts(parts, str(path))
-    elif all(p.stem in specs for p in npy_files):
-        # One file per input, each holding that input's whole batch.
-        arrays = {p.stem: _read_npy(p) for p in npy_files}
-    elif len(specs) == 1:
-        (name,) = specs
-        parts = [(p.name, _add_sample_axis({name: _read_npy(p)}, specs)) for p in npy_files]
-        arrays = _concatenate_parts(parts, str(path))
-    else:
-        stray = next(p.name for p in npy_files if p.stem not in specs)
-        raise InvalidDataError(
-            f"{path}: {stray} is not named after a model input ({', '.join(repr(s) for s in specs)}); "
-            "for a multi-input model name each .npy file after its input or use .npz files"
-        )
-    if label_files:
-        if LABELS_KEY in arrays:
-            raise InvalidDataError(f"{path}: labels are given both in labels.npy and inside the .npz files")
-        arrays[LABELS_KEY] = _read_npy(label_files[0])
-    return arrays
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation
-# ------------------------------------------------------------------------------------------------
-def _convert_dtype(where: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
-    """Cast ``arr`` to the input's dtype where that is lossless in kind, refuse it otherwise."""
-    want = spec.dtype
-    have = arr.dtype
-    if have == want:
-        return arr
-    if want.kind == "f":
-        if have.kind == "f":
-            return arr.astype(want)
-        raise InvalidDataError(
-            f"{where}: input '{spec.name}' is {have} data but the model expects {want}; "
-            "convert it to float (integer pixel values usually also need scaling)"
-        )
-    if want.kind in "iu":
-        if have.kind in "iu":
-            info = np.iinfo(want)
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise InvalidDataError(f"{where}: input '{spec.name}' has values outside the range of {want}")
-            return arr.astype(want)
-        raise InvalidDataError(f"{where}: input '{spec.name}' is {have} data but the model expects integer {want}")
-    if want.kind == "b":
-        raise InvalidDataError(f"{where}: input '{spec.name}' is {have} data but the model expects bool")
-    raise InvalidDataError(f"{where}: input '{spec.name}' has model type {want}, which is not supported")
-
-
-def _check_shape(where: str, spec: InputSpec, arr: np.ndarray) -> None:
-    """Rank and static dimensions must match; a static leading 1 accepts any sample count."""
-    if spec.shape is None:
-        return
-    if len(spec.shape) == 0:
-        raise InvalidDataError(f"{where}: input '{spec.name}' is a scalar (rank 0); scalar inputs have no sample axis")
-    if arr.ndim != len(spec.shape):
-        raise InvalidDataError(
-            f"{where}: input '{spec.name}' has shape {arr.shape} (rank {arr.ndim}); "
-            f"the model expects {spec.describe_shape()} (rank {len(spec.shape)})"
-        )
-    for axis, (want, have) in enumerate(zip(spec.shape, arr.shape)):
-        if axis == 0 and spec.one_sample_at_a_time:
-            continue
-        if isinstance(want, int) and want != have:
-            raise InvalidDataError(
-                f"{where}: input '{spec.name}' has shape {arr.shape}; the model expects {spec.describe_shape()}"
-            )
-
-
-def _check_finite(where: str, name: str, arr: np.ndarray) -> None:
-    if arr.dtype.kind != "f":
-        return
-    n_nan = int(np.count_nonzero(np.isnan(arr)))
-    n_inf = int(np.count_nonzero(np.isinf(arr)))
-    if n_nan or n_inf:
-        found = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
-        raise InvalidDataError(f"{where}: input '{name}' contains {found} value(s); clean the data first")
-
-
-def _check_labels(where: str, labels: np.ndarray, n_samples: int, n_classes: int | None) -> np.ndarray:
-    """Labels must be a 1-D integer array with one entry per sample, inside ``[0, n_classes)``."""
-    if labels.ndim != 1:
-        raise InvalidDataError(f"{where}: labels have shape {labels.shape}; expected a 1-D array of class indices")
-    if labels.dtype.kind not in "iu":
-        raise InvalidDataError(f"{where}: labels are {labels.dtype}; expected integer class indices")
-    if len(labels) != n_samples:
-        raise InvalidDataError(f"{where}: there are {len(labels)} labels for {n_samples} samples")
-    if labels.size and labels.min() < 0:
-        raise InvalidDataError(f"{where}: labels contain negative value {int(labels.min())}")
-    if n_classes is not None and labels.size and labels.max() >= n_classes:
-        raise InvalidDataError(
-            f"{where}: label {int(labels.max())} is out of range; "
-            f"the model has {n_classes} classes (0..{n_classes - 1})"
-        )
-    return labels.astype(np.int64)
-
-
-def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, *, where: str) -> dict[str, np.ndarray]:
-    """Check ``arrays`` (input name -> batch) against ``model``'s graph inputs.
-
-    Returns the inputs cast to the graph dtypes, in graph order. ``where`` names the data source in
-    error messages.
-    """
-    specs = {spec.name: spec for spec in graph_input_specs(model)}
-    if not specs:
-        raise InvalidDataError(f"{where}: the model has no inputs to feed")
-    unknown = sorted(set(arrays) - set(specs))
-    if unknown:
-        raise InvalidDataError(
-            f"{where}: array '{unknown[0]}' is not a model input (inputs: {', '.join(repr(s) for s in specs)})"
-        )
-    missing = [name for name in specs if name not in arrays]
-    if missing:
-        raise InvalidDataError(
-            f"{where}: input '{missing[0]}' is missing (the model needs {', '.join(repr(s) for s in specs)})"
-        )
-
-    inputs: dict[str, np.ndarray] = {}
-    for name, spec in specs.items():
-        arr = np.asarray(arrays[name])
-        if arr.dtype.kind not in "biuf":
-            raise InvalidDataError(f"{where}: input '{name}' has unsupported dtype {arr.dtype}")
-        _check_shape(where, spec, arr)
-        if arr.ndim == 0:
-            raise InvalidDataError(f"{where}: input '{name}' is a scalar; expected a batch with a sample axis")
-        arr = _convert_dtype(where, spec, arr)
-        _check_finite(where, name, arr)
-        inputs[name] = np.ascontiguousarray(arr)
-    first = next(iter(inputs))
-    for name, arr in inputs.items():
-        if arr.shape[0] != inputs[first].shape[0]:
-            raise InvalidDataError(
-                f"{where}: input '{first}' has {inputs[first].shape[0]} samples but input '{name}' has {arr.shape[0]}"
-            )
-    if inputs[first].shape[0] == 0:
-        raise InvalidDataError(f"{where}: the data holds 0 samples")
-    return inputs
-
-
-def _synthetic(model: onnx.ModelProto, num_samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal inputs with the graph's shapes; only the leading (batch) dim may be dynamic."""
-    if num_samples < 1:
-        raise InvalidOptionError(f"number of synthetic samples must be at least 1, got {num_samples}")
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for spec in graph_input_specs(model):
-        if spec.dtype.kind != "f":
-            raise InvalidDataError(
-                f"input '{spec.name}' is {spec.dtype}; "
-                "synthetic data can only be generated for float inputs, pass --data"
-            )
-        if not spec.shape:
-            raise InvalidDataError(
-                f"input '{spec.name}' has no usable shape in the model; synthetic data needs one, pass --data"
-            )
-        shape = []
-        for axis, dim in enumerate(spec.shape):
-            if axis == 0 and (not isinstance(dim, int) or dim == 1):
-                shape.append(num_samples)
-            elif isinstance(dim, int):
-                shape.append(dim)
-            else:
-                label = f"'{dim}'" if isinstance(dim, str) else "of unknown size"
-                raise InvalidDataError(
-                    f"input '{spec.name}' has dynamic dimension {label} at axis {axis}; "
-                    "synthetic data cannot choose its size, pass --data"
-                )
-        arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return arrays
 
 
 def _max_batch(model: onnx.ModelProto) -> int | None:
     return 1 if any(spec.one_sample_at_a_time for spec in graph_input_specs(model)) else None
-
-
-def load_labels(path: str | Path) -> np.ndarray:
-    """Read a labels file: a ``.npy`` array, or a ``.npz`` with a ``labels`` array (or a single array)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidDataError(f"{p}: labels file does not exist")
-    if p.suffix == ".npy":
-        return _read_npy(p)
-    if p.suffix == ".npz":
-        arrays = _read_npz(p)
-        if LABELS_KEY in arrays:
-            return arrays[LABELS_KEY]
-        if len(arrays) == 1:
-            return next(iter(arrays.values()))
-        raise InvalidDataError(f"{p}: holds several arrays but none named '{LABELS_KEY}'")
-    raise InvalidDataError(f"{p}: unsupported labels file type '{p.suffix}' (expected .npy or .npz)")
 
 
 def load_calibration(
@@ -510,6 +195,8 @@ def load_calibration(
     num_synthetic: int = 256,
     seed: int = 0,
     labels_path: str | Path | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    consts: dict[str, float | int] | None = None,
 ) -> CalibrationData:
     """Load and validate calibration data for ``model`` (see the module docstring for the formats).
 
@@ -526,7 +213,19 @@ def load_calibration(
         Seed of the synthetic data generator.
     labels_path:
         Optional separate labels file (``.npy`` or ``.npz``); it overrides labels stored with the data.
+    shapes:
+        Full input shapes (sample axis first), e.g. ``{"images": (1, 3, 320, 320)}`` (CLI
+        ``--shape images=1x3x320x320``): the sizes of dynamic dimensions for synthetic data (see
+        :mod:`fls_compress.io.synthesis`); with real data, the data's non-sample dimensions must
+        equal them.
+    consts:
+        Values of rank-0 inputs, e.g. ``{"sr": 16000}`` (CLI ``--const sr=16000``); they take
+        precedence over a value stored in the data.
     """
+    shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
+    specs = {spec.name: spec for spec in graph_input_specs(model)}
+    check_shape_names(shapes, specs)
+    check_const_names(consts or {}, specs)
     if source is None:
         if labels_path is not None:
             raise InvalidDataError(f"{labels_path}: labels were given without calibration data")
@@ -535,25 +234,35 @@ def load_calibration(
             "the Fisher estimate (and thus pruning quality) will only be rough",
             num_synthetic,
         )
-        inputs = _synthetic(model, num_synthetic, seed)
-        return CalibrationData(inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model))
+        arrays, used, defaulted = synthesize_inputs(model, num_synthetic, seed, shapes)
+        missing = [n for n, spec in specs.items() if spec.is_scalar and n not in (consts or {})]
+        if missing:
+            raise InvalidDataError(
+                f"input '{missing[0]}' is a scalar (rank 0) whose value cannot be guessed; "
+                f"give it with --const {missing[0]}=VALUE, or pass --data"
+            )
+        inputs, constants = validate_inputs(arrays, model, where="synthetic", consts=consts)
+        return CalibrationData(
+            inputs, None, synthetic=True, source="synthetic", max_batch=_max_batch(model), constants=constants,
+            synthetic_shapes=used, defaulted_dims=defaulted, batch_axes=batch_axes_of(specs),
+        )
 
     path = Path(source)
     where = str(path)
-    specs = {spec.name: spec for spec in graph_input_specs(model)}
     if not path.exists():
         raise InvalidDataError(f"{where}: data file or directory does not exist")
     if path.is_dir():
-        arrays = _read_directory(path, specs)
+        arrays = read_directory(path, specs)
     elif path.suffix == ".npz":
-        arrays = _read_npz(path)
+        arrays = read_npz(path)
     elif path.suffix == ".npy":
-        if len(specs) != 1:
+        fed = [n for n, spec in specs.items() if not spec.is_scalar]
+        if len(fed) != 1:
             raise InvalidDataError(
                 f"{where}: a .npy file can only feed a single-input model; this model has inputs "
                 f"{', '.join(repr(s) for s in specs)}, use a .npz keyed by input name"
             )
-        arrays = {next(iter(specs)): _read_npy(path)}
+        arrays = {fed[0]: read_npy(path)}
     else:
         raise InvalidDataError(
             f"{where}: unsupported data file type '{path.suffix}' (expected .npz, .npy or a directory)"
@@ -566,11 +275,21 @@ def load_calibration(
             logger.warning("labels in %s are replaced by those in %s", where, labels_path)
         labels = load_labels(labels_path)
         labels_where = str(labels_path)
-    inputs = validate_inputs(arrays, model, where=where)
+    inputs, constants = validate_inputs(arrays, model, where=where, consts=consts)
+    for name, shape in shapes.items():
+        axis = specs[name].batch_axis
+        model_shape = np.moveaxis(inputs[name], 0, axis).shape if name in inputs else shape
+        if tuple(model_shape[:axis] + model_shape[axis + 1 :]) != shape[:axis] + shape[axis + 1 :]:
+            raise InvalidDataError(
+                f"{where}: input '{name}' has shape {inputs[name].shape}, but --shape gives {'x'.join(map(str, shape))}"
+            )
     if labels is not None:
         n_samples = next(iter(inputs.values())).shape[0]
-        labels = _check_labels(labels_where, np.asarray(labels), n_samples, output_classes(model))
-    data = CalibrationData(inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model))
+        labels = check_labels(labels_where, np.asarray(labels), n_samples, output_classes(model))
+    data = CalibrationData(
+        inputs, labels, synthetic=False, source=where, max_batch=_max_batch(model), constants=constants,
+        batch_axes=batch_axes_of(specs),
+    )
     logger.info(
         "loaded %d calibration samples from %s%s", data.num_samples, where, " with labels" if labels is not None else ""
     )

@@ -7,9 +7,13 @@ does not understand survives untouched. This module owns every direct manipulati
 
 * :func:`load_onnx` - load and validate a file (external data included), user errors as
   :class:`~fls_compress.errors.InvalidModelError`;
-* :func:`prunable_initializers` - which initializers are weights of Conv/Gemm/MatMul;
-* :func:`write_back` - a deep copy with some initializers replaced, optionally stored as
-  spec-conformant ``sparse_initializer`` when that is smaller;
+* :func:`prunable_sites` (defined in :mod:`fls_compress.io.sites`, re-exported here) - which tensors
+  are weights of Conv/Gemm/MatMul (and LSTM/GRU on request): initializers and ``Constant`` node
+  values, of the top-level graph and, on request, of If/Loop/Scan bodies;
+* :func:`read_weight` - one weight's array, wherever it is stored;
+* :func:`write_back` - a deep copy with some weights replaced (initializers in place, optionally as
+  spec-conformant ``sparse_initializer`` when that is smaller; Constant weights inside the SAME
+  node's ``value`` attribute);
 * :func:`save_onnx_atomic` - write-to-temp then ``os.replace``, so a crash never leaves half a file;
 * helpers that read tensors (dense or sparse), densify sparse initializers (onnx2torch cannot read
   them), measure sparsity and size.
@@ -21,7 +25,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +33,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidModelError, InvalidOptionError
 from fls_compress.io.paths import default_file_mode
+from fls_compress.io.sites import (  # noqa: F401 - re-exported: the site API lives in io.sites
+    ALL_PRUNABLE_OPS,
+    RECURRENT_OPS,
+    STORAGE_CONSTANT,
+    STORAGE_INITIALIZER,
+    SUPPORTED_PRUNABLE_OPS,
+    PrunableSite,
+    all_graphs,
+    constant_tensors,
+    identity_sources,
+    prunable_initializers,
+    prunable_sites,
+)
 
 _LOG = logging.getLogger(__name__)
-
-#: Operators whose weight initializers can be pruned.
-SUPPORTED_PRUNABLE_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
-
-#: Float element types a prunable weight may have (integer / quantized tensors are never pruned).
-_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 #: Protobuf cannot serialize messages of 2 GiB or more; above this size tensors go to external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -54,22 +64,6 @@ _DATA_FIELDS = (
     "external_data",
     "data_location",
 )
-
-
-@dataclass(frozen=True)
-class PrunableSite:
-    """One prunable initializer of the top-level graph.
-
-    ``input_index`` is the position at which the first prunable consumer reads the weight (1 for
-    Conv/Gemm; 0 or 1 for MatMul, i.e. ``W @ X`` or ``X @ W``); ``node_names`` lists every prunable
-    consumer (unnamed nodes are called ``<op_type>_<index in graph.node>``).
-    """
-
-    name: str
-    op_type: str
-    node_names: tuple[str, ...]
-    shape: tuple[int, ...]
-    input_index: int
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,83 +186,33 @@ def save_onnx_atomic(
 # ------------------------------------------------------------------------------------------------
 # Inspection
 # ------------------------------------------------------------------------------------------------
-def identity_sources(graph: onnx.GraphProto, initializer_names: set[str]) -> dict[str, str]:
-    """Map each output of an ``Identity`` chain rooted at an initializer to that initializer."""
-    sources: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
-            src = sources.get(node.input[0], node.input[0])
-            if src in initializer_names:
-                sources[node.output[0]] = src
-    return sources
-
-
-def _node_label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
-def prunable_initializers(
-    model: onnx.ModelProto, ops: tuple[str, ...] | list[str] = SUPPORTED_PRUNABLE_OPS
-) -> list[PrunableSite]:
-    """The float weight initializers consumed by the given ops, in graph order.
-
-    * Conv: input 1 (the kernel);
-    * Gemm: input 1 (B) when it is a rank-2 initializer;
-    * MatMul: a rank-2 initializer at input 1 (``X @ W``) or input 0 (``W @ X``) whose other operand
-      is an activation (two constant operands are a constant-folding leftover, not a layer).
-
-    Biases, norms and integer/quantized tensors are never returned. A weight read through
-    ``Identity(initializer)`` is reported under the initializer's own name. Only the top-level graph
-    is searched.
-    """
-    unknown = sorted(set(ops) - set(SUPPORTED_PRUNABLE_OPS))
-    if unknown:
-        raise InvalidOptionError(
-            f"cannot prune operator(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED_PRUNABLE_OPS)}"
-        )
+def read_weight(model: onnx.ModelProto, name: str, base_dir: str = "") -> np.ndarray:
+    """The array of the weight called ``name``: a dense or sparse initializer, or a Constant value."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    sources = identity_sources(graph, set(inits))
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor, base_dir)
+    for sparse in graph.sparse_initializer:
+        if sparse.values.name == name:
+            return _sparse_to_array(sparse)
+    tensor = _in_place_tensors(graph).get(name)
+    if tensor is not None:
+        return numpy_helper.to_array(tensor, base_dir)
+    raise ValueError(f"no initializer or Constant node named {name!r} in the model")
 
-    def resolve(value: str) -> str:
-        return sources.get(value, value)
 
-    def float_init(value: str, rank: int | None = None) -> TensorProto | None:
-        tensor = inits.get(resolve(value))
-        if tensor is None or tensor.data_type not in _FLOAT_TYPES:
-            return None
-        if rank is not None and len(tensor.dims) != rank:
-            return None
-        return tensor
-
-    found: dict[str, tuple[str, list[str], tuple[int, ...], int]] = {}
-    for index, node in enumerate(graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+def _in_place_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """Weights rewritten in place: top-level Constant values, and the initializers and Constant
+    values of every If/Loop/Scan body (the TensorProto objects themselves)."""
+    found = {name: tensor for name, (_, tensor) in constant_tensors(graph).items()}
+    for path, body in all_graphs(graph):
+        if path is None:
             continue
-        hit: tuple[TensorProto, int] | None = None
-        if node.op_type == "Conv" and len(node.input) > 1:
-            tensor = float_init(node.input[1])
-            hit = (tensor, 1) if tensor is not None else None
-        elif node.op_type == "Gemm" and len(node.input) > 1:
-            tensor = float_init(node.input[1], rank=2)
-            hit = (tensor, 1) if tensor is not None else None
-        elif node.op_type == "MatMul" and len(node.input) == 2:
-            left, right = float_init(node.input[0], rank=2), float_init(node.input[1], rank=2)
-            left_const = resolve(node.input[0]) in inits
-            right_const = resolve(node.input[1]) in inits
-            if right is not None and not left_const:
-                hit = (right, 1)
-            elif left is not None and not right_const:
-                hit = (left, 0)
-        if hit is None:
-            continue
-        tensor, position = hit
-        entry = found.setdefault(tensor.name, (node.op_type, [], tuple(int(d) for d in tensor.dims), position))
-        entry[1].append(_node_label(node, index))
-    return [
-        PrunableSite(name=name, op_type=op, node_names=tuple(nodes), shape=shape, input_index=pos)
-        for name, (op, nodes, shape, pos) in found.items()
-    ]
+        for tensor in body.initializer:
+            found.setdefault(tensor.name, tensor)
+        for name, (_, tensor) in constant_tensors(body).items():
+            found.setdefault(name, tensor)
+    return found
 
 
 def _sparse_to_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
@@ -306,17 +250,11 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def weight_sparsity(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> dict[str, float]:
-    """Fraction of exact zeros in each named initializer, as stored in the model (dense or sparse)."""
-    dense = {t.name: t for t in model.graph.initializer}
-    sparse = {t.values.name: t for t in model.graph.sparse_initializer}
+    """Fraction of exact zeros in each named weight, as stored in the model (dense or sparse
+    initializer, or ``Constant`` node value)."""
     result: dict[str, float] = {}
     for name in names:
-        if name in dense:
-            arr = numpy_helper.to_array(dense[name])
-        elif name in sparse:
-            arr = _sparse_to_array(sparse[name])
-        else:
-            raise ValueError(f"no initializer named {name!r} in the model")
+        arr = read_weight(model, name)
         result[name] = float(np.count_nonzero(arr == 0)) / arr.size if arr.size else 0.0
     return result
 
@@ -375,17 +313,21 @@ def _to_sparse(dense: onnx.TensorProto, arr: np.ndarray) -> onnx.SparseTensorPro
 def write_back(
     original: onnx.ModelProto, arrays: dict[str, np.ndarray], *, sparse: bool = False
 ) -> onnx.ModelProto:
-    """A deep copy of ``original`` with the named initializers' data replaced by ``arrays``.
+    """A deep copy of ``original`` with the named weights' data replaced by ``arrays``.
 
-    Each array must have exactly the initializer's dtype and shape (``ValueError`` otherwise). The
-    tensor keeps its name, doc string and metadata; only its payload changes, written inline even if
-    the original used external data. Nodes, graph inputs/outputs, opsets, IR version, producer and
-    metadata are untouched.
+    A name is an initializer (dense or sparse) or the output of a ``Constant`` node, of the top-level
+    graph or of an If/Loop/Scan body; a Constant weight is rewritten inside that same node's
+    ``value`` attribute (the node, its name and every other attribute stay as they are), a body
+    initializer inside its body. Each array must have exactly the tensor's dtype and
+    shape (``ValueError`` otherwise). The tensor keeps its name, doc string and metadata; only its
+    payload changes, written inline even if the original used external data. Nodes, graph
+    inputs/outputs, opsets, IR version, producer and metadata are untouched.
 
     With ``sparse=True`` each replaced tensor is moved to ``graph.sparse_initializer`` (int64 linear
     indices, as the ONNX checker requires) when that is strictly smaller than the dense tensor and
     the tensor is not also listed as a graph input. :func:`sparse_bytes_saved` reports the saving.
-    Initializers already stored sparse in ``original`` are replaced the same way.
+    Initializers already stored sparse in ``original`` are replaced the same way. Constant-node
+    and body weights always stay dense (a ``sparse_value`` attribute would change the node).
     """
     model = onnx.ModelProto()
     model.CopyFrom(original)
@@ -393,6 +335,7 @@ def write_back(
     dense_index = {t.name: i for i, t in enumerate(graph.initializer)}
     sparse_index = {t.values.name: i for i, t in enumerate(graph.sparse_initializer)}
     graph_inputs = {vi.name for vi in graph.input}
+    constants = _in_place_tensors(graph)
 
     to_sparsify: list[tuple[str, np.ndarray]] = []
     drop_sparse: set[int] = set()
@@ -404,8 +347,11 @@ def write_back(
         elif name in sparse_index:
             target = graph.sparse_initializer[sparse_index[name]].values
             want_shape = tuple(int(d) for d in graph.sparse_initializer[sparse_index[name]].dims)
+        elif name in constants:
+            target = constants[name]
+            want_shape = tuple(int(d) for d in target.dims)
         else:
-            raise ValueError(f"no initializer named {name!r} in the model")
+            raise ValueError(f"no initializer or Constant node named {name!r} in the model")
         want_dtype = helper.tensor_dtype_to_np_dtype(target.data_type)
         if arr.dtype != want_dtype:
             raise ValueError(f"initializer {name!r}: dtype {arr.dtype} does not match the model's {want_dtype}")
@@ -426,7 +372,7 @@ def write_back(
             for field_name in _DATA_FIELDS:
                 target.ClearField(field_name)
             target.MergeFrom(payload)
-        if sparse and name not in graph_inputs:
+        if sparse and name not in graph_inputs and name not in constants:
             to_sparsify.append((name, arr))
 
     for i in sorted(drop_sparse, reverse=True):

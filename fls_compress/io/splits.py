@@ -22,9 +22,10 @@ def prepare_data(
     calib = load_calibration(
         None if data is None else str(data), model, seed=opts.seed,
         labels_path=None if labels is None else str(labels), num_synthetic=max(opts.num_calibration, 2),
+        shapes=opts.shapes, consts=opts.consts,
     )
     if eval_data is not None:
-        holdout = load_calibration(str(eval_data), model, seed=opts.seed)
+        holdout = load_calibration(str(eval_data), model, seed=opts.seed, shapes=opts.shapes, consts=opts.consts)
     else:
         calib, holdout = calib.split(opts.holdout_fraction, seed=opts.seed)
     if calib.num_samples > opts.num_calibration:

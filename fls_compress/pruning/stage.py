@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..bridge.weights import PrunableWeight
 from ..configs import ACTIVATIONS, TORCH, RunOptions
@@ -29,14 +29,12 @@ from ..curvature.likelihoods import make_likelihood
 from ..curvature.problem import FisherProblem
 from ..errors import UnsupportedModelError
 from ..io.calibration import CalibrationData
-from ..io.onnx_model import prunable_initializers
+from ..io.onnx_model import prunable_initializers, read_weight
 from ..progress import stage_progress
 from ..task import infer_task
 from .base import Pruner, SparsitySpec
 
 log = logging.getLogger(__name__)
-
-TORCH_FREE_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
 @dataclass
@@ -49,6 +47,7 @@ class Outcome:
     likelihood: str | None = None
     convert_s: float = 0.0
     model: onnx.ModelProto | None = None  # a whole new graph (quantize); None: write ``arrays`` back
+    conversion: dict[str, Any] | None = None  # what the onnx2torch bridge did (bridge.info)
 
 
 def is_excluded(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -64,7 +63,7 @@ def run_pruner(
         return _with_torch(model, config, pruner, spec, calib, device, opts)
     if ACTIVATIONS in config.needs:
         return _with_activations(model, config, pruner, spec, calib, opts)
-    return _weights_only(model, config, pruner, spec, opts)
+    return _weights_only(model, config, pruner, spec, calib, device, opts)
 
 
 def _layers(weights: dict[str, PrunableWeight]) -> dict[str, tuple[int, list[int], str]]:
@@ -100,28 +99,25 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
     from ..bridge.convert import convert_to_torch
 
     t0 = time.perf_counter()
-    try:
-        bridge = convert_to_torch(model)
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(
-            f"{exc}; methods that need no torch graph still work: -m {'|'.join(TORCH_FREE_METHODS)} (or -m auto)"
-        ) from exc
+    bridge = convert_to_torch(model, calibration=calib)  # its error names the methods that need no torch graph
     convert_s = time.perf_counter() - t0
     if device != "cpu":
         bridge.module.to(device)
     weights, excluded = _select(bridge.weights, config.exclude)
     output_index = 0
-    if config.output_name is not None:
-        if config.output_name not in bridge.output_names:
+    output_name = getattr(config, "output_name", None)
+    if output_name is not None:
+        if output_name not in bridge.output_names:
             from ..errors import InvalidOptionError
 
-            raise InvalidOptionError(f"model has no output {config.output_name!r}; outputs are {bridge.output_names}")
-        output_index = bridge.output_names.index(config.output_name)
+            raise InvalidOptionError(f"model has no output {output_name!r}; outputs are {bridge.output_names}")
+        output_index = bridge.output_names.index(output_name)
+    n_probe = min(2, calib.max_batch or 2)
     with torch.no_grad():
-        probe = {k: torch.from_numpy(v[:2]).to(device) for k, v in calib.inputs.items()}
+        probe = {k: torch.from_numpy(v[:n_probe]).to(device) for k, v in calib.inputs.items()}
         out = bridge.forward(probe)[output_index].detach().cpu().numpy()
-    guess = infer_task({p.key: p.value for p in model.metadata_props}, {k: v[:2] for k, v in calib.inputs.items()}, out,
-                       has_labels=calib.labels is not None, likelihood=config.likelihood)
+    guess = infer_task({p.key: p.value for p in model.metadata_props}, {k: v[:n_probe] for k, v in calib.inputs.items()},
+                       out, has_labels=calib.labels is not None, likelihood=getattr(config, "likelihood", "auto"))
     labels = calib.labels
     if labels is not None and guess.likelihood != "categorical":
         log.warning("the data's class labels do not fit the %s likelihood; targets are sampled from the model instead",
@@ -134,6 +130,7 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
         labels=labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
         targets_from_input=guess.target_input, module=bridge.module,
     )
+    problem.conversion = bridge.info  # type: ignore[attr-defined]
     return problem, guess, excluded, convert_s
 
 
@@ -141,7 +138,8 @@ def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opt
     problem, guess, excluded, convert_s = build_problem(model, config, calib, device, opts)
     steps, info = _run_steps(pruner, problem, spec, opts)
     arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
-    return Outcome(arrays, _layers(problem.weights), excluded, steps, info, guess.likelihood, convert_s)
+    return Outcome(arrays, _layers(problem.weights), excluded, steps, info, guess.likelihood, convert_s,
+                   conversion=problem.conversion)
 
 
 def _with_activations(model, config: PruneConfig, pruner, spec, calib, opts) -> Outcome:
@@ -149,7 +147,10 @@ def _with_activations(model, config: PruneConfig, pruner, spec, calib, opts) -> 
     names = [s.name for s in sites if not is_excluded(s.name, config.exclude)]
     if not names:
         raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights to prune" + (" after --exclude" if config.exclude else ""))
-    pruner.bind(model)  # type: ignore[attr-defined]
+    from ..bridge.prep import constants_to_initializers
+
+    # same weight names; write-back targets the original Constant nodes, rank-0 inputs become constants
+    pruner.bind(bind_constants(constants_to_initializers(model), calib.constants))
     with stage_progress(1, f"pruning with {pruner.name}", enabled=opts.progress) as advance:
         arrays = pruner.prune_arrays(calib.inputs, spec, names=names)  # type: ignore[attr-defined]
         advance(f"{pruner.name}: done")
@@ -159,13 +160,30 @@ def _with_activations(model, config: PruneConfig, pruner, spec, calib, opts) -> 
     return Outcome(arrays, layers, sorted(s.name for s in sites if s.name not in names), [{"target": spec.sparsity}], info)
 
 
+def bind_constants(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy where each rank-0 input given as a constant is an initializer instead (for onnxruntime capture)."""
+    if not constants:
+        return model
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [vi for vi in out.graph.input if vi.name not in constants]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    for name, value in constants.items():
+        dtype = next((helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in model.graph.input
+                      if vi.name == name), np.asarray(value).dtype)
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    return out
+
+
 def onnx_weights(model: onnx.ModelProto) -> dict[str, PrunableWeight]:
     """Prunable weights read straight from the ONNX arrays (no torch graph), with their matrix view."""
-    inits = {t.name: t for t in model.graph.initializer}
     labels = {(n.name or f"{n.op_type}_{i}"): n for i, n in enumerate(model.graph.node)}
     out: dict[str, PrunableWeight] = {}
     for site in prunable_initializers(model):
-        arr = numpy_helper.to_array(inits[site.name])
+        arr = read_weight(model, site.name)
         node = labels.get(site.node_names[0])
         if site.op_type == "MatMul":
             matrix_transpose = site.input_index == 1
@@ -180,9 +198,23 @@ def onnx_weights(model: onnx.ModelProto) -> dict[str, PrunableWeight]:
     return out
 
 
-def _weights_only(model, config: PruneConfig, pruner, spec, opts) -> Outcome:
-    weights, excluded = _select(onnx_weights(model), config.exclude)
+def _weights_only(model, config: PruneConfig, pruner, spec, calib, device, opts) -> Outcome:
+    """Magnitude: the weights as the torch bridge maps them (LSTM/GRU, folded If branches, Constant nodes);
+    from the ONNX arrays alone when the graph does not convert (warning + ``torch_free`` in the report)."""
+    t0 = time.perf_counter()
+    conversion = None
+    try:
+        from ..bridge.convert import convert_to_torch
+
+        bridge = convert_to_torch(model, calibration=calib)
+        all_weights, conversion = bridge.weights, bridge.info
+    except UnsupportedModelError as exc:
+        log.warning("%s works from the ONNX weights alone: %s", pruner.name, exc)
+        all_weights = onnx_weights(model)
+        conversion = {"torch_free": str(exc)}
+    weights, excluded = _select(all_weights, config.exclude)
     problem = FisherProblem(forward=None, weights=weights, inputs={}, likelihood=None)  # type: ignore[arg-type]
     steps, info = _run_steps(pruner, problem, spec, opts)
     arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
-    return Outcome(arrays, _layers(problem.weights), excluded, steps, info)
+    return Outcome(arrays, _layers(problem.weights), excluded, steps, info, None, time.perf_counter() - t0,
+                   conversion=conversion)

@@ -54,12 +54,22 @@ def run_quantizer(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibra
         options.update(block_size=config.lazy_block)
         log.info("fls: FishLeg curvature for %d weights in %.1fs", len(curvature), time.perf_counter() - t0)
     needs_data = config.method == "gptq" or config.activations == "int8"
+    from ..bridge.prep import constants_to_initializers
+    from ..pruning.stage import bind_constants
+
+    base = constants_to_initializers(model)
     qmodel, info = quantize_model(
-        model, calib.inputs if needs_data else None, method=config.method, bits=config.bits,
+        bind_constants(base, calib.constants) if needs_data else base, calib.inputs if needs_data else None, method=config.method, bits=config.bits,
         granularity=config.grid_granularity, symmetric=config.symmetric, sparsity=config.sparsity, pattern=config.pattern,
         act_order=getattr(config, "act_order", False), activations=config.activations, names=names, seed=opts.seed,
         curvature=curvature, **options,
     )
+    if needs_data and calib.constants:  # the rank-0 inputs were bound for capture only: inputs again
+        kept = [t for t in qmodel.graph.initializer if t.name not in calib.constants]
+        del qmodel.graph.initializer[:]
+        qmodel.graph.initializer.extend(kept)
+        del qmodel.graph.input[:]
+        qmodel.graph.input.extend(model.graph.input)
     info.update(fit_info)
     layers = {s.name: (int(__import__("math").prod(s.shape)), list(s.shape), s.op_type) for s in sites if s.name in names}
     return Outcome({}, layers, excluded, [], dict(info), likelihood, convert_s, model=qmodel)

@@ -1,0 +1,1 @@
+"""A small offline corpus of ONNX models shaped like real exports (see :mod:`.builder`)."""
