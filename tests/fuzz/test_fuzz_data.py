@@ -85,7 +85,6 @@ def test_data_for_another_model_is_refused(capsys, files, outdir, inputs_before)
 
 
 @pytest.mark.parametrize("key", ["ids_oob", "ids_neg"])
-@pytest.mark.xfail(strict=True, reason="fixed on realmodels: token ids checked against embedding tables (8c6cc4b)")
 def test_token_ids_outside_the_embedding_table(capsys, files, outdir, inputs_before, key):
     out, rep = outdir / "o.onnx", outdir / "r.json"
     res = h.cli(capsys, "prune", files["embed"], "-o", out, "--data", files[key], "--report", rep, *h.FAST_FLS)
@@ -99,8 +98,7 @@ def _corrupt_header(payload: bytes) -> bytes:
     return payload[:end] + b"(" + payload[end + 1:]
 
 
-@pytest.mark.xfail(strict=True, reason="open bug, not fixed on realmodels either: io/calibration.py _read_npy/_read_npz "
-                   "(io/data_files.py on realmodels) let tokenize.TokenError/SyntaxError from a corrupt .npy header "
+@pytest.mark.xfail(strict=True, reason="open bug: io/data_files.py _read_npy/_read_npz let tokenize.TokenError/SyntaxError from a corrupt .npy header "
                    "escape, so the run exits 1 (internal error) instead of 5")
 @pytest.mark.parametrize("kind", ["npy", "npz"])
 def test_corrupt_array_header_is_bad_data(capsys, files, tmp_path, outdir, inputs_before, kind):

@@ -85,7 +85,6 @@ def test_fp16_and_fp64_weights_keep_their_dtype(capsys, files, outdir, inputs_be
     np.testing.assert_array_equal(pruned["b1"], numpy_helper.to_array(onnx.load(files[key]).graph.initializer[1]))
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on realmodels: bridge computes fp16/float64 graphs in float32 (049f44b)")
 @pytest.mark.parametrize("key, data", [("fp16", "calib_fp16"), ("fp64", "calib_fp64")])
 def test_fp16_and_fp64_models_with_fls(capsys, files, outdir, inputs_before, key, data):
     out = outdir / "o.onnx"
@@ -210,7 +209,7 @@ def test_absurdly_scaled_weights_are_one_line_not_a_crash(capsys, files, tmp_pat
     h.check_failure(res, 4, "could not be factorised", before=inputs_before, output=out, report=rep, report_expected=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug, not fixed on realmodels either: bridge/convert.py uses ONNX node names as "
+@pytest.mark.xfail(strict=True, reason="open bug: bridge/convert.py uses ONNX node names as "
                    "torch attribute names; a backslash in a node name ends in AttributeError (exit 1)")
 def test_node_name_with_a_backslash(capsys, files, tmp_path, outdir, inputs_before):
     m = h.mlp()
