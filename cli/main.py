@@ -146,6 +146,10 @@ except ImportError:  # pragma: no cover
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    """First SIGINT/SIGTERM: raise :class:`Interrupted` where the main thread is; later ones are ignored so
+    the cleanup the first one starts (staging directories, temp files, the failure report) completes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -187,8 +191,13 @@ def run(argv: list[str] | None = None) -> None:
     except (typer.Exit, typer.Abort) as exc:
         code = getattr(exc, "exit_code", 1)
         sys.exit(code)
+    except Interrupted as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            print(report.to_json())
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted by SIGINT", 130)
     except Exception as exc:  # genuine bugs
         if _DEBUG["on"]:
             raise

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from fls_compress.configs import Config, MethodConfig, option_flag
 from fls_compress.configs.base import _base_type
@@ -37,8 +38,8 @@ def _param(f: dataclasses.Field, tp: Any, panel: str, methods: list[str] | None)
     meta = f.metadata
     decls = [option_flag(f)] + ([meta["short"]] if meta.get("short") else [])
     help_text = meta.get("help", "")
-    if methods is not None:
-        help_text += f" [{', '.join(methods)}]"
+    if methods is not None:  # escaped: the app renders help as rich markup, where [fls] would be a style tag
+        help_text += " " + escape(f"[{', '.join(methods)}]")
     kwargs: dict[str, Any] = {"help": help_text, "rich_help_panel": panel, "show_default": False}
     if inner is bool:
         flag = option_flag(f)
@@ -50,15 +51,27 @@ def _param(f: dataclasses.Field, tp: Any, panel: str, methods: list[str] | None)
         py_type = Optional[list[str]]
     else:
         py_type = Optional[inner]
-        if inner is int:  # float ranges (and NaN) are checked by the config, with a clearer message
-            if meta.get("min") is not None and not meta.get("min_open"):
-                kwargs["min"] = meta["min"]
-            if meta.get("max") is not None and not meta.get("max_open"):
-                kwargs["max"] = meta["max"]
+        # Ranges are checked by the config, not by the parser: a value that parses but is out of range
+        # then fails after argument parsing, so it still leaves a failure report at --report.
+        bounds = _range_text(meta)
+        if bounds:
+            kwargs["help"] = f"{help_text} " + escape(f"[{bounds}]")
     return inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[py_type, typer.Option(*decls, **kwargs)],
     )
+
+
+def _range_text(meta: Any) -> str:
+    """``x>=1``, ``0<=x<1``... as click prints ranges in the help."""
+    lo, hi = meta.get("min"), meta.get("max")
+    left = "" if lo is None else f"{lo}{'<' if meta.get('min_open') else '<='}"
+    right = "" if hi is None else f"{'<' if meta.get('max_open') else '<='}{hi}"
+    if not left and not right:
+        return ""
+    if not right:
+        return f"x{'>' if meta.get('min_open') else '>='}{lo}"
+    return f"{left}x{right}"
 
 
 def knob_params(classes: list[type[Config]], *, list_methods: bool = True) -> list[inspect.Parameter]:

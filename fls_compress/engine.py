@@ -30,9 +30,9 @@ from .configs import AutoConfig, MethodConfig, QuantizeConfig, RunOptions
 from .configs.pruning import PruneConfig
 from .errors import InvalidOptionError, OutputError, UnsupportedModelError, VerificationError
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
-from .io.paths import check_paths
+from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
-from .runtime import file_sha256, resolve_device, seed_everything, set_threads
+from .runtime import file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,18 @@ def compress(
     opts = options or RunOptions()
     rep = new_report(config.command)
     t_start = time.perf_counter()
+    inputs = {"model": model, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights}
+    outputs = {"-o": output, "--report": report}
+    rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
     with collect_warnings() as warnings:
         try:
-            _run(rep, Path(model), config, data, output, eval_data, labels, weights, report, device, opts, t_start)
+            check_paths(inputs, outputs)
+            _run(rep, Path(model), config, data, output, eval_data, labels, weights, device, opts, t_start)
         except BaseException as exc:
             mark_failed(rep, exc)
             rep["warnings"] = list(warnings)
             rep.setdefault("timing_s", {})["total"] = time.perf_counter() - t_start
-            if report is not None and getattr(rep, "paths_ok", False):
+            if report_path_ok(inputs, outputs, report):
                 try:
                     write_json_atomic(rep, report)
                 except OutputError as write_exc:
@@ -94,30 +98,22 @@ def report_early_failure(exc: BaseException, command: str, report: PathLike | No
     ``exc`` and write it to ``report`` when that path is safe to write."""
     rep = mark_failed(new_report(command), exc)
     exc.report = rep  # type: ignore[attr-defined]
-    if report is None:
-        return
-    try:
-        check_paths(inputs, {**outputs, "--report": report})
-        write_json_atomic(rep, report)
-    except (InvalidOptionError, OutputError) as guard:
-        log.error("no failure report written: %s", guard)
+    if report_path_ok(inputs, outputs, report):
+        try:
+            write_json_atomic(rep, report)  # type: ignore[arg-type]
+        except OutputError as write_exc:
+            log.error("no failure report written: %s", write_exc)
 
 
 def _run(
     rep: Report, model_path: Path, config: MethodConfig, data: PathLike | None, output: PathLike | None,
-    eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None, report: PathLike | None,
+    eval_data: PathLike | None, labels: PathLike | None, weights_path: PathLike | None,
     device: str | None, opts: RunOptions, t_start: float,
 ) -> None:
     if not isinstance(config, PruneConfig):
         raise InvalidOptionError(f"{type(config).__name__} is not a pruning config")
     from .pruning.registry import make_pruner, spec_for
 
-    rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
-    check_paths(
-        {"model": model_path, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights_path},
-        {"-o": output, "--report": report},
-    )
-    rep.paths_ok = True  # type: ignore[attr-defined]  # the report path may now be written, even on failure
     dev = resolve_device(device or opts.device)
     rep["device"] = dev
     seed_everything(opts.seed)
@@ -130,6 +126,7 @@ def _run(
         from .io.safetensors_weights import apply_safetensors
 
         proto = apply_safetensors(proto, weights_path)
+    session = check_original(proto, model_path if weights_path is None else None)
     if isinstance(config, AutoConfig):
         config = _resolve_auto(rep, proto, config)
     quantize = isinstance(config, QuantizeConfig)
@@ -148,16 +145,18 @@ def _run(
     rep["calibration"] = {"source": calib.source, "num_samples": calib.num_samples, "synthetic": calib.synthetic,
                           "synthetic_shapes": calib.synthetic_shapes, "defaulted_dims": calib.defaulted_dims,
                           "constants": {k: float(v) for k, v in calib.constants.items()}}
+    check_outputs_finite(session, {"calibration": calib, "verification": holdout})
+    del session
 
     t0 = time.perf_counter()
     if quantize:
         from .quantize.stage import run_quantizer
 
-        outcome = run_quantizer(proto, config, calib, dev, opts)
+        outcome = _numerically_guarded(run_quantizer, proto, config, calib, dev, opts)
     else:
         from .pruning.stage import run_pruner
 
-        outcome = run_pruner(proto, config, pruner, spec, calib, dev, opts)
+        outcome = _numerically_guarded(run_pruner, proto, config, pruner, spec, calib, dev, opts)
     rep["timing_s"] = {"convert": outcome.convert_s, config.command: time.perf_counter() - t0 - outcome.convert_s}
     rep["likelihood"] = outcome.likelihood
     rep["steps"] = outcome.steps
@@ -170,7 +169,10 @@ def _run(
         from .verify import verify_models
 
         written = load_onnx(staged_path) if staged_path is not None else pruned
-        rep["verification"] = verify_models(proto, written, holdout)
+        # onnxruntime opens the files (protobuf cannot serialise >= 2 GiB); the input file holds the
+        # original weights unless --weights replaced them in memory
+        rep["verification"] = verify_models(proto, written, holdout,
+                                            model_paths=(model_path if weights_path is None else None, staged_path))
         rep["timing_s"]["verify"] = time.perf_counter() - t0
         total = sum(meta[0] for meta in outcome.layers.values())
         if quantize:
@@ -188,7 +190,7 @@ def _run(
                 "excluded": outcome.excluded,
             }
             rep["notes"] = [SPEED_NOTE] if config.pattern is None else []
-        failure = check_gates(rep["verification"], opts)
+        failure = non_finite_outputs(rep["verification"]) or check_gates(rep["verification"], opts)
         kept = failure is None or opts.keep_failed
         if output is not None:
             rep["output"] = {"path": str(output), "kept": kept,
@@ -243,6 +245,76 @@ def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelPr
             "opset": outcome.info.get("opset"), "opset_raised": outcome.info.get("opset_raised")}
 
 
+def _numerically_guarded(fn, *args: Any) -> Any:
+    """Run a compression stage; a matrix factorisation that fails (``torch.linalg.LinAlgError``: eigh or
+    Cholesky of a curvature factor that is not finite or hopelessly ill-conditioned, e.g. weights of
+    1e34) is a property of this model and data, so it is exit 4 with one line, not an internal error."""
+    import torch
+
+    try:
+        return fn(*args)
+    except torch.linalg.LinAlgError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UnsupportedModelError(
+            f"the curvature of this model could not be factorised ({first}); check the scale of its weights and data"
+        ) from exc
+
+
+def check_original(proto: onnx.ModelProto, path: Path | None) -> Any:
+    """Fail before any work on what would only fail later: onnxruntime must load the original (every
+    result is verified with it; a model it refuses is exit 3, one with an operator it lacks exit 4), and
+    the prunable weights must be finite (NaN/Inf weights make every saliency meaningless). Returns the
+    onnxruntime session of the original for :func:`check_outputs_finite`."""
+    from onnx import numpy_helper
+
+    from .errors import InvalidModelError
+    from .io.onnx_model import prunable_initializers
+    from .verify import _session  # the one place that maps onnxruntime's load errors to exit codes
+
+    session = _session(proto, "original", path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    base = str(path.parent) if path is not None else ""
+    for site in prunable_initializers(proto):
+        if site.name in inits and not np.isfinite(numpy_helper.to_array(inits[site.name], base)).all():
+            raise InvalidModelError(f"prunable weight '{site.name}' holds NaN or Inf values; fix the model first")
+    return session
+
+
+def check_outputs_finite(session: Any, datasets: dict[str, Any], batch_size: int = 32) -> None:
+    """The original model must give finite outputs on the first batch of each data set: finite inputs
+    that overflow it (or weights that do) leave nothing to fit a curvature to or to verify against.
+    A failure to run is bad data too (exit 5), as in verification."""
+    from .errors import InvalidDataError
+
+    names = [o.name for o in session.get_outputs()]
+    for role, data in datasets.items():
+        feed = next(iter(data.batches(batch_size)), None)
+        if feed is None:
+            continue
+        try:
+            outputs = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise InvalidDataError(f"onnxruntime cannot run the original model on the {role} data: {first}") from exc
+        for name, out in zip(names, outputs):
+            arr = np.asarray(out)
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise InvalidDataError(
+                    f"the original model's output '{name}' is not finite (NaN/Inf) on the {role} data ({data.source}); "
+                    "the inputs (or weights) overflow it: check their scale"
+                )
+
+
+def non_finite_outputs(verification: dict[str, Any]) -> str | None:
+    """A verification that compared NaN/Inf outputs proves nothing: it fails (exit 6) like a gate."""
+    for name, out in verification["outputs"].items():
+        for key, value in out.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                return (f"output '{name}' is not finite (NaN/Inf) in the original or the compressed model on the "
+                        f"verification data ({key} is {value}); check the scale of the data")
+    return None
+
+
 def check_gates(verification: dict[str, Any], opts: RunOptions) -> str | None:
     """The first verification gate that fails (``--min-agreement``, ``--max-rel-error``, ``--min-cosine``)."""
     for name, out in verification["outputs"].items():
@@ -278,23 +350,27 @@ class _staged:
             self.dir = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", dir=self.output.parent))
             path = self.dir / self.output.name
             save_onnx_atomic(self.model, path)
-        except OSError as exc:
+        except BaseException as exc:  # __exit__ does not run when __enter__ raises: clean up here
             self.__exit__(None, None, None)
-            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}") from exc
+            raise
         return path
 
     def __exit__(self, *exc: object) -> None:
         if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            with signals_deferred():
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _publish(staged: Path, output: Path) -> None:
     """Move the staged model (and its external-data file, if any) into place."""
     try:
         data = staged.parent / f"{staged.name}.data"
-        if data.exists():
-            os.replace(data, output.parent / data.name)
-        os.replace(staged, output)
+        with signals_deferred():  # the model and its external data move together or not at all
+            if data.exists():
+                os.replace(data, output.parent / data.name)
+            os.replace(staged, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
 

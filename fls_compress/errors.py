@@ -44,14 +44,21 @@ class OutputError(FlsError):
     exit_code = 7
 
 
-class Interrupted(FlsError):
-    """SIGINT (exit 130) or SIGTERM (exit 143) arrived; partial outputs were removed."""
+class Interrupted(BaseException):
+    """SIGINT (exit 130) or SIGTERM (exit 143) arrived; partial outputs were removed.
+
+    Deliberately a ``BaseException``, neither an :class:`FlsError` nor an ``Exception`` (so the
+    ``except Exception`` blocks that turn library errors into user errors cannot report an interruption
+    as a bad model or bad data) nor a ``KeyboardInterrupt`` (which Typer turns into a bare exit code,
+    losing the failure report). ``exit_code`` is ``128 + signal number``.
+    """
 
     def __init__(self, signum: int):
         import signal
 
         name = signal.Signals(signum).name
         super().__init__(f"interrupted by {name}; no partial outputs were left")
+        self.signum = int(signum)
         self.exit_code = 128 + int(signum)
 
 

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__
-from .errors import FlsError, OutputError
+from .errors import FlsError, Interrupted, OutputError
+from .io.paths import default_file_mode
 
 
 class Report(dict):
@@ -84,6 +85,7 @@ def write_json_atomic(data: dict[str, Any], path: str | os.PathLike[str]) -> Non
         with os.fdopen(fd, "w") as fh:
             json.dump(strict_json(data), fh, indent=2, allow_nan=False)
             fh.write("\n")
+        os.chmod(tmp, default_file_mode())  # mkstemp files are 0o600
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -115,7 +117,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def exit_code_of(exc: BaseException) -> int:
-    if isinstance(exc, FlsError):
+    if isinstance(exc, (FlsError, Interrupted)):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,3 +65,18 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for the block (``pthread_sigmask``), so a cleanup or a two-file rename
+    finishes before :class:`~fls_compress.errors.Interrupted` is raised; pending signals arrive after it."""
+    mask = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fls_compress.errors import InvalidDataError, InvalidModelError, InvalidOptionError, VerificationError
+from fls_compress.errors import (
+    InvalidDataError, InvalidModelError, InvalidOptionError, UnsupportedModelError, VerificationError,
+)
 from fls_compress.io.calibration import CalibrationData, graph_input_specs
 from fls_compress.io.onnx_model import load_onnx, model_size_bytes
 from fls_compress.verify_detection import TOP_K, is_box_output, topk_box_agreement
@@ -67,12 +70,26 @@ def _as_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_onnx(model)
 
 
-def _session(model: onnx.ModelProto, which: str) -> ort.InferenceSession:
-    """A CPU onnxruntime session with default options for an in-memory model."""
+def _session(model: onnx.ModelProto, which: str, path: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session with default options, opened from ``path`` (the file ``model`` was read
+    from) when given, else from the serialised proto; protobuf cannot serialise 2 GiB or more, so such a
+    model without a file is written to a temporary directory with external data first."""
     try:
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        if path is not None:
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if model.ByteSize() < 2**31 - 1:
+            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="fls-verify-") as tmp:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, f"{tmp}/{which}.onnx", save_as_external_data=True, location=f"{which}.onnx.data")
+            del copy
+            return ort.InferenceSession(f"{tmp}/{which}.onnx", providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-        raise InvalidModelError(f"onnxruntime cannot load the {which} model: {_first_line(exc)}") from exc
+        message = f"onnxruntime cannot load the {which} model: {_first_line(exc)}"
+        if "is not a registered function/op" in str(exc) or type(exc).__name__ == "NotImplemented":
+            raise UnsupportedModelError(message) from exc  # a valid model with an operator onnxruntime lacks
+        raise InvalidModelError(message) from exc
 
 
 def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
@@ -163,10 +180,12 @@ def verify_models(
     *,
     task: str | None = None,
     batch_size: int = 256,
+    model_paths: tuple[str | Path | None, str | Path | None] = (None, None),
 ) -> dict[str, Any]:
     """Run ``original`` and ``compressed`` with onnxruntime on ``data`` and compare their outputs.
 
-    Models may be protos or paths (loaded and checked with :func:`load_onnx`). Samples are fed in
+    Models may be protos or paths (loaded and checked with :func:`load_onnx`); ``model_paths`` names
+    the files two protos were read from, so onnxruntime opens those (as it must at 2 GiB and above). Samples are fed in
     batches of ``batch_size`` (one at a time when the graph's leading dimension is a static 1, see
     :mod:`fls_compress.io.calibration`). Returns a JSON-ready
     dict (see the module docstring for the metrics)::
@@ -183,8 +202,10 @@ def verify_models(
     if batch_size < 1:
         raise InvalidOptionError(f"batch size must be at least 1, got {batch_size}")
     original_model, compressed_model = _as_model(original), _as_model(compressed)
-    ref_session = _session(original_model, "original")
-    new_session = _session(compressed_model, "compressed")
+    ref_path = model_paths[0] if isinstance(original, onnx.ModelProto) else original
+    new_path = model_paths[1] if isinstance(compressed, onnx.ModelProto) else compressed
+    ref_session = _session(original_model, "original", ref_path)
+    new_session = _session(compressed_model, "compressed", new_path)
     ref_inputs = sorted(i.name for i in ref_session.get_inputs())
     new_inputs = sorted(i.name for i in new_session.get_inputs())
     if ref_inputs != new_inputs:

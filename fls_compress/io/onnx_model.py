@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidModelError, InvalidOptionError
+from fls_compress.io.paths import default_file_mode
 from fls_compress.io.sites import (  # noqa: F401 - re-exported: the site API lives in io.sites
     ALL_PRUNABLE_OPS,
     RECURRENT_OPS,
@@ -97,8 +98,32 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
         onnx.checker.check_model(str(p))
     except Exception as exc:  # noqa: BLE001 - ValidationError, and C++ errors on garbage input
         raise InvalidModelError(f"invalid ONNX model {p}: {_one_line(exc)}") from exc
+    _check_payloads(model, p)
     _LOG.debug("loaded %s (%d nodes, %d initializers)", p, len(model.graph.node), len(model.graph.initializer))
     return model
+
+
+_PACKED_4BIT = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+
+
+def _check_payloads(model: onnx.ModelProto, path: Path) -> None:
+    """Every inline initializer holds as many elements as its dims say (the checker does not look)."""
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL or t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        numel = int(np.prod([int(d) for d in t.dims], dtype=np.int64)) if t.dims else 1
+        try:
+            if t.raw_data:
+                if t.data_type in _PACKED_4BIT:
+                    want = (numel + 1) // 2
+                else:
+                    want = numel * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                if len(t.raw_data) != want:
+                    raise ValueError(f"{len(t.raw_data)} bytes of data for dims {list(t.dims)} ({want} expected)")
+            else:
+                numpy_helper.to_array(t)
+        except Exception as exc:  # noqa: BLE001 - numpy/onnx raise ValueError, TypeError, KeyError
+            raise InvalidModelError(f"invalid ONNX model {path}: initializer '{t.name}': {_one_line(exc)}") from exc
 
 
 def ensure_distinct_paths(inp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
@@ -130,6 +155,7 @@ def save_onnx_atomic(
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(model.SerializeToString())
+            os.chmod(tmp, default_file_mode())  # mkstemp files are 0o600
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -149,6 +175,8 @@ def save_onnx_atomic(
             location=data_name,
             size_threshold=1024,
         )
+        for name in (data_name, out.name):
+            os.chmod(tmp_dir / name, default_file_mode())
         os.replace(tmp_dir / data_name, out.parent / data_name)
         os.replace(tmp_dir / out.name, out)
     finally:
@@ -232,8 +260,30 @@ def weight_sparsity(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) 
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of ``model`` in bytes (external data counts only once it is loaded inline)."""
-    return int(model.ByteSize())
+    """Serialized size of ``model`` in bytes (external data counts only once it is loaded inline).
+
+    Protobuf refuses to size a message of 2 GiB or more; such a model is measured part by part
+    (tensor payloads plus every other graph field), exact to a few bytes per tensor."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError above 2 GiB
+        return _size_by_parts(model)
+
+
+def _tensor_size(t: TensorProto) -> int:
+    try:
+        return int(t.ByteSize())
+    except Exception:  # noqa: BLE001 - one tensor of 2 GiB or more
+        return len(t.raw_data) + 16 * (1 + len(t.dims)) + len(t.name)
+
+
+def _size_by_parts(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    total = sum(_tensor_size(t) for t in graph.initializer)
+    total += sum(sp.ByteSize() for sp in graph.sparse_initializer)
+    total += sum(part.ByteSize() for field in (graph.node, graph.input, graph.output, graph.value_info) for part in field)
+    total += sum(op.ByteSize() for op in model.opset_import) + sum(p.ByteSize() for p in model.metadata_props)
+    return int(total)
 
 
 def sparse_bytes_saved(model: onnx.ModelProto) -> int:
