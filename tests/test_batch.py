@@ -174,6 +174,30 @@ def test_local_batch_isolates_failures_and_writes_every_output(local_run, zoo):
     assert (out / "summary.csv").read_text().splitlines()[0].startswith("status,name,command")
 
 
+def test_quantize_job_in_a_batch_gives_the_qdq_model_of_compress(tmp_path, zoo):
+    """A quantize job (default prune sparsity overridden by null) yields the same bytes as the library call."""
+    import onnx
+
+    from fls_compress import RTNConfig, RunOptions, compress
+
+    text = MANIFEST.replace("GOOD_EXTRA\n", (
+        "  - model: tiny_a.onnx\n"
+        "    name: a_rtn4\n"
+        "    command: quantize\n"
+        "    config: {method: rtn, sparsity: null, bits: 4, granularity: 'block:4'}\n"))
+    (zoo / "quant.yaml").write_text(text.replace('"tiny_*.onnx"', "tiny_b.onnx"))
+    result = run_batch(zoo / "quant.yaml", tmp_path, workers=1, threads_per_job=1, progress=False)
+    rows = {r["name"]: r for r in result.rows}
+    assert rows["a_rtn4"]["status"] == "ok" and rows["a_rtn4"]["command"] == "quantize"
+    produced = tmp_path / rows["a_rtn4"]["output"]
+    ops = [n.op_type for n in onnx.load(produced).graph.node]
+    assert ops.count("DequantizeLinear") == 2  # both Gemm weights, one scale per 4 input columns
+    direct = tmp_path / "direct.onnx"
+    compress(zoo / "tiny_a.onnx", RTNConfig(bits=4, granularity="block:4"), zoo / "calib.npz", output=direct,
+             options=RunOptions(seed=0, num_calibration=32, threads=1, progress=False))
+    assert direct.read_bytes() == produced.read_bytes()
+
+
 def test_timeout_and_fail_fast(tmp_path, zoo):
     text = (zoo / "good.yaml").read_text().replace('"tiny_*.onnx"', "tiny_*.onnx\n    timeout: 0.2")
     (zoo / "timeout.yaml").write_text(text)

@@ -65,8 +65,8 @@ def mlp(tmp_path_factory) -> dict[str, Path]:
     unsupported = helper.make_graph(  # Det has no onnx2torch converter (LSTM now has one)
         [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Det", ["h"], ["y"])],
         "det",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
         [numpy_helper.from_array(np.ones((3, 3), np.float32), "W")],
     )
     m2 = helper.make_model(unsupported, opset_imports=[helper.make_opsetid("", 14)])

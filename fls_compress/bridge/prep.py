@@ -281,6 +281,25 @@ def bind_inputs(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.M
     return copy
 
 
+def _safe_node_names(graph: onnx.GraphProto) -> int:
+    """Rename nodes whose names torch.fx cannot emit as attribute paths (backslashes, quotes, control
+    characters become ``_``; a clash gets a numeric suffix). Only the copy handed to onnx2torch changes:
+    write-back goes by initializer name, never by node name."""
+    taken = {node.name for node in _iter_graph_nodes(graph)}
+    renamed = 0
+    for node in _iter_graph_nodes(graph):
+        safe = "".join(c if c.isprintable() and c not in "\\'\"" else "_" for c in node.name)
+        if safe == node.name:
+            continue
+        candidate, k = safe, 1
+        while candidate in taken:
+            candidate, k = f"{safe}_{k}", k + 1
+        taken.add(candidate)
+        node.name = candidate
+        renamed += 1
+    return renamed
+
+
 # ------------------------------------------------------------------------------------------------
 def prepare_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of ``model`` with every clean-up applied, ready for ``onnx2torch.convert``."""
@@ -292,6 +311,7 @@ def prepare_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
         "allowzero dropped": _drop_redundant_allowzero(graph),
         "SAME pads": _explicit_same_pads(graph),
         "empty inputs": _strip_trailing_empty_inputs(graph),
+        "node names made safe": _safe_node_names(graph),
     }
     _LOG.debug("prepared model for torch: %s", counts)
     return prepared

@@ -7,6 +7,7 @@ described in :mod:`fls_compress.io.calibration`. Nothing here checks arrays agai
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def _check_magic(path: Path, magics: tuple[bytes, ...], kind: str) -> None:
         raise InvalidDataError(f"{path}: not a readable {kind} file (unrecognised file header)")
 
 
+_HEADER_ERRORS = (SyntaxError, tokenize.TokenError)
+"""What numpy's header parser (``ast.literal_eval`` over tokenized text) raises on a corrupt header."""
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a ``.npz`` file, with file-format problems turned into :class:`InvalidDataError`."""
     _check_magic(path, _ZIP_MAGICS, ".npz")
@@ -61,7 +66,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         if "pickle" in str(exc).lower():
             raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
         raise InvalidDataError(f"{path}: not a readable .npz file ({first_line(exc)})") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, *_HEADER_ERRORS) as exc:
         raise InvalidDataError(f"{path}: not a readable .npz file ({first_line(exc)})") from exc
     if not arrays:
         raise InvalidDataError(f"{path}: the .npz file contains no arrays")
@@ -77,7 +82,7 @@ def read_npy(path: Path) -> np.ndarray:
         if "pickle" in str(exc).lower():
             raise InvalidDataError(f"{path}: holds object arrays (pickled data), which are not supported") from exc
         raise InvalidDataError(f"{path}: not a readable .npy file ({first_line(exc)})") from exc
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, *_HEADER_ERRORS) as exc:
         raise InvalidDataError(f"{path}: not a readable .npy file ({first_line(exc)})") from exc
     return array
 

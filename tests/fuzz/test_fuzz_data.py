@@ -98,8 +98,6 @@ def _corrupt_header(payload: bytes) -> bytes:
     return payload[:end] + b"(" + payload[end + 1:]
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: io/data_files.py _read_npy/_read_npz let tokenize.TokenError/SyntaxError from a corrupt .npy header "
-                   "escape, so the run exits 1 (internal error) instead of 5")
 @pytest.mark.parametrize("kind", ["npy", "npz"])
 def test_corrupt_array_header_is_bad_data(capsys, files, tmp_path, outdir, inputs_before, kind):
     import io

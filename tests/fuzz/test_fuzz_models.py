@@ -209,11 +209,11 @@ def test_absurdly_scaled_weights_are_one_line_not_a_crash(capsys, files, tmp_pat
     h.check_failure(res, 4, "could not be factorised", before=inputs_before, output=out, report=rep, report_expected=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: bridge/convert.py uses ONNX node names as "
-                   "torch attribute names; a backslash in a node name ends in AttributeError (exit 1)")
-def test_node_name_with_a_backslash(capsys, files, tmp_path, outdir, inputs_before):
+@pytest.mark.parametrize("name", ["fc\\2", "fc'2", 'fc"2', "fc\x022"])
+def test_node_name_fx_cannot_emit(capsys, files, tmp_path, outdir, inputs_before, name):
+    """Backslashes, quotes and control characters in node names (legal in ONNX) convert and prune."""
     m = h.mlp()
-    m.graph.node[3].name = "fc\\2"
+    m.graph.node[3].name = name
     path = tmp_path / "backslash.onnx"
     onnx.save(m, path)
     out = outdir / "o.onnx"
