@@ -1,33 +1,54 @@
-"""Run every benchmark and write markdown/JSON/PNG results (``make bench``).
+"""Run every benchmark and write its markdown/JSON/PNG results (``make bench``).
 
-    python benchmarks/run_all.py --out benchmarks/results [--quick]
+    python benchmarks/run_all.py --out benchmarks/results [--only sparsity_sweep,fls_ablation]
+
+Each benchmark runs in its own process, one after the other (wall times are only comparable when
+nothing else shares the cores). A full run takes several hours on 2 CPU cores; every script can also
+be run alone (see its docstring).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks import curvature_cost, sparsity_sweep  # noqa: E402
+BENCHMARKS = [
+    "sparsity_sweep",       # test loss vs sparsity, every pruning method, MNIST autoencoder
+    "fls_ablation",         # what FishLeg's learned Q adds: start x fit x OBS update
+    "fishleg_convergence",  # Q's error vs the exact damped inverse Fisher, vs steps and lr
+    "curvature_cost",       # inverse-Fisher cost: FLS vs oBERT vs M-FAC (time, memory)
+    "transformer_encoder",  # 22M-parameter BERT-style encoder: FLS vs SparseGPT
+    "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps
+    "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
+    "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
+]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run, not for the committed results)")
-    args = ap.parse_args()
-    sweep_args = ["--out", str(args.out)]
-    cost_args = ["--out", str(args.out)]
-    if args.quick:
-        sweep_args += ["--sparsities", "0.5,0.9", "--num-calibration", "256"]
-        cost_args += ["--samples", "512", "--memory-samples", "512"]
-    sparsity_sweep.main(sweep_args)
-    curvature_cost.main(cost_args)
-    return 0
+    ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    args = ap.parse_args(argv)
+    chosen = args.only.split(",")
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    failed = []
+    for name in chosen:
+        t0 = time.perf_counter()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(args.out)], cwd=ROOT)
+        print(f"== {name}: exit {proc.returncode} after {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        if proc.returncode:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

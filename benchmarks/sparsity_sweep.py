@@ -28,12 +28,13 @@ DEFAULT_METHODS = ["magnitude", "magnitude-layer", "wanda", "sparsegpt", "obert"
 DEFAULT_SPARSITIES = [0.5, 0.7, 0.8, 0.9]
 
 
-def run_sweep(model: Path, calib: Path, test: Path, methods: list[str], sparsities: list[float], num_calibration: int, seed: int) -> list[dict]:
+def run_sweep(model: Path, calib: Path, test: Path, methods: list[str], sparsities: list[float], num_calibration: int, seed: int,
+              threads: int | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for s in sparsities:
-                opts = RunOptions(num_calibration=num_calibration, seed=seed, progress=False)
+                opts = RunOptions(num_calibration=num_calibration, seed=seed, threads=threads, progress=False)
                 if method == "magnitude-layer":
                     config = MagnitudeConfig(sparsity=s, scope="layer")
                 else:
@@ -54,6 +55,7 @@ def run_sweep(model: Path, calib: Path, test: Path, methods: list[str], sparsiti
                     "dense_test_loss": out["bernoulli_nll_original"],
                     "test_mse": out["mse_compressed"],
                     "seconds": time.perf_counter() - t0,
+                    "threads": threads,
                 })
                 print(f"{method:16s} {s:.2f}  test loss {out['bernoulli_nll_compressed']:.3f}  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
     return rows
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
     ap.add_argument("--num-calibration", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads per run (default: all cores)")
     ap.add_argument("--merge", action="store_true",
                     help="re-measure only --methods and keep the other methods' rows of the existing results")
     args = ap.parse_args(argv)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = run_sweep(
         args.samples / "mnist_autoencoder.onnx", args.samples / "mnist_autoencoder_calib.npz", args.samples / "mnist_autoencoder_test.npz",
-        args.methods.split(","), sparsities, args.num_calibration, args.seed,
+        args.methods.split(","), sparsities, args.num_calibration, args.seed, args.threads,
     )
     measured_with = _version()
     for r in rows:

@@ -523,3 +523,23 @@ def test_fit_time_budget_stops_the_step_loop():
     stats = est.fit(problem)
     assert 1 <= stats.steps < 10_000 and stats.extra["stopped_after_steps"] == stats.steps
     assert len(stats.history) == stats.steps
+
+
+def test_fit_backtracks_to_the_best_checkpoint_and_halves_the_lr():
+    """A far too large lr: every checkpoint that does not improve restores the best lambda and halves the
+    lr, so the kept Q is exactly the best checkpoint and never worse than the start."""
+    problem, _ = tiny_mlp_problem("categorical")
+    est = FishLegEstimator(FishLegConfig(fit_steps=200, damping=0.05, diag_samples=64, lr=5.0, aux_batch=64))
+    stats = est.fit(problem)
+    info = stats.extra
+    assert info["lr_halvings"] >= 1
+    assert info["validation_aux_loss_after"] <= info["validation_aux_loss_before"]
+    assert est.validation_loss(problem) == info["validation_aux_loss_after"]  # the kept lambda is the best one
+    if info.get("reverted"):
+        start = FishLegEstimator(FishLegConfig(fit_steps=0, damping=0.05, diag_samples=64, aux_batch=64))
+        start.fit(tiny_mlp_problem("categorical")[0])  # a fresh problem: same data order as the fit above
+        for name in problem.weights:
+            assert torch.equal(est.dense_block(name), start.dense_block(name))
+    # a sensible lr improves at the first checkpoint and keeps going
+    good = FishLegEstimator(FishLegConfig(fit_steps=200, damping=0.05, diag_samples=64, lr=1e-2, aux_batch=64)).fit(problem)
+    assert good.extra["validation_aux_loss_after"] < good.extra["validation_aux_loss_before"] and "reverted" not in good.extra

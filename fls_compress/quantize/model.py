@@ -206,27 +206,15 @@ def quantize_model(
     model: onnx.ModelProto,
     calib_inputs: Mapping[str, np.ndarray] | None,
     *,
-    method: str = "gptq",
-    bits: int = 8,
-    granularity: str = "channel",
-    symmetric: bool = True,
-    sparsity: float | None = None,
-    pattern: str | None = None,
-    act_order: bool = False,
     activations: str = "none",
-    names: list[str] | None = None,
-    seed: int = 0,
-    curvature: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     allow_opset_raise: bool = True,
     **options: object,
 ) -> tuple[onnx.ModelProto, dict[str, float | str]]:
-    """Quantised QDQ model and report info. ``options``: percdamp, block_size, num_samples,
-    max_rows_per_layer, sequential, chunk (see :func:`quantize_weights`)."""
+    """Quantised QDQ model and report info. ``options`` go to :func:`quantize_weights` (method, bits,
+    granularity, symmetric, sparsity, pattern, act_order, names, seed, curvature, percdamp, ...)."""
     if activations not in ACTIVATIONS:
         raise InvalidOptionError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
-    weights, info = quantize_weights(model, calib_inputs, method=method, bits=bits, granularity=granularity,
-                                     symmetric=symmetric, sparsity=sparsity, pattern=pattern, act_order=act_order,
-                                     names=names, seed=seed, curvature=curvature, **options)  # type: ignore[arg-type]
+    weights, info = quantize_weights(model, calib_inputs, **options)  # type: ignore[arg-type]
     work = densify_sparse_initializers(model)
     sites, uses = layer_sites(work, list(weights))
     out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise)
