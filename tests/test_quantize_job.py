@@ -70,6 +70,7 @@ def test_sparse_and_quantized_in_one_sweep_keeps_pruned_weights_zero(cnn, tmp_pa
     (lambda: GPTQConfig(bits=3), InvalidOptionError, "--bits must be >= 4"),
     (lambda: GPTQConfig(granularity="block:7"), InvalidOptionError, "does not divide"),
     (lambda: GPTQConfig(granularity="per-row"), InvalidOptionError, "--granularity"),
+    (lambda: GPTQConfig(exclude=("*",)), InvalidOptionError, "matches every quantizable weight"),
 ])
 def test_bad_quantize_options_are_refused(cnn, tmp_path, config, error, fragment):
     with pytest.raises(error, match=fragment):

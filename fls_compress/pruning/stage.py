@@ -27,7 +27,7 @@ from ..configs import ACTIVATIONS, TORCH, RunOptions
 from ..configs.pruning import CurvatureConfig, PruneConfig
 from ..curvature.likelihoods import make_likelihood
 from ..curvature.problem import FisherProblem
-from ..errors import UnsupportedModelError
+from ..errors import InvalidOptionError, UnsupportedModelError
 from ..io.calibration import CalibrationData
 from ..io.onnx_model import prunable_initializers, read_weight
 from ..progress import stage_progress
@@ -75,8 +75,10 @@ def _select(weights: dict[str, PrunableWeight], exclude: tuple[str, ...]) -> tup
     excluded = sorted(set(weights) - set(chosen))
     for n in excluded:
         weights[n].parameter.requires_grad_(False)
+    if not chosen and weights:
+        raise InvalidOptionError(f"--exclude {' '.join(exclude)} matches every prunable weight ({len(weights)}); nothing left to prune")
     if not chosen:
-        raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights left to prune" + (" after --exclude" if exclude else ""))
+        raise UnsupportedModelError("no prunable Conv/Gemm/MatMul weights to prune")
     return chosen, excluded
 
 

@@ -13,6 +13,7 @@ import time
 import onnx
 
 from ..configs import FLSQuantConfig, GPTQConfig, QuantizeConfig, RunOptions
+from ..errors import InvalidOptionError
 from ..io.calibration import CalibrationData
 from ..io.onnx_model import prunable_initializers
 from ..pruning.stage import Outcome, build_problem, is_excluded
@@ -43,6 +44,8 @@ def run_quantizer(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibra
     sites = prunable_initializers(model)
     names = [s.name for s in sites if not is_excluded(s.name, config.exclude)]
     excluded = sorted(s.name for s in sites if s.name not in names)
+    if sites and not names:
+        raise InvalidOptionError(f"--exclude {' '.join(config.exclude)} matches every quantizable weight ({len(sites)}); nothing left to quantize")
     curvature, likelihood, convert_s, fit_info = None, None, 0.0, {}
     options: dict[str, object] = {"num_samples": opts.num_calibration}
     if isinstance(config, GPTQConfig):

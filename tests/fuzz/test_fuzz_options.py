@@ -97,10 +97,10 @@ def test_unparsable_values_are_usage_errors(capsys, files, outdir, inputs_before
 
 
 def test_every_weight_excluded_is_refused(capsys, files, outdir, inputs_before):
-    """Reported as "nothing to prune" (exit 4, raised by the pruning stage), naming --exclude."""
+    """A usage error (exit 2) naming --exclude, with a failure report."""
     out, rep = outdir / "o.onnx", outdir / "r.json"
     res = h.cli(capsys, "prune", files["mlp"], "-o", out, "--data", files["calib"], "--exclude", "*", "--report", rep, *h.MAGNITUDE)
-    h.check_failure(res, 4, "--exclude", before=inputs_before, output=out, report=rep, report_expected=True)
+    h.check_failure(res, 2, "--exclude", before=inputs_before, output=out, report=rep, report_expected=True)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "fls"])
