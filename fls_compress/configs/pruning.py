@@ -215,16 +215,24 @@ class MFACConfig(EmpiricalFisherConfig):
 
 
 @dataclass(frozen=True)
-class LayerwiseConfig(PruneConfig):
-    """Layer-wise methods: uniform sparsity per layer from captured layer inputs (onnxruntime, no torch)."""
+class ActivationCapture(Config):
+    """Knobs of capturing layer inputs with onnxruntime (shared by sparsegpt/wanda and ``quantize -m gptq``)."""
 
-    panel: ClassVar[str] = "Layer-wise (sparsegpt, wanda)"
-    needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
-    sequential: bool = knob(True, "Recapture each layer's inputs on the model already pruned upstream (as the papers do).")
+    panel: ClassVar[str] = "Activation capture (sparsegpt, wanda; quantize gptq)"
+
+    sequential: bool = knob(True, "Recapture each layer's inputs on the model already compressed upstream (as the papers do).")
     max_rows_per_layer: int | None = knob(
         DEFAULT_MAX_ROWS, "Activation rows per layer at most (seeded random subsample of positions on big feature maps).",
         min=1, max=1 << 40,
     )
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig(PruneConfig, ActivationCapture):
+    """Layer-wise methods: uniform sparsity per layer from captured layer inputs (onnxruntime, no torch)."""
+
+    panel: ClassVar[str] = "Layer-wise (sparsegpt, wanda)"
+    needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
 
 
 @dataclass(frozen=True)

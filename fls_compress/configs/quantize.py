@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from ..errors import InvalidOptionError
 from .base import knob
-from .pruning import ACTIVATIONS, DEFAULT_MAX_ROWS, TORCH, FishLegFit, LossFisher, MethodConfig, PruneConfig
+from .pruning import ACTIVATIONS, TORCH, ActivationCapture, FishLegFit, LossFisher, MethodConfig, PruneConfig
 
 
 def parse_granularity(value: str) -> str:
@@ -69,7 +69,7 @@ class RTNConfig(QuantizeConfig):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantizeConfig):
+class GPTQConfig(QuantizeConfig, ActivationCapture):
     method: ClassVar[str] = "gptq"
     panel: ClassVar[str] = "GPTQ"
     needs: ClassVar[frozenset[str]] = frozenset({ACTIVATIONS})
@@ -78,11 +78,6 @@ class GPTQConfig(QuantizeConfig):
     percdamp: float = knob(0.01, "Damping of the layer Hessian, as a fraction of its mean diagonal.", min=0.0, max=10.0)
     lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
     act_order: bool = knob(False, "Quantize columns in order of decreasing Hessian diagonal (GPTQ act-order).")
-    sequential: bool = knob(True, "Recapture each layer's inputs on the model already quantized upstream (as the papers do).")
-    max_rows_per_layer: int | None = knob(
-        DEFAULT_MAX_ROWS, "Activation rows per layer at most (seeded random subsample of positions on big feature maps).",
-        min=1, max=1 << 40,
-    )
 
 
 @dataclass(frozen=True)
