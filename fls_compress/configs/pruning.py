@@ -174,7 +174,8 @@ class FishLegFit(Config):
         None, "Wall-clock budget of each fit/refit; the steps done are in the report (results then depend on machine speed).",
         min=0.0, min_open=True,
     )
-    aux_lr: float = knob(1e-2, "Adam learning rate of the auxiliary loss.", min=0.0, min_open=True, max=10.0)
+    aux_lr: float = knob(1e-2, "Initial Adam learning rate of the auxiliary loss (halved at each validation checkpoint "
+                         "that does not improve).", min=0.0, min_open=True, max=10.0)
     batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
     probes: int = knob(1, "Gaussian probes per Fisher-vector product (one shared forward pass).", min=1, max=1024)
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
