@@ -2,9 +2,9 @@
 
 The 2.15 GB embedding table is a sparse file (``truncate``: no disk blocks for the zeros, a few
 rows of real values), so building the input is instant; the run still reads it, writes a 2.15 GB output
-and opens both models in onnxruntime, which takes ~45 s and ~9 GB of memory (measured on 2 cores). It therefore
-runs only with ``FLS_LARGE_TESTS=1`` and is skipped (with the reason printed) when the disk or the
-memory is short.
+and opens both models in onnxruntime, which takes ~45-70 s and ~9 GB of memory (measured on 2 cores). It runs
+in ``make test``; it is skipped (with the reason printed) only when the disk or the memory is short, or
+when ``FLS_SKIP_LARGE_TESTS=1`` is set.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _big_model(d: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(os.environ.get("FLS_LARGE_TESTS") != "1", reason="set FLS_LARGE_TESTS=1 (writes 2.15 GB, ~9 GB RAM)")
+@pytest.mark.skipif(os.environ.get("FLS_SKIP_LARGE_TESTS") == "1", reason="FLS_SKIP_LARGE_TESTS=1 (the case writes 2.15 GB, ~9 GB RAM)")
 def test_model_above_2_gib_is_pruned_and_verified(capsys, tmp_path):
     free = shutil.disk_usage(tmp_path).free
     if free < 3 * TABLE_BYTES:
