@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from fls_compress import FLSConfig, RunOptions, compress  # noqa: E402
 from fls_compress.progress import configure_logging  # noqa: E402
+from fls_compress.verify import bernoulli_nll  # noqa: E402
 from sample_models.build_samples import N_CALIB, N_TEST, SPLIT_SEED  # noqa: E402
 from sample_models.datasets import load_mnist5k, split_train_test  # noqa: E402
 
@@ -76,7 +77,7 @@ def _metric(model_key: str, path: Path, x: np.ndarray, y: np.ndarray) -> float:
     feed = x if model_key == "autoencoder" else x.reshape(-1, 1, 28, 28)
     logits = sess.run(None, {sess.get_inputs()[0].name: feed})[0].astype(np.float64)
     if model_key == "autoencoder":
-        return float((np.logaddexp(0.0, logits) - x * logits).sum(axis=1).mean())
+        return float(bernoulli_nll(logits, x).mean())
     logz = np.logaddexp.reduce(logits, axis=1)
     return float((logz - logits[np.arange(len(y)), y]).mean())
 

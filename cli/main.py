@@ -181,7 +181,7 @@ def run(argv: list[str] | None = None) -> None:
         report = getattr(exc, "report", None)
         if report is not None:
             print(report.to_json())
-        from fls_compress.report import first_line
+        from fls_compress.errors import first_line
 
         _fail(first_line(exc), exc.exit_code)
     except click_errors as exc:  # usage errors: unknown option, bad value, missing argument

@@ -28,7 +28,7 @@ import onnx
 
 from .configs import AutoConfig, MethodConfig, QuantizeConfig, RunOptions
 from .configs.pruning import PruneConfig
-from .errors import InvalidOptionError, OutputError, UnsupportedModelError, VerificationError
+from .errors import InvalidOptionError, OutputError, UnsupportedModelError, VerificationError, first_line
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
 from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
@@ -254,7 +254,7 @@ def _numerically_guarded(fn, *args: Any) -> Any:
     try:
         return fn(*args)
     except torch.linalg.LinAlgError as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = first_line(exc)
         raise UnsupportedModelError(
             f"the curvature of this model could not be factorised ({first}); check the scale of its weights and data"
         ) from exc
@@ -294,7 +294,7 @@ def check_outputs_finite(session: Any, datasets: dict[str, Any], batch_size: int
         try:
             outputs = session.run(None, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            first = first_line(exc)
             raise InvalidDataError(f"onnxruntime cannot run the original model on the {role} data: {first}") from exc
         for name, out in zip(names, outputs):
             arr = np.asarray(out)

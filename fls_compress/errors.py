@@ -66,3 +66,12 @@ class VerificationError(FlsError):
     """The compressed model failed verification against the original (see the report)."""
 
     exit_code = 6
+
+
+def first_line(exc: BaseException) -> str:
+    """First non-empty line of an exception's message (checker and runtime messages span many lines),
+    or the exception's type name when the message is empty: the text of a one-line ``error:``."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__
-from .errors import FlsError, Interrupted, OutputError
+from .errors import FlsError, Interrupted, OutputError, first_line
 from .io.paths import default_file_mode
 
 
@@ -107,13 +107,6 @@ def mark_failed(report: Report, exc: BaseException) -> Report:
     report["error_class"] = type(exc).__name__
     report["exit_code"] = exit_code_of(exc)
     return report
-
-
-def first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def exit_code_of(exc: BaseException) -> int:

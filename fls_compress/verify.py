@@ -47,7 +47,7 @@ import onnx
 import onnxruntime as ort
 
 from fls_compress.errors import (
-    InvalidDataError, InvalidModelError, InvalidOptionError, UnsupportedModelError, VerificationError,
+    InvalidDataError, InvalidModelError, InvalidOptionError, UnsupportedModelError, VerificationError, first_line,
 )
 from fls_compress.io.calibration import CalibrationData, graph_input_specs
 from fls_compress.io.onnx_model import load_onnx, model_size_bytes
@@ -57,13 +57,6 @@ logger = logging.getLogger(__name__)
 
 from fls_compress.task import TASKS, reproduces_input, resolve_task  # noqa: E402  (one task decision for pruning and verification)
 """Values accepted for ``task``."""
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def _as_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -86,7 +79,7 @@ def _session(model: onnx.ModelProto, which: str, path: str | Path | None = None)
             del copy
             return ort.InferenceSession(f"{tmp}/{which}.onnx", providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-        message = f"onnxruntime cannot load the {which} model: {_first_line(exc)}"
+        message = f"onnxruntime cannot load the {which} model: {first_line(exc)}"
         if "is not a registered function/op" in str(exc) or type(exc).__name__ == "NotImplemented":
             raise UnsupportedModelError(message) from exc  # a valid model with an operator onnxruntime lacks
         raise InvalidModelError(message) from exc
@@ -96,7 +89,7 @@ def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray], which: str)
     try:
         return session.run(None, feed)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidDataError(f"onnxruntime failed to run the {which} model on the data: {_first_line(exc)}") from exc
+        raise InvalidDataError(f"onnxruntime failed to run the {which} model on the data: {first_line(exc)}") from exc
 
 
 def _metadata(model: onnx.ModelProto) -> dict[str, str]:

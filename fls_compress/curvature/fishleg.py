@@ -345,8 +345,9 @@ class FishLegEstimator(InverseFisherEstimator):
     def _optimise(self, problem: FisherProblem, steps: int, stats: FitStats) -> FitStats:
         """Adam on the auxiliary loss with a linear lr decay, checked against held-out probes.
 
-        Every ``CHECK_EVERY`` steps (and at the end) the auxiliary loss is measured on a fixed validation
-        set of probes and samples (the per-step loss is far too noisy to judge). An improvement becomes
+        Every max(``CHECK_EVERY``, steps / 4) steps, at the end and when ``fit_seconds`` runs out, the
+        auxiliary loss is measured on a fixed validation set of probes and samples (the per-step loss is
+        far too noisy to judge). An improvement becomes
         the new best lambda; otherwise lambda goes back to the best one, the learning rate is halved and
         Adam's moments are reset (a backtracking line search on the step size, so one default lr serves
         layers and models whose factor scales differ). The fit thus never ends worse than its start; when

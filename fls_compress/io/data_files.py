@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fls_compress.errors import InvalidDataError
+from fls_compress.errors import InvalidDataError, first_line
 from fls_compress.io.input_specs import InputSpec
 
 LABELS_KEY = "labels"
@@ -24,13 +24,6 @@ def batch_axes_of(specs: dict[str, InputSpec]) -> dict[str, int]:
     """Inputs whose batch axis is not 0, with that axis."""
     return {name: spec.batch_axis for name, spec in specs.items() if spec.batch_axis}
 
-
-def first_line(exc: BaseException) -> str:
-    """First non-empty line of an exception message."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 _NPY_MAGIC = b"\x93NUMPY"

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fls_compress.errors import InvalidModelError, InvalidOptionError
+from fls_compress.errors import InvalidModelError, InvalidOptionError, first_line
 from fls_compress.io.paths import default_file_mode
 from fls_compress.io.sites import (  # noqa: F401 - re-exported: the site API lives in io.sites
     ALL_PRUNABLE_OPS,
@@ -69,14 +69,6 @@ _DATA_FIELDS = (
 # ------------------------------------------------------------------------------------------------
 # Loading and saving
 # ------------------------------------------------------------------------------------------------
-def _one_line(exc: BaseException) -> str:
-    """First non-empty line of an exception message (checker messages span many lines)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
-
-
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load ``path`` (with its external data) and run ``onnx.checker.check_model`` on it.
 
@@ -92,12 +84,12 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=True)
     except Exception as exc:  # noqa: BLE001 - protobuf/OS/onnx raise many unrelated types
-        raise InvalidModelError(f"cannot read ONNX model {p}: {_one_line(exc)}") from exc
+        raise InvalidModelError(f"cannot read ONNX model {p}: {first_line(exc)}") from exc
     try:
         # The path form also validates external-data references and works above 2 GiB.
         onnx.checker.check_model(str(p))
     except Exception as exc:  # noqa: BLE001 - ValidationError, and C++ errors on garbage input
-        raise InvalidModelError(f"invalid ONNX model {p}: {_one_line(exc)}") from exc
+        raise InvalidModelError(f"invalid ONNX model {p}: {first_line(exc)}") from exc
     _check_payloads(model, p)
     _LOG.debug("loaded %s (%d nodes, %d initializers)", p, len(model.graph.node), len(model.graph.initializer))
     return model
@@ -123,7 +115,7 @@ def _check_payloads(model: onnx.ModelProto, path: Path) -> None:
             else:
                 numpy_helper.to_array(t)
         except Exception as exc:  # noqa: BLE001 - numpy/onnx raise ValueError, TypeError, KeyError
-            raise InvalidModelError(f"invalid ONNX model {path}: initializer '{t.name}': {_one_line(exc)}") from exc
+            raise InvalidModelError(f"invalid ONNX model {path}: initializer '{t.name}': {first_line(exc)}") from exc
 
 
 def ensure_distinct_paths(inp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
