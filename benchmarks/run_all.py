@@ -22,7 +22,7 @@ BENCHMARKS = [
     "fls_ablation",         # what FishLeg's learned Q adds: start x fit x OBS update
     "fishleg_convergence",  # Q's error vs the exact damped inverse Fisher, vs steps and lr
     "curvature_cost",       # inverse-Fisher cost: FLS vs oBERT vs M-FAC (time, memory)
-    "transformer_encoder",  # 22M-parameter BERT-style encoder: FLS vs SparseGPT
+    "transformer_encoder",  # 22M-parameter BERT-style encoder: every method at 50/70%, time, peak RSS, output agreement
     "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers

@@ -83,6 +83,8 @@ CASES = [
     (FLSConfig, FLS, "damping", 0.5),
     (FLSConfig, FLS, "relative_damping", 5.0),
     (FLSConfig, FLS, "q_form", "block"),
+    (FLSConfig, FLS, "q_form", "ekfac"),
+    (FLSConfig, FLS, "refit", "restart"),
     (FLSConfig, {**FLS, "q_form": "block"}, "block_size", 8),
     (FLSConfig, FLS, "q_init", "identity"),
     (FLSConfig, FLS, "fit_steps", 0),

@@ -158,6 +158,27 @@ class CurvatureConfig(GlobalScope, LossFisher):
         return DEFAULT_STEPS if self.steps is None else self.steps
 
 
+DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS = 200, 50
+AUTO_FIT_WEIGHTS = 3_000_000
+"""Above this many prunable weights the default fit/refit steps shrink in proportion (see :func:`auto_steps`)."""
+
+
+def auto_steps(default: int, weights: int, minimum: int) -> int:
+    """Default FishLeg step budget for a model with ``weights`` prunable weights: ``default`` up to
+    :data:`AUTO_FIT_WEIGHTS`, ``default * AUTO_FIT_WEIGHTS / weights`` above, and 0 (no fit) once that is
+    below ``minimum`` (half the default).
+
+    One auxiliary step costs about linearly in the weights (Q's factor products and one Fisher-vector
+    product), so the scaling keeps the fit's cost near that of a 3M-weight model's full budget. Below half
+    the budget at which the fit converges (``benchmarks/fishleg_convergence.py``) it does not pay: on the
+    10.6M-weight encoder of ``benchmarks/transformer_encoder.py`` a 57 / 14-step fit was rejected by its
+    validation check and doubled time and peak memory. Deterministic (a step count, not a time budget)."""
+    if weights <= AUTO_FIT_WEIGHTS:
+        return default
+    steps = round(default * AUTO_FIT_WEIGHTS / weights)
+    return steps if steps >= minimum else 0
+
+
 @dataclass(frozen=True)
 class FishLegFit(Config):
     """Knobs of the FishLeg auxiliary-loss fit (shared by ``prune -m fls`` and ``quantize -m fls``).
@@ -168,8 +189,11 @@ class FishLegFit(Config):
 
     panel: ClassVar[str] = "FishLeg Surgeon (fls)"
 
-    fit_steps: int = knob(200, "FishLeg auxiliary-loss steps before the first pruning step (or the quantization sweep).",
-                          min=0, max=1_000_000)
+    fit_steps: int | None = knob(
+        None, f"FishLeg auxiliary-loss steps before the first pruning step (or the quantization sweep). Default "
+        f"{DEFAULT_FIT_STEPS}, scaled by {AUTO_FIT_WEIGHTS // 1_000_000}M / (prunable weights) above {AUTO_FIT_WEIGHTS // 1_000_000}M "
+        f"weights (a step costs about linearly more there), and 0 once that is under {DEFAULT_FIT_STEPS // 2} (a warning says so); "
+        "the steps planned and run are in the report.", min=0, max=1_000_000)
     fit_seconds: float | None = knob(
         None, "Wall-clock budget of each fit/refit; the steps done are in the report (results then depend on machine speed).",
         min=0.0, min_open=True,
@@ -262,42 +286,48 @@ class FLSConfig(CurvatureConfig, FishLegFit):
     panel: ClassVar[str] = "FishLeg Surgeon (fls)"
     summary: ClassVar[str] = "OBS with the FishLeg learned inverse Fisher Q(lambda) (the FishLeg Surgeon)"
 
-    q_form: str = knob("kron", "FishLeg Q structure: kron (Kronecker D_A(R^T R x L L^T)D_A) or block (block-diagonal).",
-                       choices=("kron", "block"))
+    q_form: str = knob("kron", "FishLeg Q structure: kron (Kronecker D_A(R^T R x L L^T)D_A), ekfac (Kronecker with a learned "
+                       "inner diagonal; its kfac start is the exact damped K-FAC inverse) or block (block-diagonal).",
+                       choices=("kron", "ekfac", "block"))
     block_size: int | None = knob(None, f"Block size of the block-diagonal Q (--q-form block only; default {DEFAULT_Q_BLOCK}).",
                                   min=1, max=100_000)
     q_init: str | None = knob(
-        None, "Q start: kfac (damped inverse Kronecker factors of per-example gradients; kron only), diag "
-        "(1/(diag F + gamma)) or identity (I/gamma). Default: kfac for kron, diag for block.",
+        None, "Q start: kfac (damped inverse Kronecker factors of per-example gradients; exact damped inverse with ekfac; "
+        "not block), diag (1/(diag F + gamma)) or identity (I/gamma). Default: kfac for kron/ekfac, diag for block.",
         choices=("kfac", "diag", "identity"),
     )
-    refit_steps: int = knob(50, "FishLeg auxiliary-loss steps between pruning sub-steps (warm-started).", min=0, max=1_000_000)
+    refit_steps: int | None = knob(
+        None, f"FishLeg auxiliary-loss steps between pruning sub-steps. Default {DEFAULT_REFIT_STEPS}, scaled "
+        "like --fit-steps.", min=0, max=1_000_000)
+    refit: str = knob("warm", "Between pruning sub-steps: warm (keep fitting Q from where it is, FLS's progressive assimilation) "
+                      "or restart (re-estimate Q's start from the pruned model's gradients, oBERT-style, then fit).",
+                      choices=("warm", "restart"))
     obs_update: str | None = knob(
         None, "Compensation: auto (row-exact for layers with up to 2048 inputs, sweep above; each layer's choice is in "
         "the report), row-exact (exact group OBS per output row with Q's factors; kron), sweep (OBS column sweep, one "
         "Cholesky per layer, compensates only later columns; kron), block-exact (block) or decoupled (-Q z). "
-        "Default: auto for kron, block-exact for block.",
+        "Default: auto for kron/ekfac, block-exact for block.",
         choices=("auto", "sweep", "row-exact", "block-exact", "decoupled"),
     )
 
     def validate(self) -> None:
         super().validate()
-        if self.q_form == "kron" and self.block_size is not None:
+        if self.q_form != "block" and self.block_size is not None:
             raise InvalidOptionError("--block-size applies to --q-form block only")
         if self.q_form == "block" and self.q_init == "kfac":
-            raise InvalidOptionError("--q-init kfac needs --q-form kron (Kronecker factors)")
+            raise InvalidOptionError("--q-init kfac needs --q-form kron or ekfac (Kronecker factors)")
         if self.q_form == "block" and self.obs_update in ("auto", "sweep", "row-exact"):
-            raise InvalidOptionError(f"--obs-update {self.obs_update} needs --q-form kron")
-        if self.q_form == "kron" and self.obs_update == "block-exact":
+            raise InvalidOptionError(f"--obs-update {self.obs_update} needs --q-form kron or ekfac")
+        if self.q_form != "block" and self.obs_update == "block-exact":
             raise InvalidOptionError("--obs-update block-exact needs --q-form block")
 
     @property
     def resolved_init(self) -> str:
-        return self.q_init or ("kfac" if self.q_form == "kron" else "diag")
+        return self.q_init or ("diag" if self.q_form == "block" else "kfac")
 
     @property
     def resolved_update(self) -> str:
-        return self.obs_update or ("auto" if self.q_form == "kron" else "block-exact")
+        return self.obs_update or ("block-exact" if self.q_form == "block" else "auto")
 
 
 @dataclass(frozen=True)

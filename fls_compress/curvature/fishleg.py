@@ -17,10 +17,15 @@ the same rate near the optimum. Both Q forms give this gradient in closed form
 updates every auxiliary parameter. F v is the exact GGN product of :meth:`FisherProblem.fisher_vps`
 (one forward pass shared by all probes), so unlabelled data suffices.
 
+Forms (:mod:`.qforms`): ``"kron"`` Q = D_A (R^T R kron L L^T) D_A; ``"ekfac"`` the same with a learned
+inner diagonal B between the factors (EKFAC-style, George et al. 2018); ``"block"`` block-diagonal.
+
 Initialisation: ``"identity"`` gives Q0 = I / gamma (Garcia et al. 2023); ``"diag"`` gives
 Q0 = diag(1 / (diag F + gamma)) from per-example sampled-label gradients; ``"kfac"`` (default, Kronecker
-form) sets R^T R and L L^T to the damped inverses of the Kronecker factors E[G G^T], E[G^T G] of the
-per-example gradients G (:mod:`.kfac`), so the fit starts from a K-FAC-like point and corrects it.
+forms) uses the Kronecker factors E[G G^T], E[G^T G] of the per-example gradients G (:mod:`.kfac`): for
+``kron`` R^T R and L L^T are their separately damped inverses (factored damping, Martens & Grosse 2015,
+section 6.3); for ``ekfac`` Q0 is the *exact* damped inverse (G kron X + gamma I)^{-1} in the factors'
+eigenbasis. The fit starts there and corrects it.
 
 OBS group update (:mod:`.fishleg_obs`): ``update="sweep"`` (default), ``"row-exact"`` (reference, layers
 up to ``row_exact_max_in`` inputs; wider ones are refused), ``"decoupled"`` (-Q z) or, for the block
@@ -32,16 +37,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..configs import FLSConfig  # the user-facing defaults live there, once
+from ..configs.pruning import DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS, auto_steps
 from ..errors import InvalidOptionError
 from . import fishleg_obs
 from .base import FitStats, InverseFisherEstimator
-from .kfac import GradientMoments, damped_inverse_factor, gradient_moments
+from .fishleg_config import FishLegConfig, UPDATES  # noqa: F401  (re-exported)
+from .kfac import GradientMoments, exact_damped_eigenbasis, factored_damped_inverse, gradient_moments
 from .problem import FisherProblem
 from .qforms import BlockQ, KroneckerQ  # noqa: F401  (re-exported: the Q forms live in qforms.py)
 from .qgroups import BlockGroup, KronGroup
@@ -50,66 +55,6 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 25
 """Fewest auxiliary steps between two validation checkpoints of the fit (at most 4 checks per fit above 100 steps)."""
-
-UPDATES = ("auto", "sweep", "row-exact", "decoupled", "block-exact")
-
-
-@dataclass
-class FishLegConfig:
-    """Hyper-parameters of the FishLeg inverse-Fisher fit.
-
-    damping: absolute gamma on the per-example NLL scale, or ``None`` for ``relative_damping`` times the
-        mean diagonal Fisher of the prunable weights (measured at fit time).
-    update: group OBS update, see the module docstring. ``row_exact_max_in``: widest layer (inputs)
-        the row-exact update accepts (it costs one dense in x in solve per output row).
-    sweep_block: lazy-batch block size of the column sweep. probes: probes per Fisher product.
-    fit_seconds: optional wall-clock budget of each fit/refit; the step loop stops once it is spent
-        (recorded in ``FitStats.extra["stopped_after_steps"]``); ``None`` = run all steps.
-    lr / fit_steps: chosen by ``benchmarks/fishleg_convergence.py`` on validation models (Kronecker form,
-        K-FAC start): the lr with the lowest error to the exact damped inverse Fisher among those whose fit
-        is not rejected on an MNIST MLP, and the fewest steps within 10% of its best error (relative error
-        0.68 -> 0.19 on the test models, vs 0.66 with the former 3e-3 / 50 steps). refit_steps keeps the
-        former 2:5 ratio to fit_steps (not tuned separately).
-    """
-
-    form: str = "kron"  # "kron" | "block"
-    block_size: int = 50
-    damping: float | None = None
-    relative_damping: float = 0.1
-    init: str = "kfac"  # "kfac" | "diag" | "identity"
-    fit_steps: int = FLSConfig.default_of("fit_steps")
-    refit_steps: int = FLSConfig.default_of("refit_steps")
-    aux_batch: int = FLSConfig.default_of("batch_size")
-    lr: float = FLSConfig.default_of("aux_lr")
-    final_lr_fraction: float = 0.1
-    precondition: bool = True
-    update: str = "auto"  # "auto" | "sweep" | "row-exact" | "decoupled" | "block-exact" (block form)
-    row_exact_max_in: int = 2048
-    sweep_block: int = 128
-    probes: int = FLSConfig.default_of("probes")
-    fit_seconds: float | None = None
-    diag_samples: int = FLSConfig.default_of("moment_samples")
-    clamp: float = 1e-12
-
-    def validate(self) -> None:
-        if self.form not in ("kron", "block"):
-            raise InvalidOptionError(f"FishLeg form must be 'kron' or 'block', got {self.form!r}")
-        if self.init not in ("diag", "identity", "kfac"):
-            raise InvalidOptionError(f"FishLeg init must be 'kfac', 'diag' or 'identity', got {self.init!r}")
-        if self.damping is not None and not self.damping > 0:
-            raise InvalidOptionError(f"damping must be > 0, got {self.damping}")
-        if not self.relative_damping > 0:
-            raise InvalidOptionError(f"relative damping must be > 0, got {self.relative_damping}")
-        if self.fit_steps < 0 or self.refit_steps < 0 or self.aux_batch < 1 or self.block_size < 1:
-            raise InvalidOptionError("FishLeg steps must be >= 0, aux batch and block size >= 1")
-        if self.probes < 1 or self.sweep_block < 1 or self.row_exact_max_in < 1:
-            raise InvalidOptionError("FishLeg probes, sweep block and row-exact limit must be >= 1")
-        if self.fit_seconds is not None and not self.fit_seconds > 0:
-            raise InvalidOptionError(f"FishLeg fit time budget must be > 0 seconds, got {self.fit_seconds}")
-        if self.update not in UPDATES:
-            raise InvalidOptionError(f"FishLeg update must be one of {', '.join(UPDATES)}, got {self.update!r}")
-        if self.form == "kron" and self.update == "block-exact":
-            raise InvalidOptionError("the block-exact update needs the block form (--q-form block)")
 
 
 class FishLegEstimator(InverseFisherEstimator):
@@ -169,10 +114,11 @@ class FishLegEstimator(InverseFisherEstimator):
         cfg = self.config
         stats = FitStats()
         t0 = time.perf_counter()
-        self._choose_update(problem)
+        if not self.layer_info:  # a restart keeps the per-layer record (and its accumulated sweep loss)
+            self._choose_update(problem)
         moments: GradientMoments | None = None
         if cfg.init != "identity" or cfg.damping is None:
-            moments = gradient_moments(problem, cfg.diag_samples, kronecker=cfg.init == "kfac" and cfg.form == "kron")
+            moments = gradient_moments(problem, cfg.diag_samples, kronecker=cfg.init == "kfac" and cfg.form != "block")
             stats.samples += min(cfg.diag_samples, problem.num_samples)
             stats.extra["per_example"] = 1.0 if problem.per_example_info.get("per_example") == "hooks" else 0.0
         if cfg.damping is not None:
@@ -187,21 +133,21 @@ class FishLegEstimator(InverseFisherEstimator):
             opts = {"dtype": torch.promote_types(w.parameter.dtype, torch.float32), "device": w.parameter.device}
             if cfg.init == "diag" or (cfg.init == "kfac" and cfg.form == "block"):
                 a0[n] = (w.to_matrix(moments.diag[n]) + self.gamma).rsqrt()  # type: ignore[union-attr]
-            elif cfg.init == "kfac":
+            elif cfg.init == "kfac":  # kron / ekfac: the factors carry the scale
                 a0[n] = torch.ones(w.matrix_shape, **opts)
             else:
                 a0[n] = torch.full(w.matrix_shape, self.gamma**-0.5, **opts)
             a0[n] = a0[n].to(**opts).contiguous()
         self.groups = []
-        if cfg.form == "kron":
+        if cfg.form != "block":
             by_shape: dict[tuple[int, int], list[str]] = {}
             for n, w in problem.weights.items():
                 by_shape.setdefault(w.matrix_shape, []).append(n)
-            self.groups = [KronGroup(names, a0) for names in by_shape.values()]
+            self.groups = [KronGroup(names, a0, inner=cfg.form == "ekfac") for names in by_shape.values()]
         else:
             self.groups = [BlockGroup(problem.names, a0, cfg.block_size)]
         self.group_of = {n: g for g in self.groups for n in g.names}
-        if cfg.form == "kron" and cfg.init == "kfac":
+        if cfg.form != "block" and cfg.init == "kfac":
             for n in problem.names:
                 self._kfac_init(n, moments.left[n], moments.right[n], moments.sq_norm[n])  # type: ignore[union-attr]
         stats.seconds = time.perf_counter() - t0
@@ -210,18 +156,12 @@ class FishLegEstimator(InverseFisherEstimator):
         return stats
 
     def _kfac_init(self, name: str, left: torch.Tensor, right: torch.Tensor, sq_norm: float) -> None:
-        """R^T R = (left/s + pi sqrt(gamma) I)^{-1}, L L^T = (right/s + sqrt(gamma)/pi I)^{-1}, s = sqrt(E||G||^2).
-
-        pi balances the damping between the factors (Martens & Grosse 2015, section 6.3).
-        """
-        scale = max(sq_norm, 1e-30) ** 0.5
-        a, b = left / scale, right / scale
-        pi = ((float(a.trace()) / a.shape[0]) / max(float(b.trace()) / b.shape[0], 1e-30)) ** 0.5
-        pi = pi if pi > 0 else 1.0
-        root = self.gamma**0.5
-        self.group_of[name].set_factors(  # type: ignore[union-attr]
-            name, damped_inverse_factor(a, pi * root, lower=False), damped_inverse_factor(b, root / pi, lower=True)
-        )
+        """kron: R^T R, L L^T from the factored damping; ekfac: the exact damped inverse (see :mod:`.kfac`)."""
+        group = self.group_of[name]
+        if self.config.form == "ekfac":
+            group.set_factors(name, *exact_damped_eigenbasis(left, right, sq_norm, self.gamma))  # type: ignore[union-attr]
+        else:
+            group.set_factors(name, *factored_damped_inverse(left, right, sq_norm, self.gamma))  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- products
     def _mmask(self, problem: FisherProblem) -> dict[str, torch.Tensor]:
@@ -269,12 +209,10 @@ class FishLegEstimator(InverseFisherEstimator):
             delta = delta.reshape(theta.shape)
         elif info["update"] == "row-exact":
             _, L, A = group.member(name)  # type: ignore[union-attr]
-            delta = fishleg_obs.kron_row_exact_update(theta, new, gone, L, A)
+            delta = fishleg_obs.kron_row_exact_update(theta, new, gone, L, A, group.row_inner(name))  # type: ignore[union-attr]
         else:
             _, L, A = group.member(name)  # type: ignore[union-attr]
-            if name not in self._upper:
-                self._upper[name] = fishleg_obs.kron_upper_factor(L)
-            upper, jitter = self._upper[name]
+            upper, jitter = self._sweep_upper(name)
             rows = new.any(1)
             delta = torch.zeros_like(theta, dtype=torch.float64)
             if bool(rows.any()):
@@ -289,12 +227,24 @@ class FishLegEstimator(InverseFisherEstimator):
     def sweep_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, row_scale) for the OBS column sweep of ``name`` (Kronecker form): U upper-triangular with
         U^T U = L L^T, row r scaled by A_r, i.e. H_r^{-1} = D_{A_r} L L^T D_{A_r} (used by quantization)."""
-        if self.config.form != "kron":
-            raise InvalidOptionError("the OBS sweep needs the Kronecker form of Q (--q-form kron)")
+        if self.config.form == "block":
+            raise InvalidOptionError("the OBS sweep needs a Kronecker form of Q (--q-form kron or ekfac)")
         _, L, A = self.group_of[name].member(name)  # type: ignore[union-attr]
+        return self._sweep_upper(name)[0], A.detach().double()
+
+    def _sweep_upper(self, name: str) -> tuple[torch.Tensor, float]:
+        """Cached Cholesky factor of the sweep's shared H^{-1}; with an inner diagonal, its row mean is used
+        (rows differ there; recorded as ``layer_info[name]["inner"] = "row-mean"``)."""
         if name not in self._upper:
-            self._upper[name] = fishleg_obs.kron_upper_factor(L)
-        return self._upper[name][0], A.detach().double()
+            group = self.group_of[name]
+            _, L, _ = group.member(name)  # type: ignore[union-attr]
+            c = group.row_inner(name)  # type: ignore[union-attr]
+            if c is not None:
+                self.layer_info[name]["inner"] = "row-mean"
+                log.warning("FLS sweep on %s: Q's rows differ (inner diagonal); the sweep uses their mean "
+                            "(method_info.per_layer inner=row-mean)", name)
+            self._upper[name] = fishleg_obs.kron_upper_factor(L, None if c is None else c.mean(0))
+        return self._upper[name]
 
     # ---------------------------------------------------------------- fitting
     def aux_step(self, problem: FisherProblem, optimizer: torch.optim.Optimizer, mmask: dict[str, torch.Tensor] | None = None) -> float:
@@ -424,17 +374,40 @@ class FishLegEstimator(InverseFisherEstimator):
             ) / norm
         return total / probes
 
+    def steps_for(self, problem: FisherProblem) -> tuple[int, int]:
+        """(fit, refit) steps: the configured ones, or the defaults scaled by :func:`auto_steps`."""
+        weights = sum(w.numel for w in problem.weights.values())
+        fit = self.config.fit_steps if self.config.fit_steps is not None else auto_steps(DEFAULT_FIT_STEPS, weights, DEFAULT_FIT_STEPS // 2)
+        refit = (self.config.refit_steps if self.config.refit_steps is not None
+                 else auto_steps(DEFAULT_REFIT_STEPS, weights, DEFAULT_REFIT_STEPS // 2))
+        return fit, refit
+
     def fit(self, problem: FisherProblem) -> FitStats:
         self._problem = problem
         stats = self._build(problem)
-        return self._optimise(problem, self.config.fit_steps, stats)
+        fit, refit = self.steps_for(problem)
+        stats.extra["planned_fit_steps"], stats.extra["planned_refit_steps"] = float(fit), float(refit)
+        if self.config.fit_steps is None or self.config.refit_steps is None:
+            default = (DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS)
+            weights = sum(w.numel for w in problem.weights.values())
+            if (self.config.fit_steps is None and fit == 0) or (self.config.refit_steps is None and refit == 0):
+                log.warning("FishLeg fit skipped by the default budget (%d / %d steps for %d prunable weights: a budget under "
+                            "half the converged one does not pay); Q stays at its start. --fit-steps / --refit-steps force a "
+                            "fit (method_info.fit_skipped)", fit, refit, weights)
+                stats.extra["fit_skipped"] = 1.0
+            elif (fit, refit) != default:
+                log.info("FishLeg fit budget: %d / %d steps (defaults %d / %d scaled to %d prunable weights)", fit, refit, *default, weights)
+        return self._optimise(problem, fit, stats)
 
     def refit(self, problem: FisherProblem) -> FitStats:
-        """Progressive assimilation: continue the lambda optimisation on the masked model."""
+        """Progressive assimilation (``refit_mode="warm"``): continue the lambda optimisation on the masked
+        model. ``"restart"``: rebuild Q's start from the masked model's gradient moments (and gamma), as
+        oBERT re-estimates its Fisher at every step, then run the refit steps from there."""
         if not self.groups:
             return self.fit(problem)
         self._problem = problem
-        return self._optimise(problem, self.config.refit_steps, FitStats())
+        stats = self._build(problem) if self.config.refit_mode == "restart" else FitStats()
+        return self._optimise(problem, self.steps_for(problem)[1], stats)
 
     def dense_block(self, name: str) -> torch.Tensor:
         """Explicit Q_l as a matrix over the parameter's row-major flattening (tests; small layers only)."""

@@ -10,7 +10,10 @@ Removing a set P of weights at once, the OBS problem (Hassibi & Stork 1993) with
   Alistarh 2023, Alg. 1).
 * :func:`kron_row_exact_update` (reference): the same per-row problem solved exactly, one dense
   solve over the kept inputs per row, O(out in^3): every kept weight of the row may move, whereas the
-  sweep only moves the columns to the right of each removed one.
+  sweep only moves the columns to the right of each removed one. With the inner diagonal of the
+  EKFAC-style form the row blocks differ, H_r^{-1} = D_{A_r} L diag(C_r) L^T D_{A_r}, and are used
+  row by row; the sweep, which needs one factor shared by all rows, then uses the row mean of C
+  (recorded per layer).
 * :func:`block_exact_update` (block-diagonal Q): the exact group OBS inside every block, batched.
 """
 
@@ -21,9 +24,11 @@ import torch
 from ..pruning.sweep import inverse_hessian_cholesky, obs_sweep
 
 
-def kron_upper_factor(L: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """U upper with U^T U = L L^T (float64), and the jitter that was needed (0 normally)."""
+def kron_upper_factor(L: torch.Tensor, inner: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """U upper with U^T U = L diag(inner) L^T (``inner`` = 1 if None), float64, and the jitter that was needed."""
     L = L.detach().double()
+    if inner is not None:
+        return inverse_hessian_cholesky((L * inner.detach().double()) @ L.t())
     return inverse_hessian_cholesky(L @ L.t())
 
 
@@ -35,15 +40,23 @@ def kron_sweep_update(
     return res.weight, res.loss
 
 
-def kron_row_exact_update(theta: torch.Tensor, new: torch.Tensor, gone: torch.Tensor, L: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def kron_row_exact_update(
+    theta: torch.Tensor, new: torch.Tensor, gone: torch.Tensor, L: torch.Tensor, A: torch.Tensor, inner: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact per-row group OBS (matrix view): the change of theta, float64.
 
-    With H0 = (L L^T)^{-1} and D = diag(A_r): w_P = 0, w_K = theta_K + D_K (H0_KK)^{-1} H0_KP (theta_P / A_P).
+    With H0_r = (L diag(C_r) L^T)^{-1} (C = ``inner``, or 1) and D = diag(A_r):
+    w_P = 0, w_K = theta_K + D_K (H0_r,KK)^{-1} H0_r,KP (theta_P / A_P).
+    Without ``inner`` H0 is shared; with it, H0_r = W^T diag(1 / C_r) W with W = L^{-1}.
     """
     theta = theta.double()
     L = L.detach().double()
-    h0 = torch.linalg.inv(L @ L.t())
-    h0 = 0.5 * (h0 + h0.t())
+    if inner is None:
+        h0 = torch.linalg.inv(L @ L.t())
+        h0 = 0.5 * (h0 + h0.t())
+    else:
+        w_inv = torch.linalg.inv(L)
+        inv_c = 1.0 / inner.detach().double().clamp_min(1e-300)
     scale = A.detach().double()
     delta = torch.zeros_like(theta)
     for r in torch.nonzero(new.any(1)).flatten().tolist():
@@ -53,8 +66,15 @@ def kron_row_exact_update(theta: torch.Tensor, new: torch.Tensor, gone: torch.Te
         if not bool(kept.any()):
             continue
         x = theta[r, removed] / scale[r, removed]
-        rhs = h0[kept][:, removed] @ x
-        delta[r, kept] = scale[r, kept] * torch.linalg.solve(h0[kept][:, kept], rhs)
+        if inner is None:
+            h_kk, rhs = h0[kept][:, kept], h0[kept][:, removed] @ x
+        else:
+            wk = w_inv[:, kept]
+            zk = wk.t() * inv_c[r]  # W_K^T diag(1 / C_r)
+            h_kk = zk @ wk
+            h_kk = 0.5 * (h_kk + h_kk.t())
+            rhs = zk @ (w_inv[:, removed] @ x)
+        delta[r, kept] = scale[r, kept] * torch.linalg.solve(h_kk, rhs)
     return delta
 
 

@@ -95,3 +95,29 @@ def damped_inverse_factor(matrix: torch.Tensor, damping: float, lower: bool) -> 
     inv_sqrt = (evals.clamp_min(0.0) + damping).rsqrt()
     root = evecs * inv_sqrt  # root @ root.T = inverse
     return (root if lower else root.t()).to(matrix.dtype).contiguous()
+
+
+def factored_damped_inverse(left: torch.Tensor, right: torch.Tensor, sq_norm: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L) with R^T R = (G + pi sqrt(gamma) I)^{-1}, L L^T = (X + sqrt(gamma)/pi I)^{-1}, G = left/s,
+    X = right/s, s = sqrt(E||G||^2): K-FAC's factored Tikhonov damping, pi balancing the damping between
+    the factors (Martens & Grosse 2015, section 6.3)."""
+    scale = max(sq_norm, 1e-30) ** 0.5
+    a, b = left / scale, right / scale
+    pi = ((float(a.trace()) / a.shape[0]) / max(float(b.trace()) / b.shape[0], 1e-30)) ** 0.5
+    pi = pi if pi > 0 else 1.0
+    root = gamma**0.5
+    return damped_inverse_factor(a, pi * root, lower=False), damped_inverse_factor(b, root / pi, lower=True)
+
+
+def exact_damped_eigenbasis(
+    left: torch.Tensor, right: torch.Tensor, sq_norm: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R, L, B) with R^T (B * (R U L)) L^T = (G kron X + gamma I)^{-1} U exactly, G = left/s, X = right/s:
+    G = U_G diag(g) U_G^T, X = U_X diag(x) U_X^T give R = U_G^T, L = U_X, B = 1 / (g_i x_j + gamma)
+    (the eigenbasis of EKFAC, George et al. 2018, with K-FAC's eigenvalues)."""
+    scale = max(sq_norm, 1e-30) ** 0.5
+    g, u_g = torch.linalg.eigh(left.double() / scale)
+    x, u_x = torch.linalg.eigh(right.double() / scale)
+    inner = 1.0 / (g.clamp_min(0.0)[:, None] * x.clamp_min(0.0)[None, :] + gamma)
+    dtype = left.dtype
+    return u_g.t().to(dtype).contiguous(), u_x.to(dtype).contiguous(), inner.to(dtype)

@@ -8,8 +8,9 @@ G_n = sum_t x_nt g_nt^T, with a constant left operand W ([out, in]) G_n = sum_t 
 Multiplying the batch-mean NLL by B makes g_n the gradient of example n's own loss.
 
 Two checks guard against layouts the identity does not cover (a weight also used outside its layer,
-an in-place op on a layer output, a batch axis that is not the first one): the per-example gradients
-must add up to the batch gradient, and example 0's must equal its own backward pass. Weights that fail
+an in-place op on a layer output): the per-example gradients must add up to the batch gradient, and
+example 0's must equal its own backward pass. A layer whose input carries the batch on another axis
+(attention projections exported on (seq, batch, d) rows) is re-checked with that axis moved first. Weights that fail
 them, or whose layer has no rule (or merges the batch into other axes, e.g. attention projections on
 (seq * batch, d) rows), are returned to the caller, which computes them with one backward per example.
 """
@@ -148,8 +149,8 @@ def hooked_per_example_gradients(
     for n in sorted(set(problem.names) - {r[0] for r in records}):
         rest.setdefault(n, "not used by a hookable layer")
     for r in records:
-        if r[3].shape[0] != batch.size:
-            rest.setdefault(r[0], "its layer input does not carry the batch on its first axis")
+        if batch.size not in r[3].shape[: max(r[3].dim() - 1, 1)]:
+            rest.setdefault(r[0], "its layer input has no axis of the batch's size")
     keep = [r for r in records if r[0] not in rest]
     calls: dict[str, list[Record]] = {n: [] for n in problem.names if n not in rest}
     result = LazyGrads(problem, calls, batch.size)
@@ -165,15 +166,37 @@ def hooked_per_example_gradients(
     single = problem.likelihood.nll(problem.output(_first(batch)), target[:1])
     first = torch.autograd.grad(single, params, allow_unused=True)
     for n, p, g_sum, g_one in zip(names, params, grads[len(keep):], first):
-        total = sum(_layer_grad_total(k, m, x, g) for k, m, x, g in calls[n])
-        one = sum(_layer_grad(k, m, x[:1], g[:1])[0] for k, m, x, g in calls[n])
-        for ref, got, what in ((g_sum, total, "add up to the batch gradient"), (g_one, one, "match example 0's own gradient")):
-            ref = (torch.zeros_like(p) if ref is None else ref.detach()) * problem.masks[n]
-            if float(((got - ref) * problem.masks[n]).abs().max()) > rtol * (float(ref.abs().max()) + 1e-30):
-                rest[n] = f"hooked gradients do not {what}"
-                del calls[n]
+        refs = [(torch.zeros_like(p) if ref is None else ref.detach()) * problem.masks[n] for ref in (g_sum, g_one)]
+        leading = not calls[n] or calls[n][0][2].shape[0] == batch.size
+        failure = _check(calls[n], refs, problem.masks[n], rtol) if leading else "batch axis"
+        for axis in _other_batch_axes(calls[n], batch.size) if failure else ():
+            moved = [(k, m, x.movedim(axis, 0), g.movedim(axis, 0)) for k, m, x, g in calls[n]]
+            if _check(moved, refs, problem.masks[n], rtol) is None:
+                calls[n], failure = moved, None  # e.g. attention projections on (seq, batch, d) inputs
                 break
+        if failure:
+            rest[n] = f"hooked gradients do not {failure}" if failure != "batch axis" else "no batch axis of its layer input passes the checks"
+            del calls[n]
     return result, rest
+
+
+def _check(calls: list[Record], refs: list[torch.Tensor], mask: torch.Tensor, rtol: float) -> str | None:
+    """``None`` if the hooked gradients add up to the batch gradient and example 0's equals its own, else what failed."""
+    total = sum(_layer_grad_total(k, m, x, g) for k, m, x, g in calls)
+    one = sum(_layer_grad(k, m, x[:1], g[:1])[0] for k, m, x, g in calls)
+    for ref, got, what in zip(refs, (total, one), ("add up to the batch gradient", "match example 0's own gradient")):
+        if float(((got - ref) * mask).abs().max()) > rtol * (float(ref.abs().max()) + 1e-30):
+            return what
+    return None
+
+
+def _other_batch_axes(calls: list[Record], batch_size: int) -> list[int]:
+    """Leading axes other than 0 of the batch's size in every call's input (linear / right MatMul only,
+    where rows are independent positions, so moving the axis to the front keeps G_n = sum_t g_nt x_nt^T)."""
+    if any(k not in ("linear", "matmul_right") for k, *_ in calls):
+        return []
+    dims = min(x.dim() for _, _, x, _ in calls)
+    return [a for a in range(1, dims - 1) if all(x.shape[a] == batch_size and g.shape[a] == batch_size for _, _, x, g in calls)]
 
 
 def _first(batch: "Batch") -> "Batch":

@@ -12,6 +12,12 @@ autograd graph through Q.
   Q . U = A * (R^T R (A * U) L L^T) (Garcia et al. 2023, section 3.2). Optional leading "stack"
   dimension: layers with the same matrix shape share one module and every product is a batched
   matmul. diag(Q)[a, b] = A_ab^2 ||R_{:,a}||^2 ||L_{b,:}||^2.
+  With ``inner=True`` a learned inner diagonal B = B0 * b * b (>= 0, so Q stays PSD) sits between the
+  factors: Q . U = A * (R^T (B * (R (A * U) L)) L^T). With R, L orthogonal this is the eigenvalue-corrected
+  Kronecker form (EKFAC, George et al. 2018, "Fast Approximate Natural Gradient Descent in a Kronecker-factored
+  Eigenbasis"), which holds the *exact* damped inverse of a Kronecker product,
+  (G kron X + gamma I)^{-1} = (U_G kron U_X) diag(1 / (g_i x_j + gamma)) (U_G kron U_X)^T; FishLeg then
+  learns R, L, A and B from there. diag(Q) = A^2 * ((R*R)^T B (L*L)^T).
 * :class:`BlockQ`: a flat vector split into blocks of ``block_size`` (last one padded),
   Q = blockdiag(B_k B_k^T). Several layers are packed into one module (each layer padded to whole
   blocks, so no block straddles two layers) and every product is one ``bmm`` over all blocks.
@@ -37,14 +43,19 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class KroneckerQ(nn.Module):
     """Q = D_A (R^T R kron L L^T) D_A acting on (..., out, in) matrices; A = A0 * a with a learnable.
 
-    ``a0`` is (out, in) or (g, out, in) for a stack of g same-shaped layers.
+    ``a0`` is (out, in) or (g, out, in) for a stack of g same-shaped layers. ``inner=True`` adds the
+    inner diagonal B = B0 * b * b (``b0`` buffer, ``b`` learnable, both shaped like ``a0``).
     """
 
-    def __init__(self, a0: torch.Tensor):
+    def __init__(self, a0: torch.Tensor, inner: bool = False):
         super().__init__()
         *lead, out_f, in_f = a0.shape
         self.register_buffer("a0", a0.clone())
         self.a = nn.Parameter(torch.ones_like(a0))
+        self.inner = bool(inner)
+        if self.inner:
+            self.register_buffer("b0", torch.ones_like(a0))
+            self.b = nn.Parameter(torch.ones_like(a0))
         eye_o = torch.eye(out_f, dtype=a0.dtype, device=a0.device)
         eye_i = torch.eye(in_f, dtype=a0.dtype, device=a0.device)
         self.R = nn.Parameter(eye_o.expand(*lead, out_f, out_f).clone())
@@ -54,16 +65,25 @@ class KroneckerQ(nn.Module):
     def A(self) -> torch.Tensor:
         return self.a0 * self.a
 
+    @property
+    def B(self) -> torch.Tensor | None:
+        """The inner diagonal B0 * b^2 (``None`` without ``inner``)."""
+        return self.b0 * self.b * self.b if self.inner else None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.a, self.R, self.L] + ([self.b] if self.inner else [])
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.products(u)[0]
 
     def products(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """v = Q u and the intermediates (X L, R X L, R^T R X L, K(X)) that :meth:`surrogate_grads` reuses."""
-        A, R, L = self.A, self.R, self.L
+        """v = Q u and the intermediates (X L, R X L, R^T (B * R X L), K(X)) that :meth:`surrogate_grads` reuses."""
+        A, R, L, B = self.A, self.R, self.L, self.B
         x = A * u
         xl = x @ L
         p = R @ xl
-        nxl = R.transpose(-1, -2) @ p
+        nxl = R.transpose(-1, -2) @ (p if B is None else B * p)
         kx = nxl @ L.transpose(-1, -2)
         return A * kx, (xl, p, nxl, kx)
 
@@ -71,15 +91,16 @@ class KroneckerQ(nn.Module):
     def surrogate_grads(
         self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
         scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L), summed over leading probe dimensions.
+    ) -> tuple[torch.Tensor, ...]:
+        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L[, b]), summed over leading probe dimensions.
         (``out`` is accepted for interface symmetry with :class:`BlockQ`; these gradients are small.)
 
-        With X = A * u, Y = A * c, s = <R Y L, R X L>, so
-        ds/dR = (R Y L)(X L)^T + (R X L)(Y L)^T, ds/dL = Y^T (R^T R X L) + X^T (R^T R Y L),
-        ds/dA = c * K(X) + u * K(Y) with K(Z) = R^T R Z L L^T, and ds/da = A0 * ds/dA.
+        With X = A * u, Y = A * c, P_X = R X L, P_Y = R Y L (B = 1 without ``inner``), s = <P_Y, B * P_X>, so
+        ds/dR = (B * P_Y)(X L)^T + (B * P_X)(Y L)^T, ds/dL = Y^T R^T (B * P_X) + X^T R^T (B * P_Y),
+        ds/dA = c * K(X) + u * K(Y) with K(Z) = R^T (B * R Z L) L^T, ds/da = A0 * ds/dA and
+        ds/db = 2 b B0 * P_X * P_Y.
         """
-        A, R, L = self.A, self.R, self.L
+        A, R, L, B = self.A, self.R, self.L, self.B
         if cache is None:
             cache = self.products(u)[1]
         xl, p, nxl, kx = cache
@@ -88,20 +109,32 @@ class KroneckerQ(nn.Module):
         y = A * c
         yl = y @ L
         s = R @ yl
-        nyl = R.transpose(-1, -2) @ s
+        bs, bp = (s, p) if B is None else (B * s, B * p)
+        nyl = R.transpose(-1, -2) @ bs
         ky = nyl @ L.transpose(-1, -2)
-        g_r = s @ xl.transpose(-1, -2) + p @ yl.transpose(-1, -2)
+        g_r = bs @ xl.transpose(-1, -2) + bp @ yl.transpose(-1, -2)
         g_l = y.transpose(-1, -2) @ nxl + x.transpose(-1, -2) @ nyl
         g_a = (c * kx + u * ky) * self.a0
-        return _sum_to(g_a, self.a.shape), _sum_to(g_r, self.R.shape), _sum_to(g_l, self.L.shape)
+        grads = [_sum_to(g_a, self.a.shape), _sum_to(g_r, self.R.shape), _sum_to(g_l, self.L.shape)]
+        if self.inner:
+            grads.append(_sum_to(p * s, self.b.shape) * (2.0 * self.b * self.b0))
+        return tuple(grads)
 
     def diag(self) -> torch.Tensor:
+        if self.inner:
+            return self.A**2 * ((self.R**2).transpose(-1, -2) @ self.B @ (self.L**2).transpose(-1, -2))
         col_r = (self.R**2).sum(-2)  # ||R_{:,a}||^2
         row_l = (self.L**2).sum(-1)  # ||L_{b,:}||^2
         return self.A**2 * col_r[..., :, None] * row_l[..., None, :]
 
+    def row_inner(self) -> torch.Tensor | None:
+        """C = (R * R)^T B: Q's (row r, row r) block is D_{A_r} L diag(C_r) L^T D_{A_r}; ``None`` without ``inner``
+        (then C_r = (R^T R)_rr, a scalar per row that cancels in the per-row OBS problem)."""
+        return (self.R**2).transpose(-1, -2) @ self.B if self.inner else None
+
     def num_floats(self) -> int:
-        return sum(t.numel() for t in (self.a0, self.a, self.R, self.L))
+        extra = (self.b0, self.b) if self.inner else ()
+        return sum(t.numel() for t in (self.a0, self.a, self.R, self.L, *extra))
 
 
 class BlockQ(nn.Module):

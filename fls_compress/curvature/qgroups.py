@@ -1,7 +1,8 @@
 """Layers packed into shared Q modules so that one FishLeg step runs batched products.
 
 * :class:`KronGroup`: all layers with the same (out, in) matrix shape share one stacked
-  :class:`~.qforms.KroneckerQ` (leading dimension g), so each product is one batched matmul.
+  :class:`~.qforms.KroneckerQ` (leading dimension g; with or without the inner diagonal), so each
+  product is one batched matmul.
 * :class:`BlockGroup`: all layers share one :class:`~.qforms.BlockQ`; each layer's row-major matrix view
   is padded to whole blocks, so blocks never straddle layers and every product is one ``bmm``.
 
@@ -23,18 +24,19 @@ class KronGroup:
 
     kind = "kron"
 
-    def __init__(self, names: list[str], a0: dict[str, torch.Tensor]):
+    def __init__(self, names: list[str], a0: dict[str, torch.Tensor], inner: bool = False):
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.q = KroneckerQ(torch.stack([a0[n] for n in self.names]))
+        self.q = KroneckerQ(torch.stack([a0[n] for n in self.names]), inner=inner)
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [self.q.a, self.q.R, self.q.L]
+        return self.q.params
 
     def lr_dims(self) -> list[int]:
-        """The dimension that scales each parameter's learning rate (1/sqrt(dim)): a (out x in) uses in."""
-        return [self.q.a.shape[-1], self.q.R.shape[-1], self.q.L.shape[-1]]
+        """The dimension that scales each parameter's learning rate (1/sqrt(dim)): a and b (out x in) use in."""
+        dims = [self.q.a.shape[-1], self.q.R.shape[-1], self.q.L.shape[-1]]
+        return dims + ([self.q.b.shape[-1]] if self.q.inner else [])
 
     def pack(self, mats: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([mats[n] for n in self.names], -3)
@@ -47,20 +49,39 @@ class KronGroup:
         i = self.index[name]
         return self.q.R[i].detach(), self.q.L[i].detach(), self.q.A[i].detach()
 
+    def inner_one(self, name: str) -> torch.Tensor | None:
+        """The inner diagonal B of one layer, detached (``None`` without it)."""
+        return self.q.B[self.index[name]].detach() if self.q.inner else None
+
+    def row_inner(self, name: str) -> torch.Tensor | None:
+        """C = (R * R)^T B of one layer (see :meth:`KroneckerQ.row_inner`), detached; ``None`` without B."""
+        if not self.q.inner:
+            return None
+        R, _, _ = self.member(name)
+        return (R**2).t() @ self.inner_one(name)
+
     def apply_one(self, name: str, m: torch.Tensor) -> torch.Tensor:
         R, L, A = self.member(name)
-        x = A * m
-        return A * (R.t() @ (R @ x) @ L @ L.t())
+        B = self.inner_one(name)
+        p = R @ (A * m) @ L
+        return A * (R.t() @ (p if B is None else B * p) @ L.t())
 
     def diag_one(self, name: str) -> torch.Tensor:
         R, L, A = self.member(name)
+        B = self.inner_one(name)
+        if B is not None:
+            return A**2 * ((R**2).t() @ B @ (L**2).t())
         return A**2 * (R**2).sum(0)[:, None] * (L**2).sum(1)[None, :]
 
-    def set_factors(self, name: str, R: torch.Tensor, L: torch.Tensor) -> None:
+    def set_factors(self, name: str, R: torch.Tensor, L: torch.Tensor, inner: torch.Tensor | None = None) -> None:
+        """Set R, L (and the inner diagonal's fixed part B0, with b = 1) of one layer."""
         i = self.index[name]
         with torch.no_grad():
             self.q.R[i].copy_(R)
             self.q.L[i].copy_(L)
+            if inner is not None:
+                self.q.b0[i].copy_(inner)
+                self.q.b[i].fill_(1.0)
 
 
 class BlockGroup:

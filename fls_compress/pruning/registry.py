@@ -69,6 +69,7 @@ def fishleg_config(config: FLSConfig) -> FishLegConfig:
         init=config.resolved_init,
         fit_steps=config.fit_steps,
         refit_steps=config.refit_steps,
+        refit_mode=config.refit,
         aux_batch=config.batch_size,
         lr=config.aux_lr,
         precondition=config.precondition,
