@@ -39,7 +39,12 @@ from fls_compress.curvature.problem import problem_from_module  # noqa: E402
 SIZES = (12, 10, 6)
 VALIDATION_SEEDS = (0, 1)
 TEST_SEEDS = (2, 3)
-FORMS = {"kron (kfac init)": {"form": "kron", "init": "kfac"}, "block-50 (diag init)": {"form": "block", "init": "diag", "block_size": 50}}
+FORMS = {
+    "kron (kfac init)": {"form": "kron", "init": "kfac"},
+    "block-50 (diag init)": {"form": "block", "init": "diag", "block_size": 50},
+    # Kronecker factors + learned inner diagonal, started at the exact damped inverse of the K-FAC product
+    "ekfac (exact K-FAC init)": {"form": "ekfac", "init": "kfac"},
+}
 LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 STEPS = (0, 25, 50, 100, 200, 400, 800, 1600)
 OLD_DEFAULT = (3e-3, 50)
@@ -94,12 +99,13 @@ def mnist_transfer(form: dict, lr: float, steps: int) -> dict:
             "reverted": bool(stats.extra.get("reverted", 0.0)), "aux_steps_per_s": stats.extra["aux_steps_per_s"]}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, forms: list[str] | None = None) -> dict:
     lrs = (3e-3, 3e-2) if quick else LRS
     steps_grid = (0, 50, 200) if quick else STEPS
     seeds = {s: exact_targets(s) for s in VALIDATION_SEEDS + TEST_SEEDS}
+    selected = {k: v for k, v in FORMS.items() if forms is None or k in forms}
     rows = []
-    for label, form in FORMS.items():
+    for label, form in selected.items():
         for lr in lrs:
             for steps in steps_grid:
                 for seed in VALIDATION_SEEDS:
@@ -108,13 +114,13 @@ def run(quick: bool) -> dict:
                     rows.append({"form": label, "lr": lr, "steps": steps, "seed": seed, "split": "validation", **r})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     transfer = []
-    for label, form in FORMS.items():
+    for label, form in selected.items():
         for lr in lrs:
             for steps in ((50,) if quick else (50, 200)):
                 transfer.append({"form": label, "lr": lr, "steps": steps, **mnist_transfer(form, lr, steps)})
                 print(json.dumps(transfer[-1]), file=sys.stderr, flush=True)
-    chosen = {label: choose(rows, transfer, label) for label in FORMS}
-    for label, form in FORMS.items():
+    chosen = {label: choose(rows, transfer, label) for label in selected}
+    for label, form in selected.items():
         lr, steps = chosen[label]
         for tag, (l, s, probes) in {"chosen": (lr, steps, 1), "chosen, 4 probes": (lr, steps, 4), "previous default": (*OLD_DEFAULT, 1)}.items():
             for seed in TEST_SEEDS:
@@ -146,7 +152,7 @@ def render(result: dict) -> str:
     rows = result["rows"]
     lines = [f"FishLeg Q vs the exact damped inverse Fisher, MLP {'-'.join(map(str, result['sizes']))} (tanh, categorical),",
              "relative Frobenius error averaged over layers; fresh fit per cell; 1 thread.", ""]
-    for form in FORMS:
+    for form in (f for f in FORMS if f in result["chosen"]):
         val = [r for r in rows if r["form"] == form and r["split"] == "validation"]
         steps_grid = sorted({r["steps"] for r in val})
         lrs = sorted({r["lr"] for r in val})
@@ -179,8 +185,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(FORMS), figsize=(11, 7.5))
-    for col, form in enumerate(FORMS):
+    forms = [f for f in FORMS if f in result["chosen"]]
+    fig, axes = plt.subplots(2, len(forms), figsize=(5.5 * len(forms), 7.5), squeeze=False)
+    for col, form in enumerate(forms):
         val = [r for r in result["rows"] if r["form"] == form and r["split"] == "validation"]
         for lr in sorted({r["lr"] for r in val}):
             steps = sorted({r["steps"] for r in val if r["lr"] == lr})
@@ -205,9 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--quick", action="store_true", help="a smoke run on a small grid (not for the committed results)")
     ap.add_argument("--from-json", type=Path, help="re-render the markdown and plot from an earlier JSON result")
+    ap.add_argument("--forms", help="comma-separated 0-based indices into FORMS (others' committed rows are kept)")
     args = ap.parse_args(argv)
-    result = json.loads(args.from_json.read_text()) if args.from_json else run(args.quick)
+    forms = None if args.forms is None else [list(FORMS)[int(i)] for i in args.forms.split(",")]
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args.quick, forms)
     args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "fishleg_convergence.json"
+    if forms is not None and path.exists():  # keep the other forms' rows of the committed result
+        old = json.loads(path.read_text())
+        result["rows"] = [r for r in old["rows"] if r["form"] not in forms] + result["rows"]
+        result["transfer"] = [r for r in old["transfer"] if r["form"] not in forms] + result["transfer"]
+        result["chosen"] = {**{k: v for k, v in old["chosen"].items() if k not in forms}, **result["chosen"]}
     (args.out / "fishleg_convergence.json").write_text(json.dumps(result, indent=2) + "\n")
     md = render(result)
     (args.out / "fishleg_convergence.md").write_text(md)
