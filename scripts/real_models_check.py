@@ -25,9 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fls_compress.curvature.fishleg import FishLegConfig  # noqa: E402
+from fls_compress import RunOptions, compress, config_from_dict  # noqa: E402
 from fls_compress.errors import FlsError  # noqa: E402
-from fls_compress.pipeline import PruneOptions, prune_model  # noqa: E402
+
+#: small settings per method, so every model is a smoke test of the whole path in seconds
+FAST = {
+    "fls": {"fit_steps": 2, "refit_steps": 1, "batch_size": 2, "moment_samples": 4, "steps": 1},
+    "obert": {"num_grads": 4, "steps": 1}, "ief": {"num_grads": 4, "steps": 1}, "mfac": {"num_grads": 4, "steps": 1},
+}
 
 #: name -> (path under --root, shapes, consts)
 CASES: dict[str, tuple[str, dict[str, tuple[int, ...]], dict[str, float]]] = {
@@ -52,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     rows = ["| model | method | status | sparsity | outputs: cosine (box agreement) | conversion notes |", "|---|---|---|---|---|---|"]
-    fishleg = FishLegConfig(fit_steps=2, refit_steps=1, aux_batch=2, diag_samples=4)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (rel, shapes, consts) in CASES.items():
             if args.only and not any(key.lower() in name.lower() for key in args.only):
@@ -62,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(f"| {name} | {args.method} | not found ({rel}) | | | |")
                 continue
             start = time.perf_counter()
-            options = PruneOptions(sparsity=0.5, method=args.method, num_calibration=4, batch_size=2, steps=1, num_grads=4,
-                                   progress=False, fishleg=fishleg, shapes=shapes, consts=consts)
+            config = config_from_dict({"method": args.method, "sparsity": 0.5, **FAST.get(args.method, {})})
+            options = RunOptions(num_calibration=4, progress=False,
+                                 shape=tuple(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()),
+                                 const=tuple(f"{k}={v}" for k, v in consts.items()))
             try:
-                report = prune_model(str(path), str(Path(tmp) / "out.onnx"), options=options)
+                report = compress(path, config, output=Path(tmp) / "out.onnx", options=options)
             except FlsError as exc:
                 rows.append(f"| {name} | {args.method} | fails: {type(exc).__name__}: {exc} | | | |")
                 print(rows[-1], flush=True)

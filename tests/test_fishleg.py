@@ -734,3 +734,39 @@ def test_restart_refit_rebuilds_the_start_from_the_pruned_model():
     before = warm.dense_block(problem.names[1]).clone()
     warm.refit(problem)  # warm, zero steps: lambda is kept
     assert torch.equal(warm.dense_block(problem.names[1]), before)
+
+
+def test_models_that_take_one_sample_per_call_get_exact_fisher_products_from_chunks():
+    """max_batch=1 (batch-1 state inputs): forwards run per sample and concatenate; F v equals the mean of the
+    single-sample products, and per-example gradients come from the loop."""
+    import numpy as np
+    from torch import nn
+
+    from fls_compress.curvature.problem import problem_from_module
+
+    class OneAtATime(nn.Module):  # like a recurrent cell whose state input is [1, 1, H]
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.register_buffer("state", torch.randn(1, 5))
+
+        def forward(self, x):
+            assert x.shape[0] == 1, "one sample per call"
+            return self.last(torch.tanh(self.first(x) + self.state))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    problem = problem_from_module(OneAtATime(), x, make_likelihood("categorical"), batch_size=5, max_batch=1)
+    batch = problem.next_batch(5)
+    vec = {n: torch.randn_like(w.parameter) for n, w in problem.weights.items()}
+    whole = problem.fisher_vp(batch, vec)
+    singles = [problem.fisher_vp(b, vec) for b in batch.examples()]
+    for n in problem.names:
+        assert torch.allclose(whole[n], sum(s[n] for s in singles) / 5, atol=1e-6), n
+    grads = problem.per_example_gradient_batch(batch)
+    assert problem.per_example_info["per_example"] == "loop"
+    assert "at most 1 sample" in problem.per_example_info["per_example_reason"]
+    assert grads[problem.names[0]].shape == (5, 5, 4)
+    est = FishLegEstimator(FishLegConfig(fit_steps=3, refit_steps=0, damping=0.05, diag_samples=5, aux_batch=5))
+    est.fit(problem)  # the whole fit runs on a batch-1 model
+    assert est.dense_block(problem.names[0]).shape == (20, 20)

@@ -78,6 +78,10 @@ class FisherProblem:
     module:
         The torch module that ``forward`` runs, if any. With it, per-example gradients of weights held by
         ``nn.Linear``/``nn.Conv2d`` submodules come from layer hooks in one backward per batch.
+    max_batch:
+        Most samples the model takes per call (1 for graphs with batch-1 state inputs, e.g. recurrent
+        ``h``/``c`` of shape [1, 1, H]); larger batches are run as chunks and their outputs concatenated
+        (the autograd graph spans the chunks, so every Fisher product stays exact).
     """
 
     forward: Forward
@@ -91,6 +95,7 @@ class FisherProblem:
     targets_from_input: str | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     module: torch.nn.Module | None = None
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -144,7 +149,12 @@ class FisherProblem:
         return [w.parameter for w in self.weights.values()]
 
     def output(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch.inputs)[self.output_index]
+        step = self.max_batch
+        if step is None or batch.size <= step:
+            return self.forward(batch.inputs)[self.output_index]
+        parts = [self.forward({k: v[i : i + step] for k, v in batch.inputs.items()})[self.output_index]
+                 for i in range(0, batch.size, step)]
+        return torch.cat(parts, 0)
 
     def target(self, out: torch.Tensor, batch: Batch, labels: str = "sampled") -> torch.Tensor:
         """Labels ``"sampled"`` from the model's predictive distribution, or the ``"true"`` ones."""
@@ -181,8 +191,10 @@ class FisherProblem:
         with torch.no_grad():
             out = self.output(batch)
         target = self.target(out, batch, labels)
-        if self.module is not None:
+        if self.module is not None and (self.max_batch is None or batch.size <= self.max_batch):
             grads, rest = hooked_per_example_gradients(self, batch, target)
+        elif self.module is not None:
+            grads, rest = None, {n: f"the model takes at most {self.max_batch} sample(s) per call" for n in self.names}
         else:
             grads, rest = None, {n: "no torch module given to the FisherProblem" for n in self.names}
         mode = "hooks" if not rest else ("loop" if len(rest) == len(self.names) else "hooks+loop")
@@ -301,6 +313,7 @@ def problem_from_module(
     labels: np.ndarray | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    max_batch: int | None = None,
 ) -> FisherProblem:
     """A FisherProblem over every ``nn.Linear``/``nn.Conv2d`` weight of a plain torch module.
 
@@ -326,4 +339,5 @@ def problem_from_module(
         batch_size=batch_size,
         seed=seed,
         module=module,
+        max_batch=max_batch,
     )

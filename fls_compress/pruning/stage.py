@@ -130,7 +130,7 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
     problem = FisherProblem(
         forward=bridge.forward, weights=weights, inputs=calib.inputs, likelihood=make_likelihood(guess.likelihood),
         labels=labels, output_index=output_index, batch_size=getattr(config, "batch_size", 64), seed=opts.seed,
-        targets_from_input=guess.target_input, module=bridge.module,
+        targets_from_input=guess.target_input, module=bridge.module, max_batch=calib.max_batch,
     )
     problem.conversion = bridge.info  # type: ignore[attr-defined]
     return problem, guess, excluded, convert_s
