@@ -117,18 +117,25 @@ def test_fishleg_kfac_initialisation_is_close_before_any_fit():
         assert errors[name] < ident[name]
 
 
-def test_row_exact_obs_update_matches_the_constrained_quadratic_minimiser():
-    """w* = argmin (w - theta)^T Q_r^{-1} (w - theta) s.t. w_P = 0, row by row, with Q_r = D_A L L^T D_A."""
+def _row_exact_estimator(form: str):
+    """A row-exact FishLeg estimator on an 8-6-4 MLP, with its first layer's diagonals perturbed (non-trivial A, B)."""
     problem, _ = tiny_mlp_problem("categorical", sizes=(8, 6, 4))
-    est = FishLegEstimator(FishLegConfig(init="kfac", fit_steps=0, damping=0.05, diag_samples=64, update="row-exact"))
+    est = FishLegEstimator(FishLegConfig(form=form, init="kfac", fit_steps=0, damping=0.05, diag_samples=64, update="row-exact"))
     est.fit(problem)
     name = problem.names[0]
-    w = problem.weights[name]
     group = est.group_of[name]
     i = group.index[name]
     with torch.no_grad():
-        group.q.a[i].mul_(torch.rand_like(group.q.a[i]) + 0.5)  # a non-trivial diagonal rescaling
-    _, L, A = group.member(name)
+        group.q.a[i].mul_(torch.rand_like(group.q.a[i]) + 0.5)
+        if group.q.inner:
+            group.q.b[i].mul_(torch.rand_like(group.q.b[i]) + 0.5)
+    return problem, est, name, problem.weights[name]
+
+
+def test_row_exact_obs_update_matches_the_constrained_quadratic_minimiser():
+    """w* = argmin (w - theta)^T Q_r^{-1} (w - theta) s.t. w_P = 0, row by row, with Q_r = D_A L L^T D_A."""
+    problem, est, name, w = _row_exact_estimator("kron")
+    _, L, A = est.group_of[name].member(name)
     theta = w.parameter.detach().clone()
     problem.masks[name][0, 1] = False  # already pruned earlier: must stay at zero
     theta[0, 1] = 0.0
@@ -653,16 +660,7 @@ def test_ekfac_start_is_the_exact_damped_inverse_of_the_kronecker_factors():
 
 
 def test_ekfac_row_exact_update_matches_the_constrained_minimiser_of_q_row_blocks():
-    problem, _ = tiny_mlp_problem("categorical", sizes=(8, 6, 4))
-    est = FishLegEstimator(FishLegConfig(form="ekfac", init="kfac", fit_steps=0, damping=0.05, diag_samples=64, update="row-exact"))
-    est.fit(problem)
-    name = problem.names[0]
-    w = problem.weights[name]
-    group = est.group_of[name]
-    i = group.index[name]
-    with torch.no_grad():
-        group.q.a[i].mul_(torch.rand_like(group.q.a[i]) + 0.5)
-        group.q.b[i].mul_(torch.rand_like(group.q.b[i]) + 0.5)
+    problem, est, name, w = _row_exact_estimator("ekfac")
     Q = est.dense_block(name).double()
     out_f, in_f = w.matrix_shape
     theta = w.parameter.detach().clone()
