@@ -376,7 +376,7 @@ class FishLegEstimator(InverseFisherEstimator):
 
     def steps_for(self, problem: FisherProblem) -> tuple[int, int]:
         """(fit, refit) steps: the configured ones, or the defaults scaled by :func:`auto_steps`."""
-        weights = sum(w.numel for w in problem.weights.values())
+        weights = problem.num_weights
         fit = self.config.fit_steps if self.config.fit_steps is not None else auto_steps(DEFAULT_FIT_STEPS, weights, DEFAULT_FIT_STEPS // 2)
         refit = (self.config.refit_steps if self.config.refit_steps is not None
                  else auto_steps(DEFAULT_REFIT_STEPS, weights, DEFAULT_REFIT_STEPS // 2))
@@ -389,7 +389,7 @@ class FishLegEstimator(InverseFisherEstimator):
         stats.extra["planned_fit_steps"], stats.extra["planned_refit_steps"] = float(fit), float(refit)
         if self.config.fit_steps is None or self.config.refit_steps is None:
             default = (DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS)
-            weights = sum(w.numel for w in problem.weights.values())
+            weights = problem.num_weights
             if (self.config.fit_steps is None and fit == 0) or (self.config.refit_steps is None and refit == 0):
                 log.warning("FishLeg fit skipped by the default budget (%d / %d steps for %d prunable weights: a budget under "
                             "half the converged one does not pay); Q stays at its start. --fit-steps / --refit-steps force a "

@@ -145,6 +145,11 @@ class FisherProblem:
         return list(self.weights)
 
     @property
+    def num_weights(self) -> int:
+        """Prunable weights in total (masked ones included)."""
+        return sum(w.numel for w in self.weights.values())
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         return [w.parameter for w in self.weights.values()]
 
@@ -191,12 +196,12 @@ class FisherProblem:
         with torch.no_grad():
             out = self.output(batch)
         target = self.target(out, batch, labels)
-        if self.module is not None and (self.max_batch is None or batch.size <= self.max_batch):
-            grads, rest = hooked_per_example_gradients(self, batch, target)
-        elif self.module is not None:
+        if self.module is None:
+            grads, rest = None, {n: "no torch module given to the FisherProblem" for n in self.names}
+        elif self.max_batch is not None and batch.size > self.max_batch:  # hooks need one forward for the batch
             grads, rest = None, {n: f"the model takes at most {self.max_batch} sample(s) per call" for n in self.names}
         else:
-            grads, rest = None, {n: "no torch module given to the FisherProblem" for n in self.names}
+            grads, rest = hooked_per_example_gradients(self, batch, target)
         mode = "hooks" if not rest else ("loop" if len(rest) == len(self.names) else "hooks+loop")
         info = {"per_example": mode}
         if rest:
@@ -228,7 +233,7 @@ class FisherProblem:
 
         The batch is processed in chunks so that at most ~``PER_EXAMPLE_BUDGET`` floats are alive.
         """
-        total = sum(w.numel for w in self.weights.values())
+        total = self.num_weights
         chunk = max(1, min(batch.size, PER_EXAMPLE_BUDGET // max(total, 1)))
         for start in range(0, batch.size, chunk):
             stop = min(start + chunk, batch.size)

@@ -40,6 +40,33 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=tuple(range(extra))) if extra > 0 else t
 
 
+def kron_products(
+    u: torch.Tensor, A: torch.Tensor, R: torch.Tensor, L: torch.Tensor, B: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """v = A * (R^T (B * (R (A * u) L)) L^T) (B = 1 if ``None``) and the intermediates
+    (X L, R X L, R^T (B * R X L), K(X)) that :meth:`KroneckerQ.surrogate_grads` reuses; any leading dims."""
+    x = A * u
+    xl = x @ L
+    p = R @ xl
+    nxl = R.transpose(-1, -2) @ (p if B is None else B * p)
+    kx = nxl @ L.transpose(-1, -2)
+    return A * kx, (xl, p, nxl, kx)
+
+
+def kron_diag(A: torch.Tensor, R: torch.Tensor, L: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    """diag(Q) in the (out, in) view: A^2 * ((R*R)^T B (L*L)^T), or A_ab^2 ||R_{:,a}||^2 ||L_{b,:}||^2 without B."""
+    if B is not None:
+        return A**2 * ((R**2).transpose(-1, -2) @ B @ (L**2).transpose(-1, -2))
+    col_r = (R**2).sum(-2)  # ||R_{:,a}||^2
+    row_l = (L**2).sum(-1)  # ||L_{b,:}||^2
+    return A**2 * col_r[..., :, None] * row_l[..., None, :]
+
+
+def kron_row_inner(R: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """C = (R * R)^T B: Q's (row r, row r) block is D_{A_r} L diag(C_r) L^T D_{A_r}."""
+    return (R**2).transpose(-1, -2) @ B
+
+
 class KroneckerQ(nn.Module):
     """Q = D_A (R^T R kron L L^T) D_A acting on (..., out, in) matrices; A = A0 * a with a learnable.
 
@@ -78,14 +105,8 @@ class KroneckerQ(nn.Module):
         return self.products(u)[0]
 
     def products(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """v = Q u and the intermediates (X L, R X L, R^T (B * R X L), K(X)) that :meth:`surrogate_grads` reuses."""
-        A, R, L, B = self.A, self.R, self.L, self.B
-        x = A * u
-        xl = x @ L
-        p = R @ xl
-        nxl = R.transpose(-1, -2) @ (p if B is None else B * p)
-        kx = nxl @ L.transpose(-1, -2)
-        return A * kx, (xl, p, nxl, kx)
+        """v = Q u and the intermediates that :meth:`surrogate_grads` reuses (see :func:`kron_products`)."""
+        return kron_products(u, self.A, self.R, self.L, self.B)
 
     @torch.no_grad()
     def surrogate_grads(
@@ -121,16 +142,12 @@ class KroneckerQ(nn.Module):
         return tuple(grads)
 
     def diag(self) -> torch.Tensor:
-        if self.inner:
-            return self.A**2 * ((self.R**2).transpose(-1, -2) @ self.B @ (self.L**2).transpose(-1, -2))
-        col_r = (self.R**2).sum(-2)  # ||R_{:,a}||^2
-        row_l = (self.L**2).sum(-1)  # ||L_{b,:}||^2
-        return self.A**2 * col_r[..., :, None] * row_l[..., None, :]
+        return kron_diag(self.A, self.R, self.L, self.B)
 
     def row_inner(self) -> torch.Tensor | None:
-        """C = (R * R)^T B: Q's (row r, row r) block is D_{A_r} L diag(C_r) L^T D_{A_r}; ``None`` without ``inner``
-        (then C_r = (R^T R)_rr, a scalar per row that cancels in the per-row OBS problem)."""
-        return (self.R**2).transpose(-1, -2) @ self.B if self.inner else None
+        """:func:`kron_row_inner`; ``None`` without ``inner`` (then C_r = (R^T R)_rr, a scalar per row that
+        cancels in the per-row OBS problem)."""
+        return kron_row_inner(self.R, self.B) if self.inner else None
 
     def num_floats(self) -> int:
         extra = (self.b0, self.b) if self.inner else ()

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .qforms import BlockQ, KroneckerQ
+from .qforms import BlockQ, KroneckerQ, kron_diag, kron_products, kron_row_inner
 
 
 class KronGroup:
@@ -50,28 +50,24 @@ class KronGroup:
         return self.q.R[i].detach(), self.q.L[i].detach(), self.q.A[i].detach()
 
     def inner_one(self, name: str) -> torch.Tensor | None:
-        """The inner diagonal B of one layer, detached (``None`` without it)."""
-        return self.q.B[self.index[name]].detach() if self.q.inner else None
-
-    def row_inner(self, name: str) -> torch.Tensor | None:
-        """C = (R * R)^T B of one layer (see :meth:`KroneckerQ.row_inner`), detached; ``None`` without B."""
+        """The inner diagonal B = B0 b^2 of one layer, detached (``None`` without it)."""
         if not self.q.inner:
             return None
-        R, _, _ = self.member(name)
-        return (R**2).t() @ self.inner_one(name)
+        i = self.index[name]
+        return (self.q.b0[i] * self.q.b[i] * self.q.b[i]).detach()
+
+    def row_inner(self, name: str) -> torch.Tensor | None:
+        """C = (R * R)^T B of one layer (:func:`~.qforms.kron_row_inner`), detached; ``None`` without B."""
+        B = self.inner_one(name)
+        return None if B is None else kron_row_inner(self.member(name)[0], B)
 
     def apply_one(self, name: str, m: torch.Tensor) -> torch.Tensor:
         R, L, A = self.member(name)
-        B = self.inner_one(name)
-        p = R @ (A * m) @ L
-        return A * (R.t() @ (p if B is None else B * p) @ L.t())
+        return kron_products(m, A, R, L, self.inner_one(name))[0]
 
     def diag_one(self, name: str) -> torch.Tensor:
         R, L, A = self.member(name)
-        B = self.inner_one(name)
-        if B is not None:
-            return A**2 * ((R**2).t() @ B @ (L**2).t())
-        return A**2 * (R**2).sum(0)[:, None] * (L**2).sum(1)[None, :]
+        return kron_diag(A, R, L, self.inner_one(name))
 
     def set_factors(self, name: str, R: torch.Tensor, L: torch.Tensor, inner: torch.Tensor | None = None) -> None:
         """Set R, L (and the inner diagonal's fixed part B0, with b = 1) of one layer."""
