@@ -21,6 +21,7 @@ BENCHMARKS = [
     "sparsity_sweep",       # test loss vs sparsity, every pruning method, MNIST autoencoder
     "fls_ablation",         # what FishLeg's learned Q adds: start x fit x OBS update
     "fishleg_convergence",  # Q's error vs the exact damped inverse Fisher, vs steps and lr
+    "fls_prune_time",       # total FLS prune time at 90% on the autoencoder by fit budget and seed
     "curvature_cost",       # inverse-Fisher cost: FLS vs oBERT vs M-FAC (time, memory)
     "transformer_encoder",  # 22M-parameter BERT-style encoder: every method at 50/70%, time, peak RSS, output agreement
     "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps

@@ -80,3 +80,41 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def fast_matmul_backend(device: str | torch.device) -> str | None:
+    """What :func:`fast_matmul` enables on ``device``: ``"bf16"`` (oneDNN, CPUs with AVX512-BF16 or AMX),
+    ``"tf32"`` (CUDA) or ``None`` (no faster float32 path; the block then runs in full float32)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "tf32"
+    if kind == "cpu" and torch.backends.mkldnn.is_available() and _native_bf16():
+        return "bf16"
+    return None
+
+
+def _native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); without them oneDNN's bf16
+    path would be emulated and no faster."""
+    cpu = torch.cpu
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(f()) for f in checks if f is not None)
+
+
+@contextmanager
+def fast_matmul(device: str | torch.device, enabled: bool = True) -> Iterator[str | None]:
+    """Let float32 matmuls in the block use the backend's reduced-precision internal arithmetic
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` on CPU, ``torch.backends.cuda.matmul.fp32_precision
+    = "tf32"`` on CUDA); inputs and outputs stay float32. Yields the backend used (``None``: unchanged), and
+    restores the previous settings."""
+    backend = fast_matmul_backend(device) if enabled else None
+    if backend is None:
+        yield None
+        return
+    knob = torch.backends.cuda.matmul if backend == "tf32" else torch.backends.mkldnn.matmul
+    previous = knob.fp32_precision
+    knob.fp32_precision = backend
+    try:
+        yield backend
+    finally:
+        knob.fp32_precision = previous

@@ -20,6 +20,7 @@ from fls_compress import (
 )
 from fls_compress.configs import AutoConfig, FLSQuantConfig, GPTQConfig, RTNConfig
 from fls_compress.errors import InvalidOptionError, VerificationError
+from fls_compress.runtime import fast_matmul_backend
 
 RUN = RunOptions(progress=False, num_calibration=192)
 
@@ -59,6 +60,8 @@ def pruned(mlp, config, opts=RUN) -> dict[str, np.ndarray]:
     # unchanged but is a different fit (its validation loss is reported)
     if "validation_aux_loss_after" in rep["method_info"]:
         arrays["validation_aux_loss_after"] = np.asarray(rep["method_info"]["validation_aux_loss_after"])
+    if "fit_matmul" in rep["method_info"]:  # the arithmetic the fit ran with (on tiny layers bf16 and float32 agree)
+        arrays["fit_matmul"] = np.asarray(rep["method_info"]["fit_matmul"])
     return arrays
 
 
@@ -92,6 +95,7 @@ CASES = [
     (FLSConfig, FLS, "aux_lr", 0.05),
     (FLSConfig, FLS, "batch_size", 4),
     (FLSConfig, FLS, "precondition", False),
+    (FLSConfig, FLS, "fit_matmul", "float32"),
     (FLSConfig, FLS, "probes", 3),
     (FLSConfig, {**FLS, "fit_steps": 400}, "fit_seconds", 1e-4),
     (FLSConfig, FLS, "obs_update", "decoupled"),
@@ -155,7 +159,8 @@ INHERITED_ELSEWHERE = {
     WandaConfig: {"sparsity", "pattern", "exclude", "max_rows_per_layer"},
     AutoConfig: {"pattern", "exclude"},
     GPTQConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations"},
-    FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "fit_seconds", "probes"},
+    FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "fit_seconds", "probes",
+                     "fit_matmul"},
 }
 
 
@@ -168,6 +173,8 @@ def test_every_knob_has_a_case():
 
 @pytest.mark.parametrize("cls, base, knob, value", CASES, ids=[f"{c.method}-{k}" for c, _, k, _ in CASES])
 def test_knob_changes_the_pruned_weights(mlp, cls, base, knob, value):
+    if knob == "fit_matmul" and fast_matmul_backend("cpu") is None:
+        pytest.skip("this CPU has no bf16 matmul instructions: 'fast' and 'float32' run the same arithmetic here")
     before = pruned(mlp, cls(**base))
     after = pruned(mlp, cls(**{**base, knob: value}))
     assert differs(before, after), f"{cls.method} --{knob} {value} changed nothing"

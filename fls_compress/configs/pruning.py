@@ -203,6 +203,11 @@ class FishLegFit(Config):
     batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
     probes: int = knob(1, "Gaussian probes per Fisher-vector product (one shared forward pass).", min=1, max=1024)
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
+    fit_matmul: str = knob(
+        "fast", "Float32 matmuls of the auxiliary steps: 'fast' lets the backend compute them internally in bf16 "
+        "(oneDNN, CPUs with AVX512-BF16/AMX) or TF32 (CUDA) where it can, 'float32' never; Q's start, the validation "
+        "checkpoints and the pruning itself are float32 either way (the report's fit_matmul says what ran).",
+        choices=("fast", "float32"))
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)
 

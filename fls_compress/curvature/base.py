@@ -24,7 +24,7 @@ class FitStats:
     seconds: float = 0.0
     samples: int = 0
     history: list[float] = field(default_factory=list)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float | str] = field(default_factory=dict)
 
 
 class InverseFisherEstimator(ABC):

@@ -43,6 +43,7 @@ import torch
 
 from ..configs.pruning import DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS, auto_steps
 from ..errors import InvalidOptionError
+from ..runtime import fast_matmul
 from . import fishleg_obs
 from .base import FitStats, InverseFisherEstimator
 from .fishleg_config import FishLegConfig, UPDATES  # noqa: F401  (re-exported)
@@ -317,7 +318,8 @@ class FishLegEstimator(InverseFisherEstimator):
         done = halvings = 0
         every = max(CHECK_EVERY, steps // 4)
         for _ in range(steps):
-            stats.history.append(self.aux_step(problem, opt, mmask))
+            with fast_matmul(self.groups[0].params[0].device, self.config.fast_matmul) as backend:
+                stats.history.append(self.aux_step(problem, opt, mmask))
             sched.step()
             done += 1
             out_of_time = budget is not None and time.perf_counter() - t0 >= budget and done < steps
@@ -339,6 +341,7 @@ class FishLegEstimator(InverseFisherEstimator):
         stats.extra["validation_aux_loss_before"] = before
         stats.extra["validation_aux_loss_after"] = best
         stats.extra["lr_halvings"] = float(halvings)
+        stats.extra["fit_matmul"] = backend or "float32"
         if not best < before:
             log.warning("FishLeg fit did not lower the validation auxiliary loss at any checkpoint (%.6g); keeping the "
                         "starting Q (method_info.reverted)", before)

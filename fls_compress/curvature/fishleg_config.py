@@ -21,6 +21,10 @@ class FishLegConfig:
     update: group OBS update, see the module docstring. ``row_exact_max_in``: widest layer (inputs)
         the row-exact update accepts (it costs one dense in x in solve per output row).
     sweep_block: lazy-batch block size of the column sweep. probes: probes per Fisher product.
+    fast_matmul: the fit's float32 matmuls may use the backend's reduced-precision internal arithmetic
+        (:func:`fls_compress.runtime.fast_matmul`: oneDNN bf16 on CPUs with AVX512-BF16/AMX, TF32 on CUDA).
+        Only the stochastic auxiliary steps run so; Q's start, the validation checkpoints that accept or
+        reject the fit, and every product used for pruning stay full float32.
     fit_seconds: optional wall-clock budget of each fit/refit; the step loop stops once it is spent
         (recorded in ``FitStats.extra["stopped_after_steps"]``); ``None`` = run all steps.
     lr / fit_steps: chosen by ``benchmarks/fishleg_convergence.py`` on validation models (Kronecker form,
@@ -45,6 +49,7 @@ class FishLegConfig:
     lr: float = FLSConfig.default_of("aux_lr")
     final_lr_fraction: float = 0.1
     precondition: bool = True
+    fast_matmul: bool = True
     update: str = "auto"  # "auto" | "sweep" | "row-exact" | "decoupled" | "block-exact" (block form)
     row_exact_max_in: int = 2048
     sweep_block: int = 128

@@ -45,36 +45,72 @@ def kron_row_exact_update(
 ) -> torch.Tensor:
     """Exact per-row group OBS (matrix view): the change of theta, float64.
 
-    With H0_r = (L diag(C_r) L^T)^{-1} (C = ``inner``, or 1) and D = diag(A_r):
-    w_P = 0, w_K = theta_K + D_K (H0_r,KK)^{-1} H0_r,KP (theta_P / A_P).
-    Without ``inner`` H0 is shared; with it, H0_r = W^T diag(1 / C_r) W with W = L^{-1}.
+    Row r's block of Q is Q_r = D Q0_r D with D = diag(A_r), Q0_r = L diag(C_r) L^T (C = ``inner``, or 1).
+    With P the removed and K the kept inputs of the row, the minimiser of d^T Q_r^{-1} d s.t.
+    (theta + d)_P = 0 is, in the two equivalent forms (Schur complements; Hassibi & Stork 1993):
+
+    * P-form: d = -D Q0[:, P] (Q0_PP)^{-1} (theta_P / A_P): a |P| x |P| solve;
+    * K-form: w_K = theta_K + D_K (H0_KK)^{-1} H0_KP (theta_P / A_P), H0 = Q0^{-1}: a |K| x |K| solve.
+
+    Each row uses the smaller system. Without ``inner`` Q0 is shared (:func:`_shared_rows`); with it, H0_r = W^T diag(1 / C_r) W with W = L^{-1}, row by row (K-form).
     """
     theta = theta.double()
     L = L.detach().double()
-    if inner is None:
-        h0 = torch.linalg.inv(L @ L.t())
-        h0 = 0.5 * (h0 + h0.t())
-    else:
-        w_inv = torch.linalg.inv(L)
-        inv_c = 1.0 / inner.detach().double().clamp_min(1e-300)
     scale = A.detach().double()
+    rows = torch.nonzero(new.any(1)).flatten()
+    if inner is None:
+        return _shared_rows(theta, gone, L, scale, rows)
+    w_inv = torch.linalg.inv(L)
+    inv_c = 1.0 / inner.detach().double().clamp_min(1e-300)
     delta = torch.zeros_like(theta)
-    for r in torch.nonzero(new.any(1)).flatten().tolist():
+    for r in rows.tolist():
         removed = gone[r]
         kept = ~removed
         delta[r, removed] = -theta[r, removed]
         if not bool(kept.any()):
             continue
         x = theta[r, removed] / scale[r, removed]
-        if inner is None:
-            h_kk, rhs = h0[kept][:, kept], h0[kept][:, removed] @ x
-        else:
-            wk = w_inv[:, kept]
-            zk = wk.t() * inv_c[r]  # W_K^T diag(1 / C_r)
-            h_kk = zk @ wk
-            h_kk = 0.5 * (h_kk + h_kk.t())
-            rhs = zk @ (w_inv[:, removed] @ x)
+        wk = w_inv[:, kept]
+        zk = wk.t() * inv_c[r]  # W_K^T diag(1 / C_r)
+        h_kk = zk @ wk
+        h_kk = 0.5 * (h_kk + h_kk.t())
+        rhs = zk @ (w_inv[:, removed] @ x)
         delta[r, kept] = scale[r, kept] * torch.linalg.solve(h_kk, rhs)
+    return delta
+
+
+def _shared_rows(theta: torch.Tensor, gone: torch.Tensor, L: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`kron_row_exact_update` for a Q0 = L L^T shared by all rows: per row one Cholesky solve of the
+    smaller system (P-form or K-form); the rows' changes are then formed by one matrix product per form."""
+    delta = torch.zeros_like(theta)
+    if rows.numel() == 0:
+        return delta
+    q0 = L @ L.t()
+    q0 = 0.5 * (q0 + q0.t())
+    h0 = None
+    g = gone[rows]
+    use_p = (g.sum(1) * 2 <= g.shape[1]).tolist()
+    x = torch.where(g, theta[rows] / scale[rows], 0.0)  # theta_P / A_P, 0 on K
+    if not all(use_p):
+        h0 = torch.linalg.inv(q0)
+        h0 = 0.5 * (h0 + h0.t())
+        hx = x @ h0  # row i: (H0 x_i)^T, of which the K entries are H0_KP (theta_P / A_P)
+    z = torch.zeros_like(x)  # P-form: z_P per row; K-form: y_K per row
+    for i, p_form in enumerate(use_p):
+        idx = torch.nonzero(g[i] if p_form else ~g[i]).flatten()
+        if idx.numel() == 0:
+            continue
+        mat = q0 if p_form else h0
+        sub = mat[idx[:, None], idx[None, :]]  # type: ignore[index]
+        rhs = (x[i] if p_form else hx[i])[idx]
+        chol, info = torch.linalg.cholesky_ex(sub)
+        if int(info) == 0:
+            z[i, idx] = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+        else:  # numerically indefinite sub-block: pivoted LU
+            z[i, idx] = torch.linalg.solve(sub, rhs)
+    p_rows = torch.tensor(use_p, dtype=torch.bool, device=theta.device)
+    change = torch.where(p_rows[:, None], -(z @ q0), z)  # P-form: -Q0[:, P] z (Q0 symmetric)
+    delta[rows] = torch.where(g, -theta[rows], scale[rows] * change)  # removed weights go exactly to zero
     return delta
 
 

@@ -55,11 +55,16 @@ def gradient_moments(problem: FisherProblem, num_samples: int, kronecker: bool) 
         for n, w in problem.weights.items():
             factors = grads.factors(n) if kronecker and hasattr(grads, "factors") else None
             if factors is not None and _gram_is_cheaper(*factors):
-                a, x = factors
-                mats = a.transpose(1, 2) @ x  # G_n = A_n^T X_n
-                left[n] += (a.transpose(1, 2) @ (x @ x.transpose(1, 2)) @ a).sum(0).double()
-                right[n] += (x.transpose(1, 2) @ (a @ a.transpose(1, 2)) @ x).sum(0).double()
-                diag[n] += w.from_matrix((mats.double() ** 2).sum(0))
+                a, x = factors  # G_n = A_n^T X_n, A: (B, T, out), X: (B, T, in)
+                o, i = a.shape[2], x.shape[2]
+                # sum_n A_n^T (X_n X_n^T) A_n as one (out x BT) @ (BT x out) product, no per-example out x out
+                left[n] += (a.reshape(-1, o).t() @ (x @ x.transpose(1, 2) @ a).reshape(-1, o)).double()
+                right[n] += (x.reshape(-1, i).t() @ (a @ a.transpose(1, 2) @ x).reshape(-1, i)).double()
+                if a.shape[1] == 1:  # one position: G_n * G_n = (a_n * a_n)(x_n * x_n)^T, summed by one product
+                    a2, x2 = a[:, 0].double() ** 2, x[:, 0].double() ** 2
+                    diag[n] += w.from_matrix(a2.t() @ x2)
+                else:
+                    diag[n] += w.from_matrix(((a.transpose(1, 2) @ x).double() ** 2).sum(0))
                 continue
             g = grads[n].detach()  # (B, *parameter shape)
             diag[n] += (g.double() ** 2).sum(0)

@@ -73,6 +73,7 @@ def fishleg_config(config: FLSConfig) -> FishLegConfig:
         aux_batch=config.batch_size,
         lr=config.aux_lr,
         precondition=config.precondition,
+        fast_matmul=config.fit_matmul == "fast",
         update=config.resolved_update,
         diag_samples=config.moment_samples,
         probes=config.probes,

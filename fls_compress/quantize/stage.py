@@ -32,6 +32,7 @@ def fls_curvature(model: onnx.ModelProto, config: FLSQuantConfig, calib: Calibra
         form="kron", damping=config.damping, relative_damping=config.gamma_relative, init=config.q_init,
         fit_steps=config.fit_steps, refit_steps=0, aux_batch=config.batch_size, lr=config.aux_lr, probes=config.probes,
         fit_seconds=config.fit_seconds, precondition=config.precondition, diag_samples=config.moment_samples,
+        fast_matmul=config.fit_matmul == "fast",
     ))
     stats = estimator.fit(problem)
     curvature = {name: estimator.sweep_factors(name) for name in problem.weights}
