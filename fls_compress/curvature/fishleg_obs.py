@@ -8,9 +8,10 @@ Removing a set P of weights at once, the OBS problem (Hassibi & Stork 1993) with
   (the cross-row terms of R^T R are dropped; the scalar (R^T R)_rr cancels). One Cholesky of L L^T per
   layer, O(in^3 + out in^2) for every width (OBC, Frantar & Alistarh 2022; SparseGPT, Frantar &
   Alistarh 2023, Alg. 1).
-* :func:`kron_row_exact_update` (reference): the same per-row problem solved exactly, one dense
-  solve over the kept inputs per row, O(out in^3): every kept weight of the row may move, whereas the
-  sweep only moves the columns to the right of each removed one. With the inner diagonal of the
+* :func:`kron_row_exact_update` (reference, and the default up to 2048 inputs): the same per-row problem
+  solved exactly, one Cholesky solve per row over the removed or the kept inputs, whichever are fewer
+  (O(out min(|P|, |K|)^3)): every kept weight of the row may move, whereas the sweep only moves the
+  columns to the right of each removed one. With the inner diagonal of the
   EKFAC-style form the row blocks differ, H_r^{-1} = D_{A_r} L diag(C_r) L^T D_{A_r}, and are used
   row by row; the sweep, which needs one factor shared by all rows, then uses the row mean of C
   (recorded per layer).
