@@ -53,7 +53,8 @@ def kron_row_exact_update(
     * P-form: d = -D Q0[:, P] (Q0_PP)^{-1} (theta_P / A_P): a |P| x |P| solve;
     * K-form: w_K = theta_K + D_K (H0_KK)^{-1} H0_KP (theta_P / A_P), H0 = Q0^{-1}: a |K| x |K| solve.
 
-    Each row uses the smaller system. Without ``inner`` Q0 is shared (:func:`_shared_rows`); with it, H0_r = W^T diag(1 / C_r) W with W = L^{-1}, row by row (K-form).
+    Without ``inner`` Q0 is shared and each row uses the smaller system (:func:`_shared_rows`); with it,
+    every row takes the K-form with its own H0_r = W^T diag(1 / C_r) W, W = L^{-1}.
     """
     theta = theta.double()
     L = L.detach().double()
