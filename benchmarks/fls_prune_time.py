@@ -32,8 +32,11 @@ from fls_compress.progress import configure_logging  # noqa: E402
 SPARSITY = 0.9
 # name -> FLSConfig overrides; the first is the library default
 VARIANTS: dict[str, dict] = {
-    "default (fit 200 / refits 50)": {},
-    "fit 100 / refits 25": {"fit_steps": 100, "refit_steps": 25},
+    "default (lr 5e-3, fit 200 / refits 25)": {},
+    "former default (lr 1e-2, fit 200 / refits 50)": {"aux_lr": 1e-2, "refit_steps": 50},
+    "lr 5e-3, fit 200 / refits 50": {"refit_steps": 50},
+    "lr 5e-3, fit 150 / refits 50": {"fit_steps": 150, "refit_steps": 50},
+    "lr 5e-3, fit 150 / refits 25": {"fit_steps": 150},
     "fit 50 / refits 20 (v0.1's budget)": {"fit_steps": 50, "refit_steps": 20},
     "no fit (0 / 0)": {"fit_steps": 0, "refit_steps": 0},
     "default, float32 fit matmuls": {"fit_matmul": "float32"},
@@ -74,17 +77,22 @@ def markdown(rows: list[dict]) -> str:
              "2 threads, one run at a time. Times in seconds: the prune stage (fits + OBS selection/updates), of which the "
              "FishLeg fits; the job adds conversion, verification and I/O (v0.1's job took 101.5 s at 50 / 20 steps, "
              "`sparsity_sweep.json` of commit b12add5). Mean (min-max) over seeds.", "",
+             "Rows with '-' for the prune/fit split are from the search that chose the default (same job, metrics and "
+             "code; only the job's seconds were recorded). The default was chosen on the validation column.", "",
              "| variant | seeds | validation loss | test loss | job s | prune s | of which fits | aux steps/s | fit matmuls |",
              "|---|---|---|---|---|---|---|---|---|"]
 
-    def fmt(vals: list[float], digits: int) -> str:
+    def fmt(vals: list, digits: int) -> str:
+        if any(v is None for v in vals):  # rows of the budget search recorded only the job's seconds
+            return "-"
         return f"{np.mean(vals):.{digits}f}" + (f" ({min(vals):.{digits}f}-{max(vals):.{digits}f})" if len(vals) > 1 else "")
 
     for name in (v for v in VARIANTS if any(r["variant"] == v for r in rows)):
         vr = [r for r in rows if r["variant"] == name]
         sps = [r["aux_steps_per_s"] for r in vr if r["aux_steps_per_s"]]
         lines.append(f"| {name} | {len(vr)} | {fmt([r['validation_loss'] for r in vr], 3)} | {fmt([r['test_loss'] for r in vr], 3)} | "
-                     f"{fmt([r['seconds'] for r in vr], 1)} | {fmt([r['prune_seconds'] for r in vr], 1)} | {fmt([sum(r['fit_seconds']) for r in vr], 1)} | "
+                     f"{fmt([r['seconds'] for r in vr], 1)} | {fmt([r['prune_seconds'] for r in vr], 1)} | "
+                     f"{fmt([None if r['fit_seconds'] is None else sum(r['fit_seconds']) for r in vr], 1)} | "
                      f"{np.mean(sps) if sps else float('nan'):.2f} | {vr[0]['fit_matmul'] or '-'} |")
     return "\n".join(lines) + "\n"
 

@@ -158,7 +158,7 @@ class CurvatureConfig(GlobalScope, LossFisher):
         return DEFAULT_STEPS if self.steps is None else self.steps
 
 
-DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS = 200, 50
+DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS = 200, 25
 AUTO_FIT_WEIGHTS = 3_000_000
 """Above this many prunable weights the default fit/refit steps shrink in proportion (see :func:`auto_steps`)."""
 
@@ -183,8 +183,15 @@ def auto_steps(default: int, weights: int, minimum: int) -> int:
 class FishLegFit(Config):
     """Knobs of the FishLeg auxiliary-loss fit (shared by ``prune -m fls`` and ``quantize -m fls``).
 
-    Defaults from ``benchmarks/fishleg_convergence.py`` (validation seeds): lr 1e-2; 200 steps is the knee of
-    the error curve (0.68 -> 0.38 relative error to the exact damped inverse; 800 steps reach 0.24 at 4x the cost).
+    200 fit steps: the knee of Q's error curve in ``benchmarks/fishleg_convergence.py`` (validation seeds;
+    0.68 -> 0.38 relative error to the exact damped inverse at lr 1e-2; 800 steps reach 0.24 at 4x the cost).
+    lr 5e-3 and 25 refit steps: chosen in ``benchmarks/fls_prune_time.py`` on the validation images of the
+    autoencoder pruned to 90% (three seeds), where lr 1e-2 loses its first 50 steps to a rejected checkpoint:
+    5e-3 at 200 / 25 steps ties 1e-2 at 200 / 50 (validation 96.31 vs 96.32) in ~15% less time, and on the
+    6-5-4 MLP both lrs reach the same error at 200 steps (0.137, three seeds); on the 12-10-6 MLP of the
+    convergence benchmark 1e-2 converges faster than 3e-3 (0.38 vs 0.59 at 200 steps; 5e-3 is not in its
+    grid), so ``--aux-lr 1e-2`` may suit models whose first checkpoint accepts it (the fit halves a too
+    large lr at every rejected checkpoint).
     """
 
     panel: ClassVar[str] = "FishLeg Surgeon (fls)"
@@ -198,15 +205,16 @@ class FishLegFit(Config):
         None, "Wall-clock budget of each fit/refit; the steps done are in the report (results then depend on machine speed).",
         min=0.0, min_open=True,
     )
-    aux_lr: float = knob(1e-2, "Initial Adam learning rate of the auxiliary loss (halved at each validation checkpoint "
+    aux_lr: float = knob(5e-3, "Initial Adam learning rate of the auxiliary loss (halved at each validation checkpoint "
                          "that does not improve).", min=0.0, min_open=True, max=10.0)
     batch_size: int = knob(32, "Calibration samples per auxiliary-loss step (one Fisher-vector product).", min=1, max=1_000_000)
     probes: int = knob(1, "Gaussian probes per Fisher-vector product (one shared forward pass).", min=1, max=1024)
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
     fit_matmul: str = knob(
-        "fast", "Float32 matmuls of the auxiliary steps: 'fast' lets the backend compute them internally in bf16 "
-        "(oneDNN, CPUs with AVX512-BF16/AMX) or TF32 (CUDA) where it can, 'float32' never; Q's start, the validation "
-        "checkpoints and the pruning itself are float32 either way (the report's fit_matmul says what ran).",
+        "fast", "Arithmetic of the fit: 'fast' runs the Kronecker Q products of the auxiliary steps on bf16 copies and "
+        "the other float32 matmuls of the steps and validation checkpoints with bf16 (oneDNN, CPUs with AVX512-BF16/AMX) "
+        "or TF32 (CUDA) internal arithmetic where the machine has it; 'float32' never. Q's parameters and optimizer, "
+        "its start and the pruning itself are float32 either way (the report's fit_matmul / fit_q_products say what ran).",
         choices=("fast", "float32"))
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)

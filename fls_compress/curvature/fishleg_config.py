@@ -22,16 +22,15 @@ class FishLegConfig:
         the row-exact update accepts (it costs one dense in x in solve per output row).
     sweep_block: lazy-batch block size of the column sweep. probes: probes per Fisher product.
     fast_matmul: the fit's float32 matmuls may use the backend's reduced-precision internal arithmetic
-        (:func:`fls_compress.runtime.fast_matmul`: oneDNN bf16 on CPUs with AVX512-BF16/AMX, TF32 on CUDA).
-        Only the stochastic auxiliary steps run so; Q's start, the validation checkpoints that accept or
-        reject the fit, and every product used for pruning stay full float32.
+        (:func:`fls_compress.runtime.fast_matmul`: oneDNN bf16 on CPUs with AVX512-BF16/AMX, TF32 on CUDA);
+        with oneDNN bf16 the Kronecker groups' products of the auxiliary steps run on bf16 copies of the
+        probes and factors (:meth:`FishLegEstimator._product_dtype`). The auxiliary steps and the validation
+        checkpoints run so; lambda, Adam's state, Q's start and every product used for pruning stay float32.
     fit_seconds: optional wall-clock budget of each fit/refit; the step loop stops once it is spent
         (recorded in ``FitStats.extra["stopped_after_steps"]``); ``None`` = run all steps.
-    lr / fit_steps: chosen by ``benchmarks/fishleg_convergence.py`` on validation models (Kronecker form,
-        K-FAC start): the lr with the lowest error to the exact damped inverse Fisher among those whose fit
-        is not rejected on an MNIST MLP, and the fewest steps within 10% of its best error (relative error
-        0.68 -> 0.19 on the test models, vs 0.66 with the former 3e-3 / 50 steps). refit_steps keeps the
-        former 2:5 ratio to fit_steps (not tuned separately). ``None`` (default): those step counts, scaled
+    lr / fit_steps / refit_steps: see :class:`fls_compress.configs.pruning.FishLegFit` (fit steps from Q's
+        error curve in ``benchmarks/fishleg_convergence.py``; lr and refit steps from the pruned autoencoder's
+        validation loss in ``benchmarks/fls_prune_time.py``). ``None`` (default): those step counts, scaled
         down above 3M prunable weights (:func:`fls_compress.configs.pruning.auto_steps`).
     refit_mode: ``"warm"`` continues the fit from the current lambda between pruning steps; ``"restart"``
         rebuilds the start from the masked model's gradients first.

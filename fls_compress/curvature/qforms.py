@@ -29,6 +29,8 @@ over them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -92,6 +94,7 @@ class KroneckerQ(nn.Module):
         eye_i = torch.eye(in_f, dtype=a0.dtype, device=a0.device)
         self.R = nn.Parameter(eye_o.expand(*lead, out_f, out_f).clone())
         self.L = nn.Parameter(eye_i.expand(*lead, in_f, in_f).clone())
+        self._held: dict | None = None
 
     @property
     def A(self) -> torch.Tensor:
@@ -109,17 +112,35 @@ class KroneckerQ(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.products(u)[0]
 
-    def products(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """v = Q u and the intermediates that :meth:`surrogate_grads` reuses (see :func:`kron_products`)."""
-        (m,), (A, R, L, B) = self._operands(u)
+    def products(self, u: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """v = Q u and the intermediates that :meth:`surrogate_grads` reuses (see :func:`kron_products`).
+        ``dtype``: compute on copies of u and the factors in that dtype (v and the cache come out in it)."""
+        (m,), (A, R, L, B) = self._operands(u, dtype=dtype)
         v, cache = kron_products(m, A, R, L, B)
         return v.reshape(u.shape), cache
 
-    def _operands(self, *t: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
-        """Probe inputs and factors (A, R, L, B) as plain matrices when there is one probe and one layer in
-        the stack (the common case): the products are then single ``mm`` calls instead of batched ones, which
-        under oneDNN copy and zero-fill operands per call (a few percent of a fit step on the autoencoder)."""
-        factors = (self.A, self.R, self.L, self.B)
+    def _factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, ...]:
+        """(A, R, L, B), cast to ``dtype`` if given."""
+        return tuple(f if f is None or dtype is None else f.to(dtype) for f in (self.A, self.R, self.L, self.B))
+
+    @contextmanager
+    def held(self, dtype: torch.dtype | None = None) -> Iterator[None]:
+        """Inside the block, products use one copy of (A = A0 * a, R, L, B), formed and cast to ``dtype`` once,
+        instead of one per call (one fit step: v = Q u, Q r and the surrogate gradients). The parameters must
+        not change inside the block."""
+        self._held = {dtype: tuple(None if f is None else f.detach() for f in self._factors(dtype))}
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def _operands(self, *t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+        """Probe inputs and factors (A, R, L, B), cast to ``dtype`` if given, as plain matrices when there is
+        one probe and one layer in the stack (the common case): the products are then single ``mm`` calls
+        instead of batched ones, which under oneDNN copy and zero-fill operands per call (a few percent of a
+        fit step on the autoencoder)."""
+        factors = self._held[dtype] if self._held is not None and dtype in self._held else self._factors(dtype)
+        t = tuple(x if dtype is None else x.to(dtype) for x in t)
         if all(math.prod(x.shape[:-2]) == 1 for x in (self.a0, *t)):
             return tuple(x.reshape(x.shape[-2:]) for x in t), tuple(None if f is None else f.reshape(f.shape[-2:]) for f in factors)
         return tuple(_drop_unit_lead(x, self.a0.dim()) for x in t), factors
@@ -127,9 +148,10 @@ class KroneckerQ(nn.Module):
     @torch.no_grad()
     def surrogate_grads(
         self, u: torch.Tensor, c: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None,
-        scale: float = 1.0, out: list[torch.Tensor | None] | None = None,
+        scale: float = 1.0, out: list[torch.Tensor | None] | None = None, dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L[, b]), summed over leading probe dimensions.
+        """scale * gradients of s = <c, Q u> w.r.t. (a, R, L[, b]), summed over leading probe dimensions, in
+        the parameters' dtype. ``dtype``: compute in that dtype, as :meth:`products` (whose ``cache`` it takes).
         (``out`` is accepted for interface symmetry with :class:`BlockQ`; these gradients are small.)
 
         With X = A * u, Y = A * c, P_X = R X L, P_Y = R Y L (B = 1 without ``inner``), s = <P_Y, B * P_X>, so
@@ -138,9 +160,9 @@ class KroneckerQ(nn.Module):
         ds/db = 2 b B0 * P_X * P_Y.
         """
         if cache is None:
-            cache = self.products(u)[1]
+            cache = self.products(u, dtype)[1]
         xl, p, nxl, kx = cache
-        (u, c), (A, R, L, B) = self._operands(u, c)
+        (u, c), (A, R, L, B) = self._operands(u, c, dtype=dtype)
         c = c * scale  # s is linear in c
         x = A * u
         y = A * c
@@ -151,11 +173,11 @@ class KroneckerQ(nn.Module):
         ky = nyl @ L.transpose(-1, -2)
         g_r = bs @ xl.transpose(-1, -2) + bp @ yl.transpose(-1, -2)
         g_l = y.transpose(-1, -2) @ nxl + x.transpose(-1, -2) @ nyl
-        g_a = (c * kx + u * ky) * self.a0.reshape(A.shape)
+        g_a = (c * kx + u * ky) * self.a0.reshape(A.shape).to(A.dtype)
         grads = [(g_a, self.a), (g_r, self.R), (g_l, self.L)]
         if self.inner:
-            grads.append((p * s * (2.0 * self.b * self.b0).reshape(B.shape), self.b))  # type: ignore[union-attr]
-        return tuple(_sum_to(g, param.shape).reshape(param.shape) for g, param in grads)
+            grads.append((p * s * (2.0 * self.b * self.b0).reshape(B.shape).to(B.dtype), self.b))  # type: ignore[union-attr]
+        return tuple(_sum_to(g.to(param.dtype), param.shape).reshape(param.shape) for g, param in grads)
 
     def diag(self) -> torch.Tensor:
         return kron_diag(self.A, self.R, self.L, self.B)
