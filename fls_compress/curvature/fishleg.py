@@ -172,15 +172,13 @@ class FishLegEstimator(InverseFisherEstimator):
         """Masks as matrix views in the dtype of each layer's Q."""
         return {n: w.to_matrix(problem.masks[n]).to(self.group_of[n].params[0].dtype) for n, w in problem.weights.items()}
 
-    def _apply_all(
-        self, u: dict[str, torch.Tensor], mmask: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-    ) -> tuple[dict[str, torch.Tensor], list]:
+    def _apply_all(self, u: dict[str, torch.Tensor], mmask: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
         """v = Q u for every layer (matrix views with a probe dimension), masked, in the masks' dtype; plus the
-        caches. ``dtype``: the Kronecker groups compute on copies in that dtype (see :meth:`_product_dtype`)."""
+        caches (in an aux step the Kronecker groups compute in their :meth:`~.qforms.KroneckerQ.held` dtype)."""
         v: dict[str, torch.Tensor] = {}
         caches = []
         for g in self.groups:
-            out, cache = g.q.products(g.pack(u), dtype) if dtype is not None and g.kind == "kron" else g.q.products(g.pack(u))
+            out, cache = g.q.products(g.pack(u))
             caches.append(cache)
             v.update(g.unpack(out))
         return {n: x.to(mmask[n].dtype) * mmask[n] for n, x in v.items()}, caches
@@ -273,18 +271,17 @@ class FishLegEstimator(InverseFisherEstimator):
             for g in self.groups:
                 if g.kind == "kron":
                     held.enter_context(g.q.held(dtype))  # type: ignore[union-attr]
-            loss = self._set_aux_grads(problem, mmask, batch, u, dtype)
+            loss = self._set_aux_grads(problem, mmask, batch, u)
         optimizer.step()
         return loss
 
-    def _set_aux_grads(self, problem: FisherProblem, mmask: dict[str, torch.Tensor], batch, u: dict[str, torch.Tensor],
-                       dtype: torch.dtype | None) -> float:
+    def _set_aux_grads(self, problem: FisherProblem, mmask: dict[str, torch.Tensor], batch, u: dict[str, torch.Tensor]) -> float:
         """v = Q u, F_gamma v, r and the closed-form gradient into every auxiliary parameter's ``.grad``;
         returns A / ||u||^2."""
         cfg = self.config
         P = cfg.probes
         with torch.no_grad():
-            v, caches = self._apply_all(u, mmask, dtype)
+            v, caches = self._apply_all(u, mmask)
         weights = problem.weights
         fvs = problem.fisher_vps(batch, [{n: weights[n].from_matrix(v[n][p]) for n in v} for p in range(P)])
         with torch.no_grad():
@@ -295,11 +292,10 @@ class FishLegEstimator(InverseFisherEstimator):
                 h = fv + self.gamma * v[n]
                 r[n] = h - u[n]
                 aux += float(0.5 * (v[n] * h).sum() - (u[n] * v[n]).sum())
-            c = self._apply_all(r, mmask, dtype)[0] if cfg.precondition else r
+            c = self._apply_all(r, mmask)[0] if cfg.precondition else r
             for g, cache in zip(self.groups, caches):
                 outs = [p.grad if p.grad is not None and p.grad.shape == p.shape else None for p in g.params]
-                extra = {"dtype": dtype} if dtype is not None and g.kind == "kron" else {}
-                grads = g.q.surrogate_grads(g.pack(u), g.pack(c), cache, scale=1.0 / norm, out=outs, **extra)
+                grads = g.q.surrogate_grads(g.pack(u), g.pack(c), cache, scale=1.0 / norm, out=outs)
                 for p, gr in zip(g.params, grads):
                     p.grad = gr  # written in place for the big block factors (no B-sized temporaries)
         return aux / norm
@@ -324,7 +320,7 @@ class FishLegEstimator(InverseFisherEstimator):
     def _optimise(self, problem: FisherProblem, steps: int, stats: FitStats) -> FitStats:
         """Adam on the auxiliary loss with a linear lr decay, checked against held-out probes.
 
-        Every max(``CHECK_EVERY``, steps / 4) steps, at the end and when ``fit_seconds`` runs out, the
+        Every max(``CHECK_EVERY``, steps / ``MAX_CHECKS``) steps, at the end and when ``fit_seconds`` runs out, the
         auxiliary loss is measured on a fixed validation set of probes and samples (the per-step loss is
         far too noisy to judge). An improvement becomes
         the new best lambda; otherwise lambda goes back to the best one, the learning rate is halved and

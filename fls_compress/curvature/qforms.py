@@ -94,7 +94,7 @@ class KroneckerQ(nn.Module):
         eye_i = torch.eye(in_f, dtype=a0.dtype, device=a0.device)
         self.R = nn.Parameter(eye_o.expand(*lead, out_f, out_f).clone())
         self.L = nn.Parameter(eye_i.expand(*lead, in_f, in_f).clone())
-        self._held: dict | None = None
+        self._held: tuple[torch.dtype | None, tuple[torch.Tensor | None, ...]] | None = None
 
     @property
     def A(self) -> torch.Tensor:
@@ -125,21 +125,24 @@ class KroneckerQ(nn.Module):
 
     @contextmanager
     def held(self, dtype: torch.dtype | None = None) -> Iterator[None]:
-        """Inside the block, products use one copy of (A = A0 * a, R, L, B), formed and cast to ``dtype`` once,
-        instead of one per call (one fit step: v = Q u, Q r and the surrogate gradients). The parameters must
-        not change inside the block."""
-        self._held = {dtype: tuple(None if f is None else f.detach() for f in self._factors(dtype))}
+        """Inside the block, products called without a ``dtype`` compute in ``dtype`` on one copy of
+        (A = A0 * a, R, L, B), formed and cast once instead of per call (one fit step: v = Q u, Q r and the
+        surrogate gradients). The parameters must not change inside the block."""
+        self._held = (dtype, tuple(None if f is None else f.detach() for f in self._factors(dtype)))
         try:
             yield
         finally:
             self._held = None
 
     def _operands(self, *t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
-        """Probe inputs and factors (A, R, L, B), cast to ``dtype`` if given, as plain matrices when there is
-        one probe and one layer in the stack (the common case): the products are then single ``mm`` calls
-        instead of batched ones, which under oneDNN copy and zero-fill operands per call (a few percent of a
-        fit step on the autoencoder)."""
-        factors = self._held[dtype] if self._held is not None and dtype in self._held else self._factors(dtype)
+        """Probe inputs and factors (A, R, L, B), cast to ``dtype`` if given (else to the :meth:`held` one), as
+        plain matrices when there is one probe and one layer in the stack (the common case): the products are
+        then single ``mm`` calls instead of batched ones, which under oneDNN copy and zero-fill operands per
+        call (a few percent of a fit step on the autoencoder)."""
+        if self._held is not None and dtype in (None, self._held[0]):
+            dtype, factors = self._held
+        else:
+            factors = self._factors(dtype)
         t = tuple(x if dtype is None else x.to(dtype) for x in t)
         if all(math.prod(x.shape[:-2]) == 1 for x in (self.a0, *t)):
             return tuple(x.reshape(x.shape[-2:]) for x in t), tuple(None if f is None else f.reshape(f.shape[-2:]) for f in factors)
