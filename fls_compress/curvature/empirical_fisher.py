@@ -1,4 +1,4 @@
-"""Block-wise empirical-Fisher inverse by Woodbury updates: WoodFisher / oBERT, and the "iEF surgeon".
+"""Block-wise empirical-Fisher inverse: WoodFisher / oBERT, and the "iEF surgeon".
 
 Papers
 ------
@@ -18,27 +18,34 @@ Fisher is
 
 restricted to a block-diagonal form: every prunable weight's (out, in) matrix view is flattened
 row-major and cut into consecutive blocks of ``block_size`` coordinates (the last one zero-padded; the
-layout of :class:`~fls_compress.curvature.fishleg.BlockQ`). Each block's inverse starts at I / gamma
-and absorbs the gradients by Woodbury: the rank-1 (Sherman-Morrison) step of WoodFisher (Singh & Alistarh 2020, eq. 9)
+layout of :class:`~fls_compress.curvature.fishleg.BlockQ`). WoodFisher (Singh & Alistarh 2020, eq. 9)
+builds each block's inverse by the rank-1 Woodbury (Sherman-Morrison) recursion from I / gamma,
 
-    v = F^-1 g,     F^-1 <- F^-1 - v v^T / (m + g^T v)
+    v = F^-1 g,     F^-1 <- F^-1 - v v^T / (m + g^T v).
 
-is applied ``chunk_size`` gradients at a time in its exact rank-c form (same result, c times fewer
-passes over the B x B blocks):
+Here the same matrix is computed in the order that is stable in float32 storage: the gradients are
+folded into each block's Gram matrix, ``chunk_size`` at a time (one batched product per chunk over all
+blocks of all weights, no Python loop over blocks),
 
-    V = F^-1 G^T,   F^-1 <- F^-1 - V (m I_c + G V)^-1 V^T        (G: c x B slice of the gradients).
+    S_b <- S_b + G_b^T G_b          (G_b: c x B slice of the chunk's vectors),
 
-``chunk_size=1`` is literally WoodFisher's rank-1 recursion. All blocks of all weights are stored as one
-batched tensor (n_blocks, B, B) and updated together (no Python loop over blocks).
+and the damped blocks are inverted once at the end, in float64, by a batched Cholesky factorisation:
+F_b^-1 = (gamma I + S_b / m)^-1. In exact arithmetic this equals the recursion; in float32 (the storage of
+large models) the recursion's running inverse loses definiteness once a block's largest eigenvalue
+exceeds gamma by ~1e7 (it subtracts nearly equal numbers: on the pretrained MiniLM encoder of
+``benchmarks/transformer_encoder.py`` it failed outright), while a float32 Gram is off by rounding
+relative to its own entries and the inverse is formed in float64. It is also cheaper for m >= B:
+O(m d B) for the Grams plus O(d B^2) for the inverses, against O(m d B) with two products and a c x c
+solve per chunk. A block whose damped Gram still does not factorise (rounding of a float32 Gram with a
+tiny gamma) gets a diagonal jitter relative to its largest diagonal entry, raised until it does; the
+count is logged as a warning and reported (``jittered_blocks``).
 
 Damping gamma is absolute when given, else ``relative_damping * mean diag((1/m) sum g g^T)`` over
-the surviving coordinates. The relative value needs every gradient before the recursion can start;
-gradients are kept in memory when m * d is small, otherwise they are recomputed in a second pass
-(the torch generator is rewound so sampled labels are identical) - the Woodbury work, O(m d B),
-dominates the extra backward passes.
+the surviving coordinates (the squared norms are summed while the Grams are formed, so one pass over
+the gradients suffices either way).
 
 OBS quantities: diag(F^-1) for rho_q = w_q^2 / (2 [F^-1]_qq), F^-1 z for the decoupled update, and
-:meth:`BlockWoodburyEstimator.block_exact_update`, the exact group-OBS update inside each block,
+:meth:`BlockFisherEstimator.block_exact_update`, the exact group-OBS update inside each block,
 delta_b = -Q_b[:, P_b] (Q_b[P_b, P_b])^-1 theta_{P_b} (Hassibi & Stork 1993 group OBS; WoodFisher/oBERT block form).
 
 iEF surgeon (the iEF vectors of Wu et al. 2024 inside OBS)
@@ -166,36 +173,6 @@ class BlockLayout:
         return torch.cat([self.to_blocks(problem, n, vec[n].to(dtype)) for n in self.names])
 
 
-class _VectorSource:
-    """m per-example vectors in block layout: stored when small, else replayed (generator rewound)."""
-
-    def __init__(self, problem: FisherProblem, layout: BlockLayout, num: int, *, ief: bool, labels: str,
-                 dtype: torch.dtype, max_stored_floats: float, keep: bool):
-        self.problem, self.layout, self.num = problem, layout, num
-        self.ief, self.labels, self.dtype = ief, labels, dtype
-        self.gen_state = problem.generator.get_state()
-        self.stored: list[torch.Tensor] | None = None
-        width = layout.total_blocks * layout.block
-        self.keep = keep and num * width <= max_stored_floats
-        self.passes = 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        if self.stored is not None:
-            yield from self.stored
-            return
-        if self.passes:
-            self.problem.generator.set_state(self.gen_state)
-        self.passes += 1
-        kept: list[torch.Tensor] = []
-        for vec in per_example_vectors(self.problem, self.num, ief=self.ief, labels=self.labels):
-            flat = self.layout.flatten(self.problem, vec, self.dtype)
-            if self.keep:
-                kept.append(flat)
-            yield flat
-        if self.keep:
-            self.stored = kept
-
-
 def _auto_dtype(floats: int, dtype: torch.dtype | None, limit: float = 2.5e7) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -203,7 +180,7 @@ def _auto_dtype(floats: int, dtype: torch.dtype | None, limit: float = 2.5e7) ->
 
 
 # ------------------------------------------------------------------------------------------------
-class BlockWoodburyEstimator(InverseFisherEstimator):
+class BlockFisherEstimator(InverseFisherEstimator):
     """oBERT / WoodFisher block-diagonal empirical-Fisher inverse (``ief=True``: the iEF surgeon).
 
     Parameters
@@ -217,12 +194,9 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
     ief:
         Use the improved-empirical-Fisher vectors g / ||r|| (Wu et al. 2024, eq. 8) instead of the gradients.
     chunk_size:
-        Gradients absorbed per (exact) rank-c Woodbury update; 1 gives the rank-1 recursion.
+        Gradients folded into the block Grams per batched product.
     dtype:
-        Storage dtype of the inverse blocks; ``None`` picks float64 up to 2.5e7 floats, else float32.
-    max_stored_floats:
-        With relative damping, keep the m vectors in memory only when m * d is at most this; otherwise
-        recompute them in a second pass.
+        Storage dtype of the Grams / inverse blocks; ``None`` picks float64 up to 2.5e7 floats, else float32.
     jitter:
         Relative diagonal jitter of the batched Cholesky solves in :meth:`block_exact_update`.
     """
@@ -235,9 +209,8 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         relative_damping: float = 0.1,
         *,
         ief: bool = False,
-        chunk_size: int = 32,
+        chunk_size: int = 16,
         dtype: torch.dtype | None = None,
-        max_stored_floats: float = 2e8,
         jitter: float = 1e-10,
     ):
         if num_grads < 1 or block_size < 1 or chunk_size < 1:
@@ -253,7 +226,6 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         self.ief = bool(ief)
         self.chunk_size = int(chunk_size)
         self.dtype = dtype
-        self.max_stored_floats = float(max_stored_floats)
         self.jitter = float(jitter)
         self.name = "ief" if ief else "obert"
         self.gamma: float = float("nan")
@@ -275,77 +247,73 @@ class BlockWoodburyEstimator(InverseFisherEstimator):
         if m < self.num_grads:
             log.info("%s: only %d calibration samples, using m=%d gradients", self.name, m, m)
         self.m = m
-        source = _VectorSource(problem, layout, m, ief=self.ief, labels=labels, dtype=dtype,
-                               max_stored_floats=self.max_stored_floats, keep=self.damping is None)
+        nb = layout.total_blocks
+        gram = torch.zeros(nb, B, B, dtype=dtype)  # becomes the inverse blocks, in place
+        buf = torch.empty(nb, min(self.chunk_size, m), B, dtype=dtype)  # (nb, c, B): G_b per block, one chunk
+        filled, sq = 0, 0.0
+        for vec in per_example_vectors(problem, m, ief=self.ief, labels=labels):
+            flat = layout.flatten(problem, vec, dtype).reshape(nb, B)
+            sq += float(flat.double().square().sum())
+            buf[:, filled].copy_(flat)
+            filled += 1
+            if filled == buf.shape[1]:
+                gram.baddbmm_(buf.transpose(1, 2), buf)
+                filled = 0
+        if filled:
+            part = buf[:, :filled]
+            gram.baddbmm_(part.transpose(1, 2), part)
+        del buf
         if self.damping is not None:
             gamma = float(self.damping)
         else:
             alive = sum(int(problem.masks[n].sum()) for n in layout.names)
-            sq = 0.0
-            for g in source:
-                sq += float((g.double() ** 2).sum())
-            mean_diag = sq / (m * max(alive, 1))
-            gamma = self.relative_damping * mean_diag
+            gamma = self.relative_damping * sq / (m * max(alive, 1))
             if not gamma > 0:
                 log.warning("%s: the empirical Fisher is zero; damping falls back to %g", self.name, self.relative_damping)
                 gamma = self.relative_damping
         self.gamma = gamma
-        nb = layout.total_blocks
-        eye = torch.eye(B, dtype=dtype)
-        finv = (eye / gamma).expand(nb, B, B).clone()
-        chunk: list[torch.Tensor] = []
-
-        eye_c64 = torch.eye(self.chunk_size, dtype=torch.float64)
-        slab = 8192  # blocks per slice: bounds the (slab, B, c) temporaries
-        jittered = 0
-
-        def absorb(vectors: list[torch.Tensor]) -> None:
-            nonlocal jittered
-            c = len(vectors)
-            gall = torch.stack(vectors, dim=2)  # (nb, B, c) = G^T per block
-            for lo in range(0, nb, slab):
-                g = gall[lo : lo + slab]
-                f = finv[lo : lo + slab]
-                v = torch.bmm(f, g)  # F^-1 G^T
-                # S = m I + G F^-1 G^T in float64 (its eigenvalues are >= m in exact arithmetic; with
-                # float32 blocks and small damping the rounding of G V can exceed m)
-                s = torch.bmm(g.transpose(1, 2).double(), v.double())
-                s = 0.5 * (s + s.transpose(1, 2)) + m * eye_c64[:c, :c]
-                chol, info = torch.linalg.cholesky_ex(s)
-                if bool((info != 0).any()):
-                    bad = info != 0
-                    jittered += int(bad.sum())
-                    top = s[bad].diagonal(dim1=1, dim2=2).amax(dim=1)
-                    s[bad] = s[bad] + (1e-7 * top)[:, None, None] * eye_c64[:c, :c]
-                    chol = torch.linalg.cholesky(s)
-                # S^-1 by Cholesky; batched cholesky_solve is erratically slow on CPU (per-matrix
-                # LAPACK calls fighting over threads), cholesky_inverse + bmm is fast and stable.
-                s_inv = torch.cholesky_inverse(chol).to(dtype)
-                x = torch.bmm(s_inv, v.transpose(1, 2))  # S^-1 V^T
-                f.baddbmm_(v, x, alpha=-1.0)
-
-        for g in source:
-            chunk.append(g)
-            if len(chunk) == self.chunk_size:
-                absorb(chunk)
-                chunk = []
-        if chunk:
-            absorb(chunk)
-        step = 4096
-        for lo in range(0, nb, step):  # symmetrise (rounding only), in slices to bound memory
-            part = finv[lo : lo + step]
-            part.copy_(0.5 * (part + part.transpose(1, 2)))
-        self.finv = finv
+        jittered = self._invert_in_place(gram, m, gamma)
+        self.finv = gram
         if jittered:
-            log.warning("%s: %d Woodbury solves needed jitter (rounding: damping %.3e is small for %s blocks)",
-                        self.name, jittered, gamma, str(dtype).replace("torch.", ""))
+            log.warning("%s: %d of %d damped Fisher blocks needed a diagonal jitter to factorise (damping %.3e is at "
+                        "the rounding level of their %s Gram; method_info.jittered_blocks)",
+                        self.name, jittered, nb, gamma, str(dtype).replace("torch.", ""))
         stats = FitStats(steps=m, seconds=time.perf_counter() - t0, samples=m)
         stats.extra["gamma"] = gamma
         stats.extra["num_grads"] = float(m)
         stats.extra["aux_floats"] = float(self.finv.numel())
-        stats.extra["gradient_passes"] = float(max(source.passes, 1))
+        stats.extra["jittered_blocks"] = float(jittered)
         log.info("%s: %d blocks of %d, m=%d, gamma=%.3e, %.1fs", self.name, nb, B, m, gamma, stats.seconds)
         return stats
+
+    @staticmethod
+    def _invert_in_place(gram: torch.Tensor, m: int, gamma: float, slab: int = 4096) -> int:
+        """gram[b] <- (gamma I + gram[b] / m)^-1 by float64 batched Cholesky, ``slab`` blocks at a time.
+
+        Blocks that do not factorise get ``jit * max diag`` added (jit from 1e-12, x100 until they do).
+        Returns how many blocks needed it."""
+        jittered = 0
+        for lo in range(0, gram.shape[0], slab):
+            f = gram[lo : lo + slab].double()
+            f = 0.5 * (f + f.transpose(1, 2)) / m
+            f.diagonal(dim1=1, dim2=2).add_(gamma)
+            chol, info = torch.linalg.cholesky_ex(f)
+            bad = info != 0
+            if bool(bad.any()):
+                jittered += int(bad.sum())
+                top = f[bad].diagonal(dim1=1, dim2=2).amax(dim=1)
+                eye = torch.eye(f.shape[-1], dtype=f.dtype)
+                jit = 1e-12
+                while True:
+                    c_bad, i_bad = torch.linalg.cholesky_ex(f[bad] + (jit * top)[:, None, None] * eye)
+                    if not bool((i_bad != 0).any()):
+                        break
+                    jit *= 100.0
+                    if jit > 1.0:
+                        raise torch.linalg.LinAlgError("a damped empirical-Fisher block is not positive definite")
+                chol[bad] = c_bad
+            gram[lo : lo + slab] = torch.cholesky_inverse(chol).to(gram.dtype)
+        return jittered
 
     # ---------------------------------------------------------------- products
     def _blocks_of(self, name: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..configs import (
     WandaConfig,
 )
 from ..configs.pruning import CurvatureConfig, DEFAULT_Q_BLOCK, GlobalScope, PruneConfig
-from ..curvature.empirical_fisher import BlockWoodburyEstimator
+from ..curvature.empirical_fisher import BlockFisherEstimator
 from ..curvature.fishleg import FishLegConfig, FishLegEstimator
 from ..curvature.mfac import MFACEstimator
 from ..errors import InvalidOptionError
@@ -88,13 +88,13 @@ def _fls(config: FLSConfig, run: RunOptions) -> Pruner:
 
 @handles(OBertConfig)
 def _obert(config: OBertConfig, run: RunOptions) -> Pruner:
-    return OBSPruner(BlockWoodburyEstimator(config.num_grads, config.block_size, config.damping, config.gamma_relative))
+    return OBSPruner(BlockFisherEstimator(config.num_grads, config.block_size, config.damping, config.gamma_relative))
 
 
 @handles(IEFConfig)
 def _ief(config: IEFConfig, run: RunOptions) -> Pruner:
     return OBSPruner(
-        BlockWoodburyEstimator(config.num_grads, config.block_size, config.damping, config.gamma_relative, ief=True)
+        BlockFisherEstimator(config.num_grads, config.block_size, config.damping, config.gamma_relative, ief=True)
     )
 
 
