@@ -84,6 +84,29 @@ def embed(tables: dict, ids: np.ndarray, layer_norm_eps: float = 1e-12) -> np.nd
     return x.numpy().astype(np.float32)
 
 
+#: cos of the two sentences' embeddings from the sentence-transformers pipeline of the same model
+#: (tokeniser, BertModel, mean pooling, L2 normalisation): the check that weights and tokeniser are mapped right.
+REFERENCE_PAIR = ("A man is playing a guitar.", "Someone plays an instrument.", 0.6674)
+
+
+def check_reference(encoder, tables: dict) -> float:
+    """Raise unless the encoder + tokeniser reproduce :data:`REFERENCE_PAIR`'s cosine to 1e-3; returns it."""
+    import torch
+
+    tok = WordPiece(model_dir() / "vocab.txt")
+    cls, sep = tok.vocab["[CLS]"], tok.vocab["[SEP]"]
+    pooled = []
+    for text in REFERENCE_PAIR[:2]:
+        x = torch.as_tensor(embed(tables, np.asarray([[cls, *tok.ids(text), sep]])))
+        with torch.no_grad():
+            v = encoder(x).mean(dim=1)[0]
+        pooled.append(v / v.norm())
+    cos = float(pooled[0] @ pooled[1])
+    if abs(cos - REFERENCE_PAIR[2]) > 1e-3:
+        raise RuntimeError(f"MiniLM check failed: cosine {cos:.4f}, expected {REFERENCE_PAIR[2]} (weights or tokeniser mapped wrong)")
+    return cos
+
+
 class WordPiece:
     """BERT's uncased tokenizer: lower-case, strip accents, split punctuation, greedy longest-match WordPiece."""
 

@@ -93,6 +93,7 @@ def prepare(workdir: Path, weights: str, seed: int) -> int:
         from benchmarks import minilm_text
 
         tables = minilm_text.load_into(enc)
+        minilm_text.check_reference(enc, tables)
         x = minilm_text.embed(tables, minilm_text.windows(SEQ, N_CALIB + N_EVAL, seed))
     else:
         x = np.random.default_rng(seed).normal(size=(N_CALIB + N_EVAL, SEQ, HIDDEN)).astype(np.float32)
