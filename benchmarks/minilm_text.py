@@ -18,6 +18,7 @@ into windows ``[CLS] t_1 .. t_{seq-2} [SEP]``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import unicodedata
@@ -93,7 +94,7 @@ def check_reference(encoder, tables: dict) -> float:
     """Raise unless the encoder + tokeniser reproduce :data:`REFERENCE_PAIR`'s cosine to 1e-3; returns it."""
     import torch
 
-    tok = WordPiece(model_dir() / "vocab.txt")
+    tok = tokenizer()
     cls, sep = tok.vocab["[CLS]"], tok.vocab["[SEP]"]
     pooled = []
     for text in REFERENCE_PAIR[:2]:
@@ -155,6 +156,12 @@ class WordPiece:
         return result
 
 
+@functools.cache
+def tokenizer() -> "WordPiece":
+    """The model's WordPiece tokeniser (vocabulary read once)."""
+    return WordPiece(model_dir() / "vocab.txt")
+
+
 def corpus() -> str:
     """scikit-learn's dataset descriptions as prose: lines that are mostly letters (no tables or underlines)."""
     import sklearn.datasets
@@ -171,7 +178,7 @@ def corpus() -> str:
 
 def windows(seq: int, n: int, seed: int) -> np.ndarray:
     """``n`` token windows (n, seq) ``[CLS] .. [SEP]`` cut from :func:`corpus` and shuffled with ``seed``."""
-    tok = WordPiece(model_dir() / "vocab.txt")
+    tok = tokenizer()
     stream = tok.ids(corpus())
     body = seq - 2
     count = len(stream) // body

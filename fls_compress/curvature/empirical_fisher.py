@@ -41,8 +41,7 @@ tiny gamma) gets a diagonal jitter relative to its largest diagonal entry, raise
 count is logged as a warning and reported (``jittered_blocks``).
 
 Damping gamma is absolute when given, else ``relative_damping * mean diag((1/m) sum g g^T)`` over
-the surviving coordinates (the squared norms are summed while the Grams are formed, so one pass over
-the gradients suffices either way).
+the surviving coordinates (the trace of the Grams, so one pass over the gradients suffices either way).
 
 OBS quantities: diag(F^-1) for rho_q = w_q^2 / (2 [F^-1]_qq), F^-1 z for the decoupled update, and
 :meth:`BlockFisherEstimator.block_exact_update`, the exact group-OBS update inside each block,
@@ -179,6 +178,30 @@ def _auto_dtype(floats: int, dtype: torch.dtype | None, limit: float = 2.5e7) ->
     return torch.float64 if floats <= limit else torch.float32
 
 
+def _jittered_cholesky(mats: torch.Tensor, scale: torch.Tensor, jit: torch.Tensor, message: str,
+                       where: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched Cholesky factors of ``mats + jit_b * scale_b * I`` (I restricted to ``where`` when given).
+
+    A matrix that does not factorise has its ``jit`` raised (0 -> 1e-12, else x100) and is retried on its
+    own; above 1 a ``LinAlgError(message)`` is raised. ``jit`` (one per matrix) is updated in place, so
+    the caller sees which matrices needed more than they started with."""
+    eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
+    shift = eye if where is None else eye * where
+
+    def attempt(sel: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        diag = shift if where is None else shift[sel]
+        return torch.linalg.cholesky_ex(mats[sel] + (jit[sel] * scale[sel])[:, None, None] * diag)
+
+    chol, info = attempt(slice(None))
+    while bool((info != 0).any()):
+        bad = info != 0
+        jit[bad] = torch.where(jit[bad] > 0, jit[bad] * 100.0, 1e-12)
+        if float(jit[bad].max()) > 1.0:
+            raise torch.linalg.LinAlgError(message)
+        chol[bad], info[bad] = attempt(bad)
+    return chol
+
+
 # ------------------------------------------------------------------------------------------------
 class BlockFisherEstimator(InverseFisherEstimator):
     """oBERT / WoodFisher block-diagonal empirical-Fisher inverse (``ief=True``: the iEF surgeon).
@@ -250,11 +273,9 @@ class BlockFisherEstimator(InverseFisherEstimator):
         nb = layout.total_blocks
         gram = torch.zeros(nb, B, B, dtype=dtype)  # becomes the inverse blocks, in place
         buf = torch.empty(nb, min(self.chunk_size, m), B, dtype=dtype)  # (nb, c, B): G_b per block, one chunk
-        filled, sq = 0, 0.0
+        filled = 0
         for vec in per_example_vectors(problem, m, ief=self.ief, labels=labels):
-            flat = layout.flatten(problem, vec, dtype).reshape(nb, B)
-            sq += float(flat.double().square().sum())
-            buf[:, filled].copy_(flat)
+            buf[:, filled].copy_(layout.flatten(problem, vec, dtype).reshape(nb, B))
             filled += 1
             if filled == buf.shape[1]:
                 gram.baddbmm_(buf.transpose(1, 2), buf)
@@ -267,6 +288,7 @@ class BlockFisherEstimator(InverseFisherEstimator):
             gamma = float(self.damping)
         else:
             alive = sum(int(problem.masks[n].sum()) for n in layout.names)
+            sq = float(gram.diagonal(dim1=1, dim2=2).sum(dtype=torch.float64))  # sum_i ||g_i||^2
             gamma = self.relative_damping * sq / (m * max(alive, 1))
             if not gamma > 0:
                 log.warning("%s: the empirical Fisher is zero; damping falls back to %g", self.name, self.relative_damping)
@@ -290,28 +312,17 @@ class BlockFisherEstimator(InverseFisherEstimator):
     def _invert_in_place(gram: torch.Tensor, m: int, gamma: float, slab: int = 4096) -> int:
         """gram[b] <- (gamma I + gram[b] / m)^-1 by float64 batched Cholesky, ``slab`` blocks at a time.
 
-        Blocks that do not factorise get ``jit * max diag`` added (jit from 1e-12, x100 until they do).
-        Returns how many blocks needed it."""
+        Blocks that do not factorise get ``jit * max diag`` added (:func:`_jittered_cholesky`, jit from
+        1e-12, x100 until they do). Returns how many blocks needed it."""
         jittered = 0
         for lo in range(0, gram.shape[0], slab):
             f = gram[lo : lo + slab].double()
             f = 0.5 * (f + f.transpose(1, 2)) / m
             f.diagonal(dim1=1, dim2=2).add_(gamma)
-            chol, info = torch.linalg.cholesky_ex(f)
-            bad = info != 0
-            if bool(bad.any()):
-                jittered += int(bad.sum())
-                top = f[bad].diagonal(dim1=1, dim2=2).amax(dim=1)
-                eye = torch.eye(f.shape[-1], dtype=f.dtype)
-                jit = 1e-12
-                while True:
-                    c_bad, i_bad = torch.linalg.cholesky_ex(f[bad] + (jit * top)[:, None, None] * eye)
-                    if not bool((i_bad != 0).any()):
-                        break
-                    jit *= 100.0
-                    if jit > 1.0:
-                        raise torch.linalg.LinAlgError("a damped empirical-Fisher block is not positive definite")
-                chol[bad] = c_bad
+            jit = torch.zeros(f.shape[0], dtype=f.dtype)
+            chol = _jittered_cholesky(f, f.diagonal(dim1=1, dim2=2).amax(dim=1), jit,
+                                      "a damped empirical-Fisher block is not positive definite")
+            jittered += int((jit > 0).sum())
             gram[lo : lo + slab] = torch.cholesky_inverse(chol).to(gram.dtype)
         return jittered
 
@@ -360,20 +371,12 @@ class BlockFisherEstimator(InverseFisherEstimator):
             qs, ps, ts = q[rows], p[rows], theta[rows]
             pp = (ps.unsqueeze(2) & ps.unsqueeze(1)).double()
             scale = qs.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp_min(1e-300)
-            eye = torch.eye(q.shape[-1], dtype=torch.float64)
             base = qs * pp + torch.diag_embed((~ps).double())
             rhs = (ts * ps.double()).unsqueeze(-1)
+            # float32 blocks with small damping can be indefinite at rounding level: the jitter (relative
+            # to the block's largest diagonal entry) is raised only where the factorisation failed
             jit = torch.full_like(scale, self.jitter)
-            chol, info = torch.linalg.cholesky_ex(base + (jit * scale)[:, None, None] * eye * pp)
-            # float32 blocks with small damping can be indefinite at rounding level: raise the jitter
-            # (relative to the block's largest diagonal entry) only where the factorisation failed
-            while bool((info != 0).any()):
-                bad = info != 0
-                jit[bad] *= 100.0
-                if float(jit[bad].max()) > 1.0:
-                    raise torch.linalg.LinAlgError(f"{self.name}: inverse-Fisher block of {name!r} is not PSD")
-                c_bad, i_bad = torch.linalg.cholesky_ex(base[bad] + (jit[bad] * scale[bad])[:, None, None] * eye * pp[bad])
-                chol[bad], info[bad] = c_bad, i_bad
+            chol = _jittered_cholesky(base, scale, jit, f"{self.name}: inverse-Fisher block of {name!r} is not PSD", where=pp)
             if float(jit.max()) > self.jitter:
                 log.debug("%s: jitter raised to %.1e on %s", self.name, float(jit.max()), name)
             x = torch.bmm(torch.cholesky_inverse(chol), rhs)
