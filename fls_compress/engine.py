@@ -68,7 +68,8 @@ def compress(
     opts = options or RunOptions()
     rep = new_report(config.command)
     t_start = time.perf_counter()
-    inputs = {"model": model, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights}
+    inputs = {"model": model, "--data": data, "--eval-data": eval_data, "--labels": labels, "--weights": weights,
+              "--recover-data": getattr(config, "recover_data", None)}
     outputs = {"-o": output, "--report": report}
     rep.update(method=config.method, config=config.to_dict(), options=opts.to_dict())
     with collect_warnings() as warnings:
@@ -161,6 +162,8 @@ def _run(
     rep["likelihood"] = outcome.likelihood
     rep["steps"] = outcome.steps
     rep["method_info"] = outcome.info
+    if "recovery" in outcome.info:  # --recover-steps: schedule, loss curves, early stops, time
+        rep["recovery"] = outcome.info.pop("recovery")
     rep["conversion"] = outcome.conversion
 
     pruned = outcome.model if outcome.model is not None else write_back(proto, outcome.arrays, sparse=opts.sparse_storage)

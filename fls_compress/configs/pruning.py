@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from ..errors import InvalidOptionError
 from .base import Config, knob
+from .recovery import Recovery
 
 TORCH = "torch"
 DEFAULT_MAX_ROWS = 65536
@@ -136,7 +137,7 @@ class LossFisher(Config):
 
 
 @dataclass(frozen=True)
-class CurvatureConfig(GlobalScope, LossFisher):
+class CurvatureConfig(GlobalScope, LossFisher, Recovery):
     """OBS with an inverse-Fisher estimate (needs the torch graph for gradients)."""
 
     panel: ClassVar[str] = "Curvature methods (fls, obert, ief, mfac)"
@@ -150,6 +151,10 @@ class CurvatureConfig(GlobalScope, LossFisher):
         super().validate()
         if self.nm is not None and self.steps not in (None, 1):
             raise InvalidOptionError("--steps > 1 does not apply to --pattern (N:M is reached in one step)")
+        if self.recovering and self.steps is not None:
+            raise InvalidOptionError("give --steps (one-shot sub-steps) or --recover-steps (gradual schedule), not both")
+        if self.recovering and self.nm is not None and self.recover_steps != 1:
+            raise InvalidOptionError("--recover-steps > 1 does not apply to --pattern (N:M is reached in one step)")
 
     @property
     def num_steps(self) -> int:

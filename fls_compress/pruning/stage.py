@@ -96,6 +96,25 @@ def _run_steps(pruner: Pruner, problem: FisherProblem, spec: SparsitySpec, opts:
     return [asdict(st) for st in result.steps], info
 
 
+def _run_gradual(model, config, pruner, problem: FisherProblem, spec: SparsitySpec, likelihood: str,
+                 opts: RunOptions) -> tuple[list, dict]:
+    """``--recover-steps``: gradual pruning with distillation (:mod:`fls_compress.recovery.gradual`)."""
+    from ..io.calibration import load_calibration
+    from ..recovery.gradual import run_gradual
+
+    settings = config.recovery_settings
+    extra = None
+    if settings["data"] is not None:
+        extra = load_calibration(settings["data"], model, seed=opts.seed, shapes=opts.shapes, consts=opts.consts)
+    steps, info = run_gradual(pruner, problem, spec, settings, likelihood, extra, opts.seed, opts.progress)
+    if problem.per_example_info:
+        info["per_example_gradients"] = problem.per_example_info
+    layer_info = getattr(getattr(pruner, "estimator", None), "layer_info", None)
+    if layer_info:
+        info["per_layer"] = layer_info
+    return steps, info
+
+
 def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, Any, list[str], float]:
     """onnx2torch graph -> FisherProblem with the likelihood :func:`infer_task` picks (and what it excluded)."""
     from ..bridge.convert import convert_to_torch
@@ -138,7 +157,10 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
 
 def _with_torch(model, config: CurvatureConfig, pruner, spec, calib, device, opts) -> Outcome:
     problem, guess, excluded, convert_s = build_problem(model, config, calib, device, opts)
-    steps, info = _run_steps(pruner, problem, spec, opts)
+    if getattr(config, "recovering", False):
+        steps, info = _run_gradual(model, config, pruner, problem, spec, guess.likelihood, opts)
+    else:
+        steps, info = _run_steps(pruner, problem, spec, opts)
     arrays = {name: w.to_onnx() for name, w in problem.weights.items()}
     return Outcome(arrays, _layers(problem.weights), excluded, steps, info, guess.likelihood, convert_s,
                    conversion=problem.conversion)

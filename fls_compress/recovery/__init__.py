@@ -1,0 +1,1 @@
+"""Recovery after pruning: gradual pruning on a sparsity schedule with distillation fine-tuning (masks fixed)."""
