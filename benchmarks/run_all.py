@@ -25,6 +25,7 @@ BENCHMARKS = [
     "curvature_cost",       # inverse-Fisher cost: FLS vs oBERT vs M-FAC (time, memory)
     "transformer_encoder",  # pretrained MiniLM-L6 encoder (22M params) on real text: every method at 50/70%, time, RSS, agreement
     "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps
+    "recovery",             # one-shot vs gradual vs gradual + distillation fine-tuning (--recover-steps), AE and CNN at 80/90/95%
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
 ]
