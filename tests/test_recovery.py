@@ -202,3 +202,15 @@ def test_cli_refuses_recover_options_with_exit_2(mlp, tmp_path, args):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 2
+
+
+def test_recover_data_is_guarded_as_an_input(mlp, tmp_path):
+    import shutil
+
+    extra = tmp_path / "extra.npz"
+    shutil.copy(mlp["extra"], extra)
+    before = extra.read_bytes()
+    with pytest.raises(InvalidOptionError, match="--recover-data"):
+        compress(mlp["model"], MFACConfig(**{**BASE, "recover_data": str(extra)}), mlp["calib"], output=extra,
+                 options=RunOptions(seed=0, threads=1, progress=False))
+    assert extra.read_bytes() == before
