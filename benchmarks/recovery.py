@@ -187,23 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(range(len(VARIANTS))) if args.variants == "all" else [int(i) for i in args.variants.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     overrides = _parse_overrides(args.override)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             for method in args.methods.split(","):
-                rows += run(model, method, args.samples, sparsities, variants, args.recover_steps, overrides, args.tag,
-                            args.seed, args.threads, Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "recovery.json"
+                for s in sparsities:  # saved after each sparsity, so an interrupted sweep keeps what it measured
+                    rows = run(model, method, args.samples, [s], variants, args.recover_steps, overrides, args.tag,
+                               args.seed, args.threads, Path(tmp))
+                    merged = save(rows, args.out)
+    print(markdown(merged))
+    return 0
+
+
+def save(rows: list[dict], out: Path) -> list[dict]:
+    """Merge ``rows`` into ``out/recovery.json`` (same model, method, variant, sparsity and tag: replaced)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recovery.json"
     key = lambda r: (r["model"], r["method"], r["variant"], r["sparsity"], r["tag"])  # noqa: E731
     if path.exists():
         redone = {key(r) for r in rows}
         rows = [r for r in json.loads(path.read_text()) if key(r) not in redone] + rows
     rows.sort(key=lambda r: (r["model"], r["method"], r["tag"] != "", r["tag"], VARIANTS.index(r["variant"]), r["sparsity"]))
     path.write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "recovery.md").write_text(markdown(rows))
-    print(markdown(rows))
-    return 0
+    (out / "recovery.md").write_text(markdown(rows))
+    return rows
 
 
 if __name__ == "__main__":
