@@ -150,7 +150,12 @@ def markdown(rows: list[dict]) -> str:
              "1024..2023 (not calibration; recipe defaults chosen here), test = the 1000 test images. `data`: what the "
              "pruning and the distillation read: `calibration` = the 819 calibration images left after compress's "
              "20% verification hold-out (unlabelled for recovery); `+ pool` adds `--recover-data` with 1976 unlabelled "
-             "training images 2024..3999 (never validation or test images).", ""]
+             "training images 2024..3999 (never validation or test images). "
+             "Seed 0, one run per cell. Times were measured while up to ~14 processes shared the 2 cores (load average "
+             "8-14), so they are inflated up to ~10x and not comparable between rows (the FLS one-shot job at 90% on the "
+             "autoencoder takes ~48 s unloaded, `fls_prune_time.md`). Rows tagged `lr...`: the validation search of "
+             "`--recover-lr` (the 90% autoencoder row of the default recipe is the `lr1e-3` run, whose settings are the "
+             "default); one-shot and `gradual, no fine-tuning` do not depend on the learning rate.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         dense = mrows[0]["dense"]
