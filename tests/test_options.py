@@ -19,6 +19,7 @@ from fls_compress import (
     FLSConfig, IEFConfig, MagnitudeConfig, MFACConfig, OBertConfig, RunOptions, SparseGPTConfig, WandaConfig, compress,
 )
 from fls_compress.configs import AutoConfig, FLSQuantConfig, GPTQConfig, RTNConfig
+from fls_compress.configs.recovery import Recovery
 from fls_compress.errors import InvalidOptionError, VerificationError
 from fls_compress.runtime import fast_matmul_backend
 
@@ -164,10 +165,15 @@ INHERITED_ELSEWHERE = {
 }
 
 
+# the --recover-* knobs (configs/recovery.py) each have a "changes the result" case in tests/test_recovery.py
+RECOVERY_KNOBS = {f.name for f in Recovery.knobs()}
+
+
 def test_every_knob_has_a_case():
     for cls in (FLSConfig, OBertConfig, IEFConfig, MFACConfig, SparseGPTConfig, WandaConfig, MagnitudeConfig, AutoConfig,
                 RTNConfig, GPTQConfig, FLSQuantConfig):
         covered = {knob for c, _, knob, _ in CASES if c is cls} | INHERITED_ELSEWHERE.get(cls, set())
+        covered |= RECOVERY_KNOBS if issubclass(cls, Recovery) else set()
         assert covered == {f.name for f in cls.knobs()}, (cls.__name__, {f.name for f in cls.knobs()} - covered)
 
 
