@@ -49,11 +49,11 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for internal errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    from fls_compress.progress import configure_logging
+    from fls_compress.progress import attach_cli_logging
 
     if ctx.invoked_subcommand is None:
         raise _UsageError("no command given; run 'fls-compress --help' for the commands")
-    configure_logging(verbose, quiet)
+    ctx.call_on_close(attach_cli_logging(verbose, quiet))  # the handler lives for this invocation only
     _DEBUG["on"] = debug
 
 

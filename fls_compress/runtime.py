@@ -93,6 +93,20 @@ def fast_matmul_backend(device: str | torch.device) -> str | None:
     return None
 
 
+def fast_matmul_reason(device: str | torch.device, enabled: bool = True) -> str:
+    """Why :func:`fast_matmul` runs in full float32 on ``device`` (for the report when it does)."""
+    if not enabled:
+        return "disabled (--fit-matmul float32)"
+    kind = torch.device(device).type
+    if kind == "cpu" and not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    if kind == "cpu" and not _native_bf16():
+        return "the CPU has no native bf16 dot products (AVX512-BF16 or AMX); emulated bf16 is no faster"
+    if kind not in ("cpu", "cuda"):
+        return f"no reduced-precision matmul path for device type {kind!r}"
+    return "fast arithmetic is available"
+
+
 def _native_bf16() -> bool:
     """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); without them oneDNN's bf16
     path would be emulated and no faster."""

@@ -79,6 +79,7 @@ def _digest(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_prune_success_prints_json_and_keeps_input(mlp, tmp_path):
     before = _digest(mlp["model"])
     out = tmp_path / "out.onnx"
@@ -118,6 +119,7 @@ def test_bad_options_and_data_give_one_line_errors(mlp, tmp_path, args, code, fr
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_bad_models_give_one_line_errors(mlp, tmp_path):
     d = mlp["dir"]
     assert_one_line_error(run_cli("prune", str(d / "corrupt.onnx"), "-o", str(tmp_path / "o.onnx")), 3, "corrupt.onnx")
@@ -177,6 +179,7 @@ def test_typer_cli_runner_sees_the_same_commands(mlp):
     assert res.exit_code == 0 and "FishLeg Surgeon (fls)" in res.output and "--fit-steps" in res.output
 
 
+@pytest.mark.slow
 def test_failure_after_parsing_still_writes_a_report(mlp, tmp_path):
     rep = tmp_path / "r.json"
     proc = run_cli("prune", str(mlp["model"]), "-o", str(tmp_path / "o.onnx"), "--data", str(mlp["dir"] / "nan.npz"),
@@ -197,6 +200,7 @@ def test_failure_after_parsing_still_writes_a_report(mlp, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_job_spec_from_config_to_dict_gives_byte_identical_models(mlp, tmp_path):
     from fls_compress import FLSConfig, RunOptions, compress
     from fls_compress.jobspec import make_spec

@@ -78,6 +78,7 @@ def test_fls_prune_writes_back_into_the_original_graph(ae, tmp_path):
     assert report["verification"]["num_samples"] == 500
 
 
+@pytest.mark.slow
 def test_fls_beats_global_magnitude_on_the_autoencoder(ae, tmp_path):
     """The FLS headline claim, at small scale: lower test reconstruction loss at every sparsity."""
     losses = {}
@@ -130,6 +131,7 @@ def test_n_of_m_pattern(ae, tmp_path):
         assert ((groups == 0).sum(-1) >= 2).all()
 
 
+@pytest.mark.slow
 def test_resnet18_and_transformer_encoder_prune_and_verify(tmp_path):
     import torchvision
 

@@ -213,9 +213,10 @@ class FishLegFit(Config):
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
     fit_matmul: str = knob(
         "fast", "Arithmetic of the fit: 'fast' runs the Kronecker Q products of the auxiliary steps on bf16 copies and "
-        "the other float32 matmuls of the steps and validation checkpoints with bf16 (oneDNN, CPUs with AVX512-BF16/AMX) "
+        "the other float32 matmuls of the steps with bf16 (oneDNN, CPUs with AVX512-BF16/AMX) "
         "or TF32 (CUDA) internal arithmetic where the machine has it; 'float32' never. Q's parameters and optimizer, "
-        "its start and the pruning itself are float32 either way (the report's fit_matmul / fit_q_products say what ran).",
+        "its start, the validation checkpoints and the pruning are float32 either way (the report's fit_matmul / "
+        "fit_q_products / fit_matmul_reason say what ran and why).",
         choices=("fast", "float32"))
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)
