@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 from fls_compress.bridge.compat import install_compat
 from fls_compress.bridge.convert import convert_to_torch, unsupported_ops
-from fls_compress.bridge.ops import GUARDED_ALIASES, REFUSED, TYPE_ONLY_ALIASES, converted_by_us
+from fls_compress.bridge.ops import REFUSED, TYPE_ONLY_ALIASES, converted_by_us
 from fls_compress.errors import UnsupportedModelError
 from tests.op_cases import CASES, OpCase, rand
 
@@ -162,14 +162,10 @@ def test_refused_ops_are_not_converted_and_named() -> None:
     assert unsupported_ops(model) == ["RandomNormalLike (opset 22)"]
 
 
-@pytest.mark.parametrize("attrs,feature", [
-    ({"mode": "linear", "antialias": 1}, "antialias=1"),
-    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"}, "half_pixel_symmetric"),
-])
-def test_guarded_alias_refuses_new_features(attrs, feature) -> None:
-    case = OpCase("Resize", 19, {"x": rand(1, 2, 4, 4)}, attrs,
-                  consts={"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 0.5, 0.5], np.float32)})
-    with pytest.raises(UnsupportedModelError, match=feature):
+def test_refused_resize_policy_is_unsupported_not_wrong() -> None:
+    case = OpCase("Resize", 18, {"x": rand(1, 2, 4, 4)}, {"keep_aspect_ratio_policy": "not_larger"},
+                  order=["x", None, None, "sizes"], consts={"sizes": np.array([1, 2, 3, 3], np.int64)})
+    with pytest.raises(UnsupportedModelError, match="keep_aspect_ratio_policy"):
         convert_to_torch(case.model())
 
 
@@ -178,4 +174,3 @@ def test_refused_attribute_combination_is_unsupported_not_wrong() -> None:
                   consts={"scale": rand(4), "bias": rand(4)})
     with pytest.raises(UnsupportedModelError, match="stash_type"):
         convert_to_torch(case.model())
-    assert GUARDED_ALIASES  # the guarded aliases above are registered through the package

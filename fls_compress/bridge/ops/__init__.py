@@ -6,10 +6,11 @@ onnx2torch 1.5 converts about half of the default-domain ONNX operators, capped 
 * new operators, each an ``nn.Module`` written from the ONNX operator spec: :mod:`.activations`,
   :mod:`.pooling`, :mod:`.normalization`, :mod:`.attention`, :mod:`.tensor`, :mod:`.resampling`,
   :mod:`.integer`;
+* replacements where onnx2torch's converter is wrong: :mod:`.resize` (Resize-11+, from the spec),
+  ScatterND-16/18 (reductions) in :mod:`.tensor`;
 * newer versions of operators onnx2torch has, where the schema changed only in the element types it
   admits (opset 22 added bfloat16 to most float operators, 23 the 4-bit types):
   :data:`TYPE_ONLY_ALIASES`, each checked against the ONNX schemas by the tests;
-* guarded aliases where a newer version adds a feature (the converter refuses nodes that use it).
 
 :data:`REFUSED` names the default-domain operators nobody converts and why (random sampling,
 sequences, strings, quantised arithmetic, control flow), for the coverage table and error messages.
@@ -21,11 +22,9 @@ import logging
 
 from onnx2torch.node_converters import registry
 from onnx2torch.node_converters.registry import add_converter, get_converter
-from onnx2torch.onnx_graph import OnnxGraph
-from onnx2torch.onnx_node import OnnxNode
 
-from . import activations, attention, integer, normalization, pooling, resampling, tensor  # noqa: F401 - declare converters
-from ._common import OURS, Declared, attr
+from . import activations, attention, integer, normalization, pooling, resampling, resize, tensor  # noqa: F401 - declare converters
+from ._common import OURS, Declared
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,41 +77,13 @@ REFUSED: dict[str, str] = {
 _installed = False
 
 
-def _resize_new_features(node: OnnxNode) -> str | None:
-    if int(attr(node, "antialias", 0)) != 0:
-        return "antialias=1"
-    if attr(node, "axes", None):
-        return "axes"
-    if attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
-        return "keep_aspect_ratio_policy"
-    if attr(node, "coordinate_transformation_mode", "half_pixel") == "half_pixel_symmetric":
-        return "coordinate_transformation_mode=half_pixel_symmetric"
-    return None
-
-
-#: (op, base version, new versions, check returning the unsupported feature a node uses, or None)
-GUARDED_ALIASES = (
-    ("Resize", 13, (18, 19), _resize_new_features),
-)
-
-
-def _guarded(op: str, base: int, check):
-    def convert(node: OnnxNode, graph: OnnxGraph):
-        problem = check(node)
-        if problem is not None:
-            raise NotImplementedError(f"{node.operation_type}: {problem} is not implemented")
-        return get_converter(op, base)(node, graph)
-
-    return convert
-
-
 def _registered(op: str, version: int) -> bool:
     description = registry.OperationDescription(domain="", operation_type=op, version=version)
     return description in registry._CONVERTER_REGISTRY  # noqa: SLF001 - onnx2torch has no query API
 
 
 def converted_by_us() -> dict[str, dict[str, object]]:
-    """op -> {"versions": [...], "family": module, "kind": "own"|"override"|"alias"|"guarded alias"} of this package."""
+    """op -> {"versions": [...], "family": module, "kind": "own"|"override"|"alias"} of this package."""
     out: dict[str, dict[str, object]] = {}
     for decl in OURS:
         entry = out.setdefault(decl.op, {"versions": [], "family": decl.family,
@@ -120,9 +91,6 @@ def converted_by_us() -> dict[str, dict[str, object]]:
         entry["versions"] = sorted(set(entry["versions"]) | set(decl.versions))  # type: ignore[arg-type]
     for op, _base, versions in TYPE_ONLY_ALIASES:
         entry = out.setdefault(op, {"versions": [], "family": "aliases", "kind": "alias"})
-        entry["versions"] = sorted(set(entry["versions"]) | set(versions))  # type: ignore[arg-type]
-    for op, _base, versions, _check in GUARDED_ALIASES:
-        entry = out.setdefault(op, {"versions": [], "family": "aliases", "kind": "guarded alias"})
         entry["versions"] = sorted(set(entry["versions"]) | set(versions))  # type: ignore[arg-type]
     return out
 
@@ -146,9 +114,5 @@ def install_ops() -> None:
         for version in versions:
             if not _registered(op, version):
                 add_converter(operation_type=op, version=version)(fn)
-    for op, base, versions, check in GUARDED_ALIASES:
-        for version in versions:
-            if not _registered(op, version):
-                add_converter(operation_type=op, version=version)(_guarded(op, base, check))
     _installed = True
     _LOG.debug("own converters installed: %d operators", len(converted_by_us()))
