@@ -142,3 +142,79 @@ def test_cli_exit_4_on_diverging_conversion(tmp_path, wrong_gelu, capsys):
     assert info.value.code == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "the_gelu" in err[-1]
+
+
+def test_cuda_request_without_cuda_ep_falls_back_to_cpu_with_a_warning(caplog):
+    """``--device cuda`` asks onnxruntime for its CUDA execution provider; where it is missing or
+    cannot start (this CPU-only onnxruntime), verification and capture use the CPU provider, a
+    warning says so and the report section names the reason."""
+    import logging
+
+    from fls_compress.io.activations import ort_session
+    from fls_compress.runtime import choose_ort_providers, session_providers
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="fls_compress"):
+            section = choose_ort_providers("cuda")
+        if "CUDAExecutionProvider" in ort.get_available_providers() and section["fallback"] is None:
+            assert section["providers"][0] == "CUDAExecutionProvider"
+            return
+        assert section == {"device": "cuda", "providers": ["CPUExecutionProvider"], "fallback": section["fallback"]}
+        assert "CUDAExecutionProvider" in section["fallback"]
+        assert any("verification and activation capture run on CPUExecutionProvider" in r.message for r in caplog.records)
+        model = saturated_sigmoid_model_proto()
+        assert ort_session(model).get_providers() == ["CPUExecutionProvider"]
+    finally:
+        choose_ort_providers("cpu")
+    assert session_providers() == ["CPUExecutionProvider"]
+
+
+def saturated_sigmoid_model_proto() -> onnx.ModelProto:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_onnx(saturated_sigmoid(Path(tmp) / "m.onnx", np.random.default_rng(0)))
+
+
+def test_report_names_the_onnxruntime_providers(tmp_path):
+    rng = np.random.default_rng(4)
+    model_path = byte_classifier(tmp_path / "m.onnx", rng)
+    data = _data(tmp_path / "d.npz", (4, 20), rng)
+    from fls_compress import MagnitudeConfig
+
+    report = compress(model_path, MagnitudeConfig(sparsity=0.5), data, output=tmp_path / "o.onnx", options=QUIET)
+    assert report["onnxruntime"] == {"device": "cpu", "providers": ["CPUExecutionProvider"], "fallback": None}
+
+
+def test_inspect_says_who_converts_each_operator(tmp_path, capsys):
+    from cli.main import run
+
+    model_path = attention_block(tmp_path / "m.onnx", np.random.default_rng(5))
+    with pytest.raises(SystemExit) as info:
+        run(["inspect", str(model_path)])
+    assert info.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["unsupported_ops"] == []
+    assert report["converters"] == {
+        "MatMul (opset 13)": "onnx2torch", "Attention (opset 23)": "fls_compress (ops.attention)",
+        "Add (opset 14)": "onnx2torch", "LayerNormalization (opset 17)": "onnx2torch", "Gelu (opset 20)": "fls_compress (compat)",
+    }
+
+
+def test_coverage_table_lists_every_schema_operator_with_a_verdict():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("op_coverage", Path(__file__).parents[1] / "scripts" / "op_coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.build(23)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    ops = {r.split(" | ")[0][2:] for r in rows}
+    expected = {s.name for s in onnx.defs.get_all_schemas_with_history()
+                if s.domain == "" and not s.deprecated and s.since_version <= 23}
+    assert ops == expected
+    verdicts = [r.split(" | ")[5] for r in rows]
+    assert all(v.startswith(("onnx2torch", "compat", "ours", "refused: ")) for v in verdicts)
+    assert "| GlobalMaxPool |" in table and "ours (pooling)" in table
