@@ -222,6 +222,41 @@ def _cases() -> list[OpCase]:
                     consts={"image": np.array([4, 5], np.int64), "block": np.array([2, 2], np.int64)}))
     c.append(OpCase("Col2Im", 18, {"x": rand(2, 3 * 6, 6)}, {"strides": [2, 1], "pads": [1, 0, 1, 0], "dilations": [1, 2]},
                     consts={"image": np.array([5, 6], np.int64), "block": np.array([2, 3], np.int64)}))
+    # --- spectral
+    for op in ("HannWindow", "HammingWindow", "BlackmanWindow"):
+        for periodic in (0, 1):
+            c.append(OpCase(op, 17, {}, {"periodic": periodic}, consts={"size": np.array(10, np.int64)}))
+    c.append(OpCase("HannWindow", 17, {}, {"output_datatype": TensorProto.DOUBLE}, consts={"size": np.array(7, np.int64)},
+                    outputs=[("y", TensorProto.DOUBLE)]))
+    sig = rand(2, 16, 1)
+    for opset, attrs, x, consts, order in (
+        (17, {}, sig, {}, None),
+        (17, {"axis": 1, "onesided": 1}, sig, {}, None),
+        (17, {"inverse": 1}, rand(2, 12, 2), {}, None),
+        (17, {"axis": 2}, rand(2, 3, 8, 2), {"n": np.array(10, np.int64)}, ["x", "n"]),
+        (20, {}, sig, {}, None),
+        (20, {"onesided": 1}, rand(3, 16, 1), {"n": np.array(12, np.int64)}, ["x", "n"]),
+        (20, {"inverse": 1}, rand(2, 5, 9, 2), {"axis": np.array(1, np.int64)}, ["x", None, "axis"]),
+    ):
+        c.append(OpCase("DFT", opset, {"x": x}, attrs, consts=consts, order=order))
+    for onesided, with_window, length in ((1, True, None), (0, False, 8), (1, False, 6), (1, True, 8)):
+        consts = {"step": np.array(3, np.int64)}
+        order = ["x", "step"]
+        if with_window:
+            consts["window"] = rand(8, low=0.0, high=1.0)
+        order.append("window" if with_window else None)
+        if length is not None:
+            consts["len"] = np.array(length, np.int64)
+            order.append("len")
+        c.append(OpCase("STFT", 17, {"x": rand(2, 30, 1) if onesided else rand(2, 30, 2)}, {"onesided": onesided},
+                        consts=consts, order=order))
+    # recurrent (rnn.py): plain RNN
+    for direction in ("forward", "reverse", "bidirectional"):
+        dirs = 2 if direction == "bidirectional" else 1
+        c.append(OpCase("RNN", 14, {"x": rand(5, 2, 3), "h0": rand(dirs, 2, 4)}, {"hidden_size": 4, "direction": direction},
+                        consts={"W": rand(dirs, 4, 3), "R": rand(dirs, 4, 4), "B": rand(dirs, 8)},
+                        order=["x", "W", "R", "B", None, "h0"], outputs=[("y", F), ("y_h", F)], grad=("x",)))
+    c.append(OpCase("RNN", 22, {"x": rand(4, 3, 2)}, {"hidden_size": 3}, consts={"W": rand(1, 3, 2), "R": rand(1, 3, 3)}))
     # --- integer
     a8, b8 = RNG.integers(0, 256, (3, 4)).astype(np.uint8), RNG.integers(0, 256, (3, 4)).astype(np.uint8)
     for op in ("BitwiseAnd", "BitwiseOr", "BitwiseXor"):

@@ -5,7 +5,7 @@ onnx2torch 1.5 converts about half of the default-domain ONNX operators, capped 
 
 * new operators, each an ``nn.Module`` written from the ONNX operator spec: :mod:`.activations`,
   :mod:`.pooling`, :mod:`.normalization`, :mod:`.attention`, :mod:`.tensor`, :mod:`.resampling`,
-  :mod:`.integer`;
+  :mod:`.integer`, :mod:`.spectral`;
 * replacements where onnx2torch's converter is wrong: :mod:`.resize` (Resize-11+, from the spec),
   ScatterND-16/18 (reductions) in :mod:`.tensor`;
 * newer versions of operators onnx2torch has, where the schema changed only in the element types it
@@ -23,7 +23,7 @@ import logging
 from onnx2torch.node_converters import registry
 from onnx2torch.node_converters.registry import add_converter, get_converter
 
-from . import activations, attention, integer, normalization, pooling, resampling, resize, tensor  # noqa: F401 - declare converters
+from . import activations, attention, integer, normalization, pooling, resampling, resize, spectral, tensor  # noqa: F401 - declare converters
 from ._common import OURS, Declared
 
 _LOG = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ TYPE_ONLY_ALIASES: tuple[tuple[str, int, tuple[int, ...]], ...] = (
     ("Elu", 6, (22,)), ("EyeLike", 9, (22,)), ("GlobalAveragePool", 1, (22,)), ("HardSigmoid", 6, (22,)),
     ("HardSwish", 14, (22,)), ("InstanceNormalization", 6, (22,)), ("MaxPool", 12, (22,)), ("RoiAlign", 16, (22,)),
     ("Round", 11, (22,)), ("Selu", 6, (22,)), ("Softplus", 1, (22,)), ("Softsign", 1, (22,)),
-    ("LSTM", 14, (22,)), ("GRU", 14, (22,)),
+    ("LSTM", 14, (22,)), ("GRU", 14, (22,)), ("RNN", 14, (22,)),
     ("Cast", 21, (23,)), ("Constant", 21, (23,)), ("ConstantOfShape", 21, (23,)), ("Flatten", 21, (23,)),
     ("Identity", 21, (23,)), ("Pad", 21, (23,)), ("Reshape", 21, (23,)), ("Shape", 21, (23,)), ("Size", 21, (23,)),
     ("Squeeze", 21, (23,)), ("Transpose", 21, (23,)), ("Unsqueeze", 21, (23,)),
@@ -65,13 +65,7 @@ REFUSED: dict[str, str] = {
     "MaxRoiPool": "region pooling with integer box quantisation; no exporter in use emits it (RoiAlign is converted)",
     "MaxUnpool": "needs MaxPool's flat indices, which onnx2torch's MaxPool does not produce",
     "DeformConv": "deformable convolution needs torchvision.ops.deform_conv2d, not a dependency",
-    "RNN": "plain RNN layers are not implemented yet (LSTM and GRU are)",
-    "DFT": "spectral ops (complex tensors as pairs) are not implemented yet",
-    "STFT": "spectral ops (complex tensors as pairs) are not implemented yet",
     "MelWeightMatrix": "constant generator of a filter bank, not implemented yet",
-    "HannWindow": "constant window generator, not implemented yet",
-    "HammingWindow": "constant window generator, not implemented yet",
-    "BlackmanWindow": "constant window generator, not implemented yet",
 }
 
 _installed = False
