@@ -84,6 +84,20 @@ def _cases() -> list[OpCase]:
         (22, {"kernel_shape": [2, 2, 2], "strides": [1, 2, 2]}, rand(1, 2, 4, 4, 5)),
     ]:
         c.append(OpCase("LpPool", opset, {"x": x}, attrs, grad=("x",) if attrs.get("p", 2) != 1 else ()))
+    # MaxUnpool: indices as onnxruntime's MaxPool returns them for a random image (flat over N, C, H, W)
+    import onnxruntime as ort
+
+    image = rand(2, 3, 6, 8)
+    pool = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2], strides=[2, 2])], "p",
+                             [helper.make_tensor_value_info("x", F, image.shape)],
+                             [helper.make_tensor_value_info("y", F, None), helper.make_tensor_value_info("i", I64, None)])
+    pool_model = helper.make_model(pool, opset_imports=[helper.make_opsetid("", 12)])
+    pool_model.ir_version = 8
+    pooled, idx = ort.InferenceSession(pool_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": image})
+    for opset in (9, 11, 22):
+        c.append(OpCase("MaxUnpool", opset, {"x": pooled, "i": idx}, {"kernel_shape": [2, 2], "strides": [2, 2]}))
+    c.append(OpCase("MaxUnpool", 11, {"x": pooled, "i": idx}, {"kernel_shape": [2, 2], "strides": [2, 2]},
+                    consts={"shape": np.array([2, 3, 7, 9], np.int64)}))
     # --- activations
     for opset in (18, 22):
         c.append(OpCase("Mish", opset, {"x": rand(3, 4) * 4}))

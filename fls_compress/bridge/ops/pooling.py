@@ -9,6 +9,9 @@
   ``floor((in + pb + pe - ((k-1)d+1)) / s) + 1`` (ceil with ``ceil_mode``, dropping a last window
   that would start in the end padding, as torch and onnxruntime do); ``SAME_*``: ``ceil(in / s)`` with the
   total padding split so the extra cell goes at the end (UPPER) or the start (LOWER); ``VALID``: no padding.
+* MaxUnpool-9/11/22: zeros of the unpooled shape (``output_shape`` when given, else
+  ``(in - 1) * stride - pad_begin - pad_end + kernel`` per spatial axis) with ``X`` written at the
+  indices ``I`` MaxPool returns, which are flat positions in the whole (N, C, spatial) tensor.
 """
 
 from __future__ import annotations
@@ -83,6 +86,32 @@ class OnnxLpPool(OnnxModule):
         window = tuple(slice(None, None, d) for d in self.dilations)
         y = y[(Ellipsis, *window)]
         return torch.sum(y, dim=tuple(range(-n, 0))) ** (1.0 / self.p)
+
+
+class OnnxMaxUnpool(OnnxModule):
+    def __init__(self, kernel, strides, pads, has_shape: bool):
+        super().__init__()
+        self.kernel, self.strides, self.pads, self.has_shape = list(kernel), list(strides), list(pads), has_shape
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, output_shape: torch.Tensor | None = None) -> torch.Tensor:
+        n = len(self.kernel)
+        if output_shape is not None:
+            shape = [int(d) for d in output_shape.reshape(-1).tolist()]
+        else:
+            shape = list(x.shape[:2]) + [
+                (x.shape[2 + i] - 1) * self.strides[i] - self.pads[i] - self.pads[n + i] + self.kernel[i] for i in range(n)]
+        out = x.new_zeros(math.prod(shape))
+        out = out.scatter(0, indices.reshape(-1).long(), x.reshape(-1))
+        return out.reshape(shape)
+
+
+@converter("MaxUnpool", 9, 11, 22)
+def _max_unpool(node: OnnxNode, graph: OnnxGraph):
+    kernel = list(attr(node, "kernel_shape", []))
+    n = len(kernel)
+    module = OnnxMaxUnpool(kernel, attr(node, "strides", None) or [1] * n, attr(node, "pads", None) or [0] * (2 * n),
+                           len([v for v in node.input_values if v]) > 2)
+    return result(node, module)
 
 
 @converter("GlobalMaxPool", 1, 22)
