@@ -218,3 +218,40 @@ def test_coverage_table_lists_every_schema_operator_with_a_verdict():
     verdicts = [r.split(" | ")[5] for r in rows]
     assert all(v.startswith(("onnx2torch", "compat", "ours", "refused: ")) for v in verdicts)
     assert "| GlobalMaxPool |" in table and "ours (pooling)" in table
+
+
+@pytest.mark.slow
+def test_fls_prunes_a_dynamo_export_with_opset23_attention_and_rmsnorm(tmp_path):
+    """torch's dynamo exporter at opset 23 emits Attention and RMSNormalization for a pre-norm
+    transformer block (F.scaled_dot_product_attention, nn.RMSNorm): the real composite prunes end to end."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d: int = 16, heads: int = 2):
+            super().__init__()
+            self.heads = heads
+            self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+            self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+                       for z in self.qkv(self.norm1(x)).split(d, dim=-1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + self.out(a)
+            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+    torch.manual_seed(0)
+    program = torch.onnx.export(Block().eval(), (torch.randn(2, 6, 16),), dynamo=True, opset_version=23,
+                                dynamic_shapes={"x": {0: "n"}})
+    program.save(str(tmp_path / "block.onnx"))
+    model = load_onnx(tmp_path / "block.onnx")
+    assert {"Attention", "RMSNormalization"} <= {n.op_type for n in model.graph.node}
+    data = _data(tmp_path / "d.npz", (6, 16), np.random.default_rng(6))
+    report = compress(tmp_path / "block.onnx", FLSConfig(**FAST), data, output=tmp_path / "o.onnx", options=QUIET)
+    assert report["status"] == "ok" and report["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.02)
+    assert report["conversion"]["max_rel_error_vs_onnxruntime"] < 1e-5
+    (out,) = report["verification"]["outputs"].values()
+    assert out["cosine_similarity"] > 0.9
