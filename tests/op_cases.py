@@ -210,7 +210,7 @@ def _cases() -> list[OpCase]:
                         consts={"lens": np.array([5, 1, 3], dtype=np.int64)}))
     for opset in (11, 22):
         c.append(OpCase("Det", opset, {"x": rand(2, 3, 3)}))
-    for axes, shape in ((None, [2, 5, 3]), ([1, 2], [6, 1]), ([-1], [8])):
+    for axes, shape in ((None, [2, 5, 3]), ([1, 2], [6, 1]), ([-1], [8]), ([2], [2]), (None, [1, 2, 4])):
         attrs = {} if axes is None else {"axes": axes}
         c.append(OpCase("CenterCropPad", 18, {"x": rand(2, 3, 5)}, attrs, consts={"shape": np.array(shape, dtype=np.int64)}))
     # --- resampling

@@ -21,7 +21,7 @@
   ``batch_axis`` entry b.
 * Det-11/22: determinant of the last two axes.
 * CenterCropPad-18: each listed axis centre-cropped or zero-padded to ``shape``; an odd difference
-  puts the extra cell at the end when padding and at the start when cropping (the spec's function).
+  pads, or crops, one cell more at the end (the spec's function body).
 """
 
 from __future__ import annotations
