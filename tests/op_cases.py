@@ -302,6 +302,9 @@ def _cases() -> list[OpCase]:
                 opset = 19 if ctm == "half_pixel_symmetric" else 13
                 c.append(OpCase("Resize", opset, {"x": img}, {"mode": mode, "coordinate_transformation_mode": ctm, **extra},
                                 consts={"roi": roi0, "scales": np.array(scales, np.float32)}))
+    for mode in ("nearest", "linear"):
+        for scales in ([1.0, 1.0, 2.0, 1.5], [1.0, 1.0, 0.6, 0.5], [1.0, 1.0, 2.0, 3.0]):
+            c.append(OpCase("Resize", 10, {"x": img}, {"mode": mode}, consts={"scales": np.array(scales, np.float32)}))
     for opset in (11, 18):
         c.append(OpCase("Resize", opset, {"x": img}, {"mode": "linear"}, order=["x", "roi", "scales", "sizes"],
                         consts={"roi": roi0, "scales": np.zeros(0, np.float32), "sizes": np.array([1, 2, 9, 4], np.int64)},

@@ -1,10 +1,10 @@
-"""ONNX Resize-11/13/18/19 from the spec, replacing onnx2torch's converter.
+"""ONNX Resize-10/11/13/18/19 from the spec, replacing onnx2torch's converter.
 
 onnx2torch's Resize maps onto ``torch.nn.functional.interpolate``, which has no equivalent of most
 ONNX coordinate-transformation / rounding combinations: measured against onnxruntime, its ``nearest``
 output is wrong for every ``coordinate_transformation_mode`` except ``asymmetric`` with ``floor``
 (relative errors of 0.9-2.2 on random images), the mode exporters emit by default being
-``half_pixel`` + ``round_prefer_floor``. This module implements the spec instead, separably: for
+``half_pixel`` + ``round_prefer_floor``; at opset 10 its ``linear`` is wrong too (0.5-0.7). This module implements the spec instead, separably: for
 each resized axis an interpolation matrix ``W[out, in]`` is built (float64) and applied along that
 axis, which is exact, differentiable in the input and works for any rank.
 
@@ -91,6 +91,8 @@ def interpolation_matrix(n: int, out: int, scale: float, *, mode: str, coordinat
     stretch = min(scale, 1.0) if antialias and mode != "nearest" else 1.0
     if mode == "nearest":
         offsets = np.array([0.0, 1.0])
+        if nearest_mode == "simple":  # Resize-10: floor when upsampling, ceil when downsampling (onnxruntime)
+            nearest_mode = "ceil" if scale < 1 else "floor"
         pick_high = {"round_prefer_floor": r > 0.5, "round_prefer_ceil": r >= 0.5, "floor": r >= 1.0,
                      "ceil": np.ones_like(r, dtype=bool)}.get(nearest_mode)
         if pick_high is None:
@@ -183,3 +185,15 @@ def _resize(node: OnnxNode, graph: OnnxGraph):
 
 
 converter("Resize", 11, 13, 18, 19, override=True)(_resize)
+
+
+@converter("Resize", 10, override=True)
+def _resize_10(node: OnnxNode, graph: OnnxGraph):
+    """Resize-10 (inputs X, scales; attribute mode): asymmetric coordinates, and for ``nearest`` the
+    input cell ``floor(x)`` when upsampling, ``ceil(x)`` when downsampling, as onnxruntime runs it."""
+    mode = attr(node, "mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise NotImplementedError(f"Resize-10 mode={mode} is not implemented")
+    module = OnnxResize((True, False, True, False), None, 0.0, mode=mode, coordinate_mode="asymmetric",
+                        nearest_mode="simple", cubic_a=-0.75, exclude_outside=False, antialias=False)
+    return result(node, module, list(node.input_values[:2]))
