@@ -271,6 +271,26 @@ def _cases() -> list[OpCase]:
                         consts={"W": rand(dirs, 4, 3), "R": rand(dirs, 4, 4), "B": rand(dirs, 8)},
                         order=["x", "W", "R", "B", None, "h0"], outputs=[("y", F), ("y_h", F)], grad=("x",)))
     c.append(OpCase("RNN", 22, {"x": rand(4, 3, 2)}, {"hidden_size": 3}, consts={"W": rand(1, 3, 2), "R": rand(1, 3, 3)}))
+    # deformable convolution: 3x3, offsets of a few pixels (many samples fall outside), mask, groups
+    for opset, attrs, groups, with_mask in ((19, {}, (1, 1), False), (19, {"pads": [1, 1, 1, 1]}, (1, 1), True),
+                                            (22, {"pads": [1, 0, 1, 0], "strides": [2, 1], "dilations": [1, 2],
+                                                  "group": 2, "offset_group": 2}, (2, 2), True)):
+        g, og = groups
+        xin = rand(2, 4, 7, 8)
+        w = rand(6, 4 // g, 3, 3)
+        ph, pw = attrs.get("pads", [0, 0, 0, 0])[0], attrs.get("pads", [0, 0, 0, 0])[1]
+        sh, sw = attrs.get("strides", [1, 1])
+        dh, dw = attrs.get("dilations", [1, 1])
+        oh, ow = (7 + 2 * ph - (2 * dh + 1)) // sh + 1, (8 + 2 * pw - (2 * dw + 1)) // sw + 1
+        inputs = {"x": xin, "off": rand(2, og * 9 * 2, oh, ow) * 2}
+        order = ["x", "w", "off", "b"]
+        if with_mask:
+            inputs["mask"] = rand(2, og * 9, oh, ow, low=0.0, high=1.0)
+            order.append("mask")
+        c.append(OpCase("DeformConv", opset, inputs, {"kernel_shape": [3, 3], **attrs}, consts={"w": w, "b": rand(6)},
+                        order=order))
+    c.append(OpCase("DeformConv", 19, {"x": rand(1, 2, 4, 4), "off": rand(1, 8, 3, 3)}, {"kernel_shape": [2, 2]},
+                    consts={"w": rand(2, 2, 2, 2)}, order=["x", "w", "off"], grad=("x", "off")))
     # --- integer
     a8, b8 = RNG.integers(0, 256, (3, 4)).astype(np.uint8), RNG.integers(0, 256, (3, 4)).astype(np.uint8)
     for op in ("BitwiseAnd", "BitwiseOr", "BitwiseXor"):

@@ -63,7 +63,6 @@ REFUSED: dict[str, str] = {
     **{op: _TRAINING for op in ("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss")},
     "Unique": "data-dependent output of sorted/first-occurrence indices: integer bookkeeping with no gradient",
     "MaxRoiPool": "region pooling with integer box quantisation; no exporter in use emits it (RoiAlign is converted)",
-    "DeformConv": "deformable convolution needs torchvision.ops.deform_conv2d, not a dependency",
     "MelWeightMatrix": "constant generator of a filter bank, not implemented yet",
 }
 

@@ -9,6 +9,10 @@
   in torch), ``padding_mode`` and ``align_corners``.
 * AffineGrid-20: ``torch.nn.functional.affine_grid`` (2-D and 3-D), ``size`` read at run time.
 * Col2Im-18: ``torch.nn.functional.fold`` for 2-D images with symmetric ``pads``.
+* DeformConv-19/22 (Dai et al. 2017; Zhu et al. 2019, modulated), 2-D: for each kernel tap k and
+  output cell, the input is sampled bilinearly at ``o*stride - pad_begin + k*dilation + offset``
+  (zero outside the input; offsets ``(dy, dx)`` per tap and offset group), multiplied by ``mask``
+  (default 1), and contracted with ``W`` per channel group, plus ``B``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 
-from ._common import OnnxModule, attr, const_ints, converter, result
+from ._common import OnnxModule, attr, const_ints, converter, present, result, spread
 from onnx2torch.utils.common import get_const_value
 
 
@@ -78,6 +82,70 @@ class OnnxCol2Im(OnnxModule):
 
     def forward(self, x: torch.Tensor, *unused: torch.Tensor) -> torch.Tensor:
         return F.fold(x, self.image, self.block, dilation=self.dilations, padding=self.pads, stride=self.strides)
+
+
+class OnnxDeformConv(OnnxModule):
+    def __init__(self, flags, strides, pads, dilations, group: int, offset_group: int):
+        super().__init__()
+        self.flags, self.strides, self.pads, self.dilations = flags, strides, pads, dilations
+        self.group, self.offset_group = group, offset_group
+
+    def _sample(self, x: torch.Tensor, y_pos: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:
+        """Bilinear samples of ``x`` [N, C, H, W] at pixel positions [N, oH, oW], zero outside."""
+        height, width = x.shape[-2:]
+        y0, x0 = torch.floor(y_pos), torch.floor(x_pos)
+        out = x.new_zeros(x.shape[0], x.shape[1], *y_pos.shape[1:])
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                yy, xx = y0 + dy, x0 + dx
+                weight = (1 - torch.abs(y_pos - yy)) * (1 - torch.abs(x_pos - xx))
+                inside = (yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)
+                index = (yy.clamp(0, height - 1) * width + xx.clamp(0, width - 1)).long().reshape(x.shape[0], 1, -1)
+                values = torch.gather(flat, 2, index.expand(-1, x.shape[1], -1)).reshape(out.shape)
+                out = out + values * (weight * inside).unsqueeze(1)
+        return out
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        x, weight, offset, bias, mask = spread(args, self.flags)
+        n, c = x.shape[:2]
+        oc, _, kh, kw = weight.shape
+        oh, ow = offset.shape[-2:]
+        taps = kh * kw
+        offset = offset.reshape(n, self.offset_group, taps, 2, oh, ow)
+        base_y = (torch.arange(oh, device=x.device, dtype=x.dtype) * self.strides[0] - self.pads[0]).reshape(1, oh, 1)
+        base_x = (torch.arange(ow, device=x.device, dtype=x.dtype) * self.strides[1] - self.pads[1]).reshape(1, 1, ow)
+        per_group = c // self.offset_group
+        columns = []
+        for g in range(self.offset_group):
+            xg = x[:, g * per_group : (g + 1) * per_group]
+            taps_g = []
+            for k in range(taps):
+                i, j = divmod(k, kw)
+                y_pos = base_y + i * self.dilations[0] + offset[:, g, k, 0]
+                x_pos = base_x + j * self.dilations[1] + offset[:, g, k, 1]
+                sampled = self._sample(xg, y_pos, x_pos)
+                if mask is not None:
+                    sampled = sampled * mask.reshape(n, self.offset_group, taps, oh, ow)[:, g, k].unsqueeze(1)
+                taps_g.append(sampled)
+            columns.append(torch.stack(taps_g, dim=2))  # [N, C/G_off, K, oH, oW]
+        cols = torch.cat(columns, dim=1)  # [N, C, K, oH, oW]
+        cin, cout = c // self.group, oc // self.group
+        outs = [torch.einsum("nckhw,ock->nohw", cols[:, g * cin : (g + 1) * cin],
+                             weight[g * cout : (g + 1) * cout].reshape(cout, cin, taps)) for g in range(self.group)]
+        y = torch.cat(outs, dim=1)
+        return y + bias.reshape(1, -1, 1, 1) if bias is not None else y
+
+
+@converter("DeformConv", 19, 22)
+def _deform_conv(node: OnnxNode, graph: OnnxGraph):
+    names, flags = present(node, 5)
+    kernel = attr(node, "kernel_shape", None)
+    if kernel is not None and len(kernel) != 2:
+        raise NotImplementedError("DeformConv is implemented for 2-D images only")
+    module = OnnxDeformConv(flags, attr(node, "strides", None) or [1, 1], (attr(node, "pads", None) or [0, 0, 0, 0])[:2],
+                            attr(node, "dilations", None) or [1, 1], int(attr(node, "group", 1)), int(attr(node, "offset_group", 1)))
+    return result(node, module, names)
 
 
 def _upsample(node: OnnxNode, graph: OnnxGraph, scales: list[float]):
