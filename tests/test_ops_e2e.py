@@ -220,7 +220,6 @@ def test_coverage_table_lists_every_schema_operator_with_a_verdict():
     assert "| GlobalMaxPool |" in table and "ours (pooling)" in table
 
 
-@pytest.mark.slow
 def test_fls_prunes_a_dynamo_export_with_opset23_attention_and_rmsnorm(tmp_path):
     """torch's dynamo exporter at opset 23 emits Attention and RMSNormalization for a pre-norm
     transformer block (F.scaled_dot_product_attention, nn.RMSNorm): the real composite prunes end to end."""
