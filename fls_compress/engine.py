@@ -177,7 +177,7 @@ def _run(
         rep["timing_s"]["verify"] = time.perf_counter() - t0
         total = sum(meta[0] for meta in outcome.layers.values())
         if quantize:
-            rep["quantization"] = quantization_section(config, outcome, proto, written, holdout, dev)
+            rep["quantization"] = quantization_section(config, outcome, proto, written, holdout)
             rep["sparsity"] = {"target": spec.sparsity, "pattern": config.pattern, "prunable_weights": total,
                                "achieved": float(outcome.info.get("sparsity", 0.0)), "excluded": outcome.excluded}
             rep["notes"] = [rep["quantization"]["speed_note"]]
@@ -224,8 +224,9 @@ def _resolve_auto(rep: Report, proto: onnx.ModelProto, config: AutoConfig) -> Pr
 
 
 def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
-                         holdout, device: str) -> dict[str, Any]:
-    """Sizes, onnxruntime latency before/after on one held-out batch, and whether the format is faster."""
+                         holdout) -> dict[str, Any]:
+    """Sizes, onnxruntime latency before/after on one held-out batch (on the run's providers,
+    :func:`~fls_compress.runtime.choose_ort_providers`), and whether the format is faster."""
     from .io.onnx_model import model_size_bytes
     from .latency import compare_latency
     from .runtime import session_providers
