@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import get_const_value
 
 from ._common import OnnxModule, attr, const_ints, converter, present, result, spread
-from onnx2torch.utils.common import get_const_value
 
 
 def _scaled_axis(x: torch.Tensor, axis: int, scale: float, linear: bool) -> torch.Tensor:

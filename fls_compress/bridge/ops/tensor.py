@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 
-from ._common import OnnxModule, attr, converter, present, result
+from ._common import OnnxModule, attr, converter, result
 
 _REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
