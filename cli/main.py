@@ -72,11 +72,13 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model to inspect.",
 
     from fls_compress.bridge.convert import unsupported_ops
     from fls_compress.bridge.prep import prepare_for_torch
+    from fls_compress.bridge.support import converter_sources
     from fls_compress.io.onnx_model import load_onnx, model_size_bytes, prunable_initializers
 
     proto = load_onnx(model)
     sites = prunable_initializers(proto)
-    missing = unsupported_ops(prepare_for_torch(proto))
+    prepared = prepare_for_torch(proto)
+    missing = unsupported_ops(prepared)
     info = {
         "path": str(model),
         "opset": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
@@ -87,6 +89,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model to inspect.",
                       "storage": getattr(s, "storage", "initializer")} for s in sites],
         "prunable_weights": sum(math.prod(s.shape) for s in sites),
         "unsupported_ops": missing,
+        "converters": converter_sources(prepared),
         "methods_available": ["all"] if not missing else ["sparsegpt", "wanda", "magnitude", "auto"],
         "metadata": {p.key: p.value for p in proto.metadata_props},
     }

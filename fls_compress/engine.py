@@ -32,7 +32,7 @@ from .errors import InvalidOptionError, OutputError, UnsupportedModelError, Veri
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
 from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
-from .runtime import file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
+from .runtime import choose_ort_providers, file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def _run(
 
     dev = resolve_device(device or opts.device)
     rep["device"] = dev
+    rep["onnxruntime"] = choose_ort_providers(dev)  # verification + activation capture (CPU fallback: warning)
     seed_everything(opts.seed)
     set_threads(opts.threads)
 
@@ -176,7 +177,7 @@ def _run(
         rep["timing_s"]["verify"] = time.perf_counter() - t0
         total = sum(meta[0] for meta in outcome.layers.values())
         if quantize:
-            rep["quantization"] = quantization_section(config, outcome, proto, written, holdout, dev)
+            rep["quantization"] = quantization_section(config, outcome, proto, written, holdout)
             rep["sparsity"] = {"target": spec.sparsity, "pattern": config.pattern, "prunable_weights": total,
                                "achieved": float(outcome.info.get("sparsity", 0.0)), "excluded": outcome.excluded}
             rep["notes"] = [rep["quantization"]["speed_note"]]
@@ -223,14 +224,15 @@ def _resolve_auto(rep: Report, proto: onnx.ModelProto, config: AutoConfig) -> Pr
 
 
 def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
-                         holdout, device: str) -> dict[str, Any]:
-    """Sizes, onnxruntime latency before/after on one held-out batch, and whether the format is faster."""
+                         holdout) -> dict[str, Any]:
+    """Sizes, onnxruntime latency before/after on one held-out batch (on the run's providers,
+    :func:`~fls_compress.runtime.choose_ort_providers`), and whether the format is faster."""
     from .io.onnx_model import model_size_bytes
     from .latency import compare_latency
-    from .runtime import ort_providers
+    from .runtime import session_providers
 
     feed = {k: v[: min(len(v), 32)] for k, v in holdout.inputs.items()}
-    latency = compare_latency(original, written, feed, providers=ort_providers(device))
+    latency = compare_latency(original, written, feed, providers=session_providers())
     before, after = model_size_bytes(original), model_size_bytes(written)
     faster = latency["speedup"] > 1.05  # type: ignore[operator]
     note = (f"on {latency['provider']} the quantized model ran {latency['speedup']:.2f}x the original's speed "

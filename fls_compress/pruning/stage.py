@@ -101,7 +101,8 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
     from ..bridge.convert import convert_to_torch
 
     t0 = time.perf_counter()
-    bridge = convert_to_torch(model, calibration=calib)  # its error names the methods that need no torch graph
+    bridge = convert_to_torch(model, calibration=calib, tolerance=opts.conversion_tol,  # its error names the methods
+                              on_mismatch="warn" if opts.allow_conversion_mismatch else "fail")  # that need no torch graph
     convert_s = time.perf_counter() - t0
     if device != "cpu":
         bridge.module.to(device)
@@ -208,7 +209,8 @@ def _weights_only(model, config: PruneConfig, pruner, spec, calib, device, opts)
     try:
         from ..bridge.convert import convert_to_torch
 
-        bridge = convert_to_torch(model, calibration=calib)
+        # the graph only maps the weights here: a numerical mismatch does not matter (a warning)
+        bridge = convert_to_torch(model, calibration=calib, tolerance=opts.conversion_tol, on_mismatch="warn")
         all_weights, conversion = bridge.weights, bridge.info
     except UnsupportedModelError as exc:
         log.warning("%s works from the ONNX weights alone: %s", pruner.name, exc)
