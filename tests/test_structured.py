@@ -286,3 +286,22 @@ def test_cli_structure_refusals_exit_2(bn_cnn):
     proc = run_cli("prune", *common, "-m", "sparsegpt", "--structure", "heads")
     assert proc.returncode == 2 and "heads" in proc.stderr and "Traceback" not in proc.stderr
     assert not (bn_cnn["dir"] / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("base, change", [
+    (MagnitudeConfig(sparsity=0.5), dict(structure="channels")),
+    (SparseGPTConfig(sparsity=0.5), dict(structure="channels")),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(sequential=False)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(percdamp=1.0)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(max_rows_per_layer=16)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(exclude=("fc.w",))),
+    (MagnitudeConfig(sparsity=0.5, structure="channels"), dict(sparsity=0.3)),
+], ids=["magnitude-structure", "sparsegpt-structure", "sequential", "percdamp", "max_rows", "exclude", "sparsity"])
+def test_structured_knobs_change_the_result(bn_cnn, base, change):
+    def arrays(config):
+        rep = compress(bn_cnn["model"], config, bn_cnn["calib"], options=OPTS)
+        return _inits(rep.model)
+
+    a, b = arrays(base), arrays(base.replace(**change))
+    assert set(a) == set(b)
+    assert any(a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]) for k in a), change
