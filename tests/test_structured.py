@@ -37,7 +37,7 @@ def _run(model: onnx.ModelProto | str | Path, x: np.ndarray) -> np.ndarray:
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
 
 
 def _bn_cnn(rng: np.random.Generator) -> onnx.ModelProto:
@@ -126,6 +126,55 @@ def test_magnitude_channels_shrink_tensors_and_equal_zeroed_columns(bn_cnn):
     assert rep["sparsity"]["per_layer"]["fc.w"]["shape_after"] == [5, 32]
 
 
+def _zero_removed(model: onnx.ModelProto, groups: list[dict]) -> onnx.ModelProto:
+    """The reference for a magnitude (uncompensated) prune: the original with each consumer's input
+    columns of the removed channels set to zero."""
+    from fls_compress.structured.groups import consumer_slice
+
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    arrays = _inits(ref)
+    found = {g.producer: g for kind in ("channels", "neurons") for g in find_groups(model, kind).groups}
+    for entry in groups:
+        for consumer in found[entry["producer"]].consumers:
+            s = consumer_slice(model, consumer)
+            idx = (np.asarray(entry["removed"])[:, None] * s.block + np.arange(s.block)).reshape(-1)
+            view = np.moveaxis(arrays[s.name], s.axis, 0)
+            view[idx] = 0.0
+    for t in ref.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return ref
+
+
+def test_silu_and_reduce_mean_pass_channels_through(tmp_path):
+    """Conv -> x*sigmoid(x) (SiLU as exported) -> Conv -> ReduceMean(H, W, keepdims=0) -> Gemm: both
+    channel groups are removable, and the result equals the original with zeroed consumer columns."""
+    rng = np.random.default_rng(5)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(f), "c1.w"),
+             numpy_helper.from_array(rng.normal(size=(4, 6, 3, 3)).astype(f) / 3, "c2.w"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(f), "fc.w"),
+             numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")]
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             helper.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
+             helper.make_node("Conv", ["silu", "c2.w"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["b", "axes"], ["m"], name="gap", keepdims=0),
+             helper.make_node("Gemm", ["m", "fc.w"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = _save(model, tmp_path / "silu.onnx")
+    x = rng.normal(size=(32, 2, 6, 6)).astype(f)
+    np.savez(tmp_path / "calib.npz", x=x)
+    analysis = find_groups(model, "channels")
+    assert [g.producer for g in analysis.groups] == ["c1.w", "c2.w"] and analysis.skipped == []
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["fc.w"].shape == (3, 2) and _inits(rep.model)["c2.w"].shape == (2, 3, 3, 3)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _mlp(rng, hidden: int = 8, d_in: int = 6, d_out: int = 3) -> onnx.ModelProto:
     f = np.float32
     inits = [numpy_helper.from_array(rng.normal(size=(hidden, d_in)).astype(f), "w1"),
@@ -154,8 +203,9 @@ def test_obs_removal_equals_least_squares_refit():
     cols = [c for c in range(blocks * b) if c // b != removed]
     target = x @ w.T
     refit, *_ = np.linalg.lstsq(x[:, cols], target, rcond=None)
-    np.testing.assert_allclose(system.w.numpy()[:, cols], refit.T, rtol=1e-8, atol=1e-10)
-    assert np.abs(system.w.numpy()[:, [c for c in range(blocks * b) if c // b == removed]]).max() == 0.0
+    full = system.full().numpy()
+    np.testing.assert_allclose(full[:, cols], refit.T, rtol=1e-8, atol=1e-10)
+    assert np.abs(full[:, [c for c in range(blocks * b) if c // b == removed]]).max() == 0.0
     err = ((x[:, cols] @ refit - target) ** 2).sum() / n
     assert costs[0] == pytest.approx(err, rel=1e-8)  # 1/2 w (H^-1_SS)^-1 w^T with H = 2 X^T X / n
     # and the greedy choice is the block whose refit costs least
@@ -165,6 +215,22 @@ def test_obs_removal_equals_least_squares_refit():
         v, *_ = np.linalg.lstsq(x[:, c], target, rcond=None)
         errs.append(((x[:, c] @ v - target) ** 2).sum() / n)
     assert removed == int(np.argmin(errs))
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_greedy_obs_after_several_removals_is_the_refit_on_what_remains(b):
+    """Each OBS step is exact, so after removing several blocks the weights are the least-squares refit
+    on the remaining columns (blocks of 1 use the scalar branch)."""
+    rng = np.random.default_rng(7)
+    n, blocks, out = 300, 6, 3
+    x = rng.normal(size=(n, blocks * b)) @ rng.normal(size=(blocks * b, blocks * b)) * 0.3 + rng.normal(size=(n, blocks * b))
+    w = rng.normal(size=(out, blocks * b))
+    system = ConsumerSystem(torch.from_numpy(w.copy()), damped_inverse(torch.from_numpy(2.0 * x.T @ x / n), 0.0), b, False)
+    keep, costs = obs_select([system], blocks, 3)
+    cols = [c for c in range(blocks * b) if c // b in keep.tolist()]
+    refit, *_ = np.linalg.lstsq(x[:, cols], x @ w.T, rcond=None)
+    np.testing.assert_allclose(system.full().numpy()[:, cols], refit.T, rtol=1e-7, atol=1e-9)
+    assert len(costs) == 3 and all(np.isfinite(costs))
 
 
 def test_sparsegpt_neurons_compensate_consumer_with_bias_exactly(tmp_path):
@@ -250,6 +316,8 @@ def test_torch_exported_cnn_runs_after_both_methods(tmp_path):
 
 def test_selection_helpers():
     assert [removal_count(16, s) for s in (0.0, 0.3, 0.5, 0.99)] == [0, 5, 8, 15]
+    assert [removal_count(32, s, 8) for s in (0.0, 0.1, 0.3, 0.5, 0.99)] == [0, 0, 8, 16, 24]
+    assert removal_count(6, 0.5, 8) == 0
     rows = torch.tensor([[3.0, 0.0], [0.1, 0.1], [1.0, 1.0], [0.0, 0.2]])
     assert l2_select(rows, 2).tolist() == [0, 2]
 
@@ -261,6 +329,8 @@ def test_config_refusals():
         SparseGPTConfig(structure="heads")
     with pytest.raises(InvalidOptionError, match="unknown key"):
         config_from_dict({"method": "fls", "structure": "channels"})
+    with pytest.raises(InvalidOptionError, match="--channel-multiple applies to --structure"):
+        MagnitudeConfig(channel_multiple=8)
     assert config_from_dict(SparseGPTConfig(structure="neurons").to_dict()) == SparseGPTConfig(structure="neurons")
 
 
@@ -296,7 +366,9 @@ def test_cli_structure_refusals_exit_2(bn_cnn):
     (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(max_rows_per_layer=16)),
     (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(exclude=("fc.w",))),
     (MagnitudeConfig(sparsity=0.5, structure="channels"), dict(sparsity=0.3)),
-], ids=["magnitude-structure", "sparsegpt-structure", "sequential", "percdamp", "max_rows", "exclude", "sparsity"])
+    (MagnitudeConfig(sparsity=0.3, structure="channels"), dict(channel_multiple=2)),
+], ids=["magnitude-structure", "sparsegpt-structure", "sequential", "percdamp", "max_rows", "exclude", "sparsity",
+        "channel_multiple"])
 def test_structured_knobs_change_the_result(bn_cnn, base, change):
     def arrays(config):
         rep = compress(bn_cnn["model"], config, bn_cnn["calib"], options=OPTS)

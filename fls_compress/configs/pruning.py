@@ -235,11 +235,17 @@ class Structured(Config):
         "BatchNorm and the next layer's input channels), neurons (Gemm/MatMul hidden units); --sparsity is then the "
         "fraction of each group removed. magnitude ranks by the L2 norm, sparsegpt by structured OBS on the next "
         "layer's Hessian and compensates it. none: unstructured zeros.", choices=STRUCTURES)
+    channel_multiple: int = knob(
+        1, "With --structure: keep a multiple of this many channels / neurons in every group (the multiple nearest "
+        "the --sparsity target, at least one multiple; onnxruntime's CPU convolutions run fastest at multiples of 8 "
+        "or 16, see benchmarks/results/structured.md).", min=1, max=65536)
 
     def validate(self) -> None:
         super().validate()
         if self.structure != "none" and getattr(self, "pattern", None) is not None:
             raise InvalidOptionError("--pattern does not apply to --structure (whole channels/neurons are removed)")
+        if self.structure == "none" and self.channel_multiple != 1:
+            raise InvalidOptionError("--channel-multiple applies to --structure channels|neurons only")
 
 
 @dataclass(frozen=True)

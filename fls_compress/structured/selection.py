@@ -32,9 +32,18 @@ from dataclasses import dataclass
 import torch
 
 
-def removal_count(size: int, fraction: float) -> int:
-    """Channels to remove from a group of ``size`` at ``fraction`` (rounded half up, at least one kept)."""
-    return max(0, min(size - 1, int(size * fraction + 0.5)))
+def removal_count(size: int, fraction: float, multiple: int = 1) -> int:
+    """Channels to remove from a group of ``size`` at ``fraction`` (rounded half up, at least one kept).
+
+    With ``multiple`` > 1 the number kept is the multiple of ``multiple`` nearest ``size - removed``
+    (ties up), at least ``multiple`` and at most ``size``; groups smaller than ``multiple`` stay whole."""
+    removed = max(0, min(size - 1, int(size * fraction + 0.5)))
+    if multiple <= 1:
+        return removed
+    if size < multiple:
+        return 0
+    kept = multiple * int((size - removed) / multiple + 0.5)
+    return size - min(size, max(multiple, kept))
 
 
 def l2_select(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -50,15 +59,17 @@ def l2_select(rows: torch.Tensor, count: int) -> torch.Tensor:
 @dataclass
 class ConsumerSystem:
     """One consumer in the (out, in) matrix view: ``w`` (float64, ``bias`` appended as the last column
-    when ``has_bias``), ``hinv`` = (H + damping)^-1 over the same columns, ``block`` columns per channel."""
+    when ``has_bias``), ``hinv`` = (H + damping)^-1 over the same columns, ``block`` columns per channel.
+    Removed channels' columns of ``w`` and rows/columns of ``hinv`` are exactly zero after the update."""
 
     w: torch.Tensor
     hinv: torch.Tensor
     block: int
     has_bias: bool
 
-    def columns(self, channels: torch.Tensor) -> torch.Tensor:
-        return (channels[:, None] * self.block + torch.arange(self.block)[None, :])
+    def full(self) -> torch.Tensor:
+        """The compensated weights at full width (zero in the removed columns)."""
+        return self.w
 
 
 def damped_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -72,19 +83,30 @@ def damped_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
-def _block_costs(system: ConsumerSystem, channels: torch.Tensor) -> torch.Tensor:
-    cols = system.columns(channels)  # (R, b)
-    hss = system.hinv[cols[:, :, None], cols[:, None, :]]  # (R, b, b)
-    ws = system.w[:, cols].permute(1, 0, 2)  # (R, out, b)
-    sol = torch.linalg.solve(hss, ws.transpose(1, 2))  # (R, b, out) = Hss^-1 ws^T
-    return 0.5 * (ws.transpose(1, 2) * sol).sum(dim=(1, 2))
+def _block_costs(system: ConsumerSystem, size: int, alive: torch.Tensor) -> torch.Tensor:
+    """E_S of every channel (``inf`` for removed ones): 1/2 tr(((H^-1)_SS)^-1 W_S^T W_S), batched, from the
+    b x b Gram of each block's columns (no solve with the output rows as right-hand sides)."""
+    b = system.block
+    if b == 1:
+        diag = torch.diagonal(system.hinv)[:size]
+        cost = 0.5 * system.w[:, :size].pow(2).sum(dim=0) / torch.where(alive, diag, torch.ones_like(diag))
+    else:
+        idx = torch.arange(size)
+        hss = system.hinv[: size * b, : size * b].reshape(size, b, size, b)[idx, :, idx, :]  # (C, b, b)
+        hss[~alive] = torch.eye(b, dtype=hss.dtype)
+        ws = system.w[:, : size * b].reshape(-1, size, b)
+        gram = torch.einsum("orb,orc->rbc", ws, ws)
+        cost = 0.5 * (torch.linalg.inv(hss) * gram).sum(dim=(1, 2))
+    return torch.where(alive, cost, torch.full_like(cost, float("inf")))
 
 
 def _remove(system: ConsumerSystem, channel: int) -> None:
-    cols = system.columns(torch.tensor([channel]))[0]
-    hss = system.hinv[cols][:, cols]
-    rows_s = system.hinv[cols]  # (b, in)
-    coef = torch.linalg.solve(hss, rows_s)  # Hss^-1 (H^-1)_{S,:}
+    """The OBS update of ``w`` and the block elimination of ``hinv`` for one channel (module docstring)."""
+    b = system.block
+    cols = slice(channel * b, (channel + 1) * b)
+    hss = system.hinv[cols, cols]
+    inv = 1.0 / hss if b == 1 else torch.linalg.inv(hss)
+    coef = inv @ system.hinv[cols]  # ((H^-1)_SS)^-1 (H^-1)_{S,:}
     system.w -= system.w[:, cols] @ coef
     system.hinv -= system.hinv[:, cols] @ coef
     system.w[:, cols] = 0.0
@@ -94,15 +116,20 @@ def _remove(system: ConsumerSystem, channel: int) -> None:
 
 def obs_select(systems: list[ConsumerSystem], size: int, count: int) -> tuple[torch.Tensor, list[float]]:
     """Greedy structured OBS: the kept channels (sorted) and the cost of each removal in order; the
-    systems' ``w`` are compensated in place (removed columns are zero)."""
-    remaining = list(range(size))
+    systems are compensated in place. The many small steps run on one thread (measured several times
+    faster than two on a shared 2-core machine; they are memory-bound)."""
+    alive = torch.ones(size, dtype=torch.bool)
     costs: list[float] = []
-    for _ in range(count):
-        idx = torch.tensor(remaining)
-        total = sum(_block_costs(s, idx) for s in systems)
-        best = int(torch.argmin(total))  # first minimum: deterministic
-        channel = remaining.pop(best)
-        costs.append(float(total[best]))
-        for s in systems:
-            _remove(s, channel)
-    return torch.tensor(sorted(remaining)), costs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(count):
+            total = sum(_block_costs(s, size, alive) for s in systems)
+            best = int(torch.argmin(total))  # first minimum: deterministic
+            costs.append(float(total[best]))
+            for s in systems:
+                _remove(s, best)
+            alive[best] = False
+    finally:
+        torch.set_num_threads(threads)
+    return torch.nonzero(alive).reshape(-1), costs

@@ -77,10 +77,15 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     with stage_progress(len(groups), f"structured pruning ({selection})", enabled=opts.progress) as advance:
         for g in groups:
-            count = removal_count(g.size, target)
+            count = removal_count(g.size, target, config.channel_multiple)
             entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
                            "consumers": [c.node for c in g.consumers]}
             new_values: dict[str, np.ndarray] = {}
+            if count == 0:  # nothing to remove at this size / multiple: the group stays as it is
+                entry.update(kept=g.size, removed=[])
+                info_groups.append(entry)
+                advance(f"{g.producer}: {g.size}/{g.size}")
+                continue
             if selection == "l2":
                 prod = next(s for s in g.slices if s.role == "producer weight")
                 rows = torch.from_numpy(np.moveaxis(read(work, prod.name), prod.axis, 0).reshape(g.size, -1).copy())
@@ -106,7 +111,8 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     info = {
         "structure": config.structure, "selection": selection, "groups": info_groups,
         "skipped": [s.to_dict() for s in skipped], "shapes": {k: {"before": b, "after": a} for k, (b, a) in shapes.items()},
-        "allocation": "the same fraction of channels in every group",
+        "allocation": "the same fraction of channels in every group"
+                      + (f", kept counts rounded to multiples of {config.channel_multiple}" if config.channel_multiple > 1 else ""),
     }
     if selection == "obs":
         info.update(sequential=bool(config.sequential), percdamp=config.percdamp,
@@ -171,9 +177,10 @@ def _compensated(model: onnx.ModelProto, consumers, systems: list[ConsumerSystem
     """The consumers' compensated weights (ONNX layout, full size) and biases, in their own dtypes."""
     out: dict[str, np.ndarray] = {}
     for c, s, (site, use) in zip(consumers, systems, layouts):
-        w = s.w[:, :-1] if s.has_bias else s.w
+        full = s.full()
+        w = full[:, :-1] if s.has_bias else full
         out[c.weight] = from_matrix(site, use, w.numpy()).astype(read(model, c.weight).dtype)
         if s.has_bias:
             old = read(model, c.bias)
-            out[c.bias] = s.w[:, -1].numpy().reshape(old.shape).astype(old.dtype)
+            out[c.bias] = full[:, -1].numpy().reshape(old.shape).astype(old.dtype)
     return out

@@ -1,0 +1,162 @@
+"""Structured pruning (``prune --structure``) on the sample models: quality, parameters, size, onnxruntime latency.
+
+For the sample CNN (``--structure channels``) and the sample autoencoder (``--structure neurons``), at
+each sparsity (fraction of every group's channels / neurons removed), magnitude (L2 norm of the
+producer's weights, no compensation) against structured OBS (``-m sparsegpt``: greedy block OBS on the
+next layer's Hessian with its compensation). Every run goes through :func:`fls_compress.compress` (the
+CLI's job: onnxruntime verification included); latency is then re-measured side by side with
+:func:`fls_compress.latency.compare_latency` (dense and pruned alternating, same session options and
+thread count, warm-up, median) at batch 1 and 64, repeated ``--repeats`` times (the table shows the
+median speed-up over repeats and its range). Quality: CNN test accuracy and top-1 agreement with the
+dense model, autoencoder test Bernoulli NLL per image, both on the held-out test images (1000); no
+knob is tuned here (SparseGPT's damping default), so there is no validation split to choose on.
+
+    make samples && python benchmarks/structured.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "cnn": ("mnist_cnn", "channels"),
+    "autoencoder": ("mnist_autoencoder", "neurons"),
+}
+
+
+def _latency(original, pruned, test: np.ndarray, name: str, repeats: int, runs: dict[int, int]) -> dict:
+    from fls_compress.latency import compare_latency
+
+    out = {}
+    for batch, n_runs in runs.items():
+        feed = {name: np.ascontiguousarray(test[:batch])}
+        reps = [compare_latency(original, pruned, feed, providers=["CPUExecutionProvider"], runs=n_runs, warmup=5)
+                for _ in range(repeats)]
+        speed = [r["speedup"] for r in reps]
+        out[f"batch_{batch}"] = {
+            "speedup_median": float(np.median(speed)), "speedup_min": float(min(speed)), "speedup_max": float(max(speed)),
+            "original_ms": float(np.median([r["original_median_ms"] for r in reps])),
+            "pruned_ms": float(np.median([r["compressed_median_ms"] for r in reps])),
+            "runs": n_runs, "repeats": repeats,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--samples", type=Path, default=ROOT / "sample_models", help="where `make samples` put the models")
+    ap.add_argument("--sparsities", default="0.3,0.5")
+    ap.add_argument("--methods", default="magnitude,sparsegpt")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--repeats", type=int, default=3, help="latency comparisons per row (median speed-up reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import onnx
+
+    from fls_compress import compress
+    from fls_compress.configs import RunOptions, config_from_dict
+    from fls_compress.structured.report import parameter_count
+    from fls_compress.verify import bernoulli_nll
+
+    import onnxruntime as ort
+
+    opts = RunOptions(seed=args.seed, progress=False)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="structured-bench-"))
+    for key in args.models.split(","):
+        stem, structure = MODELS[key]
+        model_path = args.samples / f"{stem}.onnx"
+        calib, test_path = args.samples / f"{stem}_calib.npz", args.samples / f"{stem}_test.npz"
+        if not model_path.exists():
+            print(f"error: {model_path} not found; run `make samples` first", file=sys.stderr)
+            return 2
+        dense = onnx.load(str(model_path))
+        test = np.load(test_path)
+        name = dense.graph.input[0].name
+        x = test[name].astype(np.float32)
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {name: x})[0]
+
+        def quality(out: np.ndarray) -> dict:
+            if key == "cnn":
+                return {"accuracy": float((out.argmax(1) == test["labels"]).mean()),
+                        "agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
+            return {"nll": float(bernoulli_nll(out, x).mean())}
+
+        row = {"model": key, "structure": "dense", "method": "-", "sparsity": 0.0, **quality(ref),
+               "parameters": parameter_count(dense), "size_bytes": model_path.stat().st_size}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            for method in args.methods.split(","):
+                config = config_from_dict({"method": method, "sparsity": sparsity, "structure": structure})
+                out_path = tmp / f"{key}_{method}_{sparsity}.onnx"
+                t0 = time.perf_counter()
+                rep = compress(model_path, config, calib, output=out_path, eval_data=test_path, options=opts)
+                made = time.perf_counter() - t0
+                pruned = onnx.load(str(out_path))
+                psess = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+                row = {"model": key, "structure": structure, "method": method, "sparsity": sparsity,
+                       **quality(psess.run(None, {name: x})[0]),
+                       "parameters": parameter_count(pruned), "size_bytes": out_path.stat().st_size,
+                       "kept": {g["producer"]: f"{g['kept']}/{g['size']}" for g in rep["structure"]["groups"]},
+                       "skipped": rep["structure"]["skipped"], "time_to_make_s": made,
+                       "latency": _latency(dense, pruned, x, name, args.repeats, {1: 300, 64: 60})}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "skipped"}), flush=True)
+    _write(args.out, rows, args)
+    return 0
+
+
+def _write(out: Path, rows: list[dict], args) -> None:
+    import onnxruntime as ort
+
+    from fls_compress import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"measured_with": __version__, "onnxruntime": ort.__version__, "repeats": args.repeats, "seed": args.seed}
+    (out / "structured.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "# Structured pruning: channels / neurons removed, tensors shrunk (onnxruntime CPU)", "",
+        "Sample CNN (`--structure channels`: both convolutions lose that fraction of their output channels; the "
+        "Flatten->Gemm input shrinks with them) and sample autoencoder (`--structure neurons`: every hidden Gemm whose "
+        "output is not a graph output). `magnitude` = L2 norm of the producer's weights, no compensation; `sparsegpt` = "
+        "greedy structured OBS on the next layer's Hessian with its update. Quality on the 1000 test images; latency "
+        f"ratio = dense / pruned median time, median over {args.repeats} side-by-side comparisons (range in brackets), "
+        "batch 1 (300 runs) and 64 (60 runs), onnxruntime's default thread count on a shared 2-core machine.", "",
+        "| model | structure | method | sparsity | accuracy / NLL | agreement | parameters | size (KB) | "
+        "speed-up b1 | speed-up b64 | time to make (s) | kept |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        qual = f"{r['accuracy']:.3f}" if "accuracy" in r else f"{r['nll']:.2f}"
+        agr = f"{r['agreement']:.3f}" if "agreement" in r else ""
+        lat = r.get("latency", {})
+
+        def sp(key: str) -> str:
+            v = lat.get(key)
+            return "1.00" if v is None else f"{v['speedup_median']:.2f} [{v['speedup_min']:.2f}-{v['speedup_max']:.2f}]"
+
+        kept = ", ".join(f"{k} {v}" for k, v in r.get("kept", {}).items())
+        made = f"{r['time_to_make_s']:.1f}" if "time_to_make_s" in r else ""
+        lines.append(f"| {r['model']} | {r['structure']} | {r['method']} | {r['sparsity']:.0%} | {qual} | {agr} | "
+                     f"{r['parameters']:,} | {r['size_bytes'] / 1024:.0f} | {sp('batch_1')} | {sp('batch_64')} | {made} | {kept} |")
+    lines += ["", f"fls-compress {meta['measured_with']}, onnxruntime {meta['onnxruntime']}. "
+              "Generated by `benchmarks/structured.py`."]
+    (out / "structured.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
