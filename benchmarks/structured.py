@@ -34,9 +34,19 @@ MODELS = {
 }
 
 
-def _latency(original, pruned, test: np.ndarray, name: str, repeats: int, runs: dict[int, int]) -> dict:
+def _latency(original, pruned, test: np.ndarray, name: str, repeats: int, runs: dict[int, int],
+             threads: list[int]) -> dict:
     from fls_compress.latency import compare_latency
+    from fls_compress.runtime import set_threads
 
+    out = {}
+    for t in threads:
+        set_threads(t)  # onnxruntime sessions of compare_latency read it
+        out[f"threads_{t}"] = _latency_at(compare_latency, original, pruned, test, name, repeats, runs)
+    return out
+
+
+def _latency_at(compare_latency, original, pruned, test, name, repeats, runs) -> dict:
     out = {}
     for batch, n_runs in runs.items():
         feed = {name: np.ascontiguousarray(test[:batch])}
@@ -60,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="magnitude,sparsegpt")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=3, help="latency comparisons per row (median speed-up reported)")
+    ap.add_argument("--threads", default="1,2", help="onnxruntime intra-op thread counts to time at")
+    ap.add_argument("--multiple", type=int, default=8,
+                    help="also run the lowest sparsity with --channel-multiple this (0: no such rows)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -99,21 +112,28 @@ def main(argv: list[str] | None = None) -> int:
                "parameters": parameter_count(dense), "size_bytes": model_path.stat().st_size}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+        variants = [(s, 1) for s in sparsities] + ([(min(sparsities), args.multiple)] if args.multiple > 1 else [])
+        for sparsity, multiple in variants:
             for method in args.methods.split(","):
-                config = config_from_dict({"method": method, "sparsity": sparsity, "structure": structure})
-                out_path = tmp / f"{key}_{method}_{sparsity}.onnx"
+                spec = {"method": method, "sparsity": sparsity, "structure": structure}
+                if multiple > 1:
+                    spec["channel_multiple"] = multiple
+                config = config_from_dict(spec)
+                out_path = tmp / f"{key}_{method}_{sparsity}_{multiple}.onnx"
                 t0 = time.perf_counter()
                 rep = compress(model_path, config, calib, output=out_path, eval_data=test_path, options=opts)
                 made = time.perf_counter() - t0
                 pruned = onnx.load(str(out_path))
                 psess = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-                row = {"model": key, "structure": structure, "method": method, "sparsity": sparsity,
+                row = {"model": key, "structure": structure, "method": method, "sparsity": sparsity, "multiple": multiple,
+                       "achieved": rep["sparsity"]["achieved"],
                        **quality(psess.run(None, {name: x})[0]),
                        "parameters": parameter_count(pruned), "size_bytes": out_path.stat().st_size,
                        "kept": {g["producer"]: f"{g['kept']}/{g['size']}" for g in rep["structure"]["groups"]},
                        "skipped": rep["structure"]["skipped"], "time_to_make_s": made,
-                       "latency": _latency(dense, pruned, x, name, args.repeats, {1: 300, 64: 60})}
+                       "latency": _latency(dense, pruned, x, name, args.repeats, {1: 300, 64: 60},
+                                           [int(t) for t in args.threads.split(",")])}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "skipped"}), flush=True)
     _write(args.out, rows, args)
@@ -135,24 +155,29 @@ def _write(out: Path, rows: list[dict], args) -> None:
         "output is not a graph output). `magnitude` = L2 norm of the producer's weights, no compensation; `sparsegpt` = "
         "greedy structured OBS on the next layer's Hessian with its update. Quality on the 1000 test images; latency "
         f"ratio = dense / pruned median time, median over {args.repeats} side-by-side comparisons (range in brackets), "
-        "batch 1 (300 runs) and 64 (60 runs), onnxruntime's default thread count on a shared 2-core machine.", "",
+        "batch 1 (300 runs) and 64 (60 runs), at each onnxruntime intra-op thread count, on a 2-core machine that "
+        "other jobs shared (ratios within a row are the meaningful part). `(x8: 50%)`: `--channel-multiple 8`, the "
+        "kept counts rounded to multiples of 8, and the fraction of channels that removed.", "",
         "| model | structure | method | sparsity | accuracy / NLL | agreement | parameters | size (KB) | "
-        "speed-up b1 | speed-up b64 | time to make (s) | kept |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        + " | ".join(f"speed-up b{b} ({t} thr)" for t in args.threads.split(",") for b in (1, 64))
+        + " | time to make (s) | kept |",
+        "| --- " * (10 + 2 * len(args.threads.split(","))) + "|",
     ]
     for r in rows:
         qual = f"{r['accuracy']:.3f}" if "accuracy" in r else f"{r['nll']:.2f}"
         agr = f"{r['agreement']:.3f}" if "agreement" in r else ""
         lat = r.get("latency", {})
 
-        def sp(key: str) -> str:
-            v = lat.get(key)
+        def sp(threads: str, batch: int) -> str:
+            v = lat.get(f"threads_{threads}", {}).get(f"batch_{batch}")
             return "1.00" if v is None else f"{v['speedup_median']:.2f} [{v['speedup_min']:.2f}-{v['speedup_max']:.2f}]"
 
         kept = ", ".join(f"{k} {v}" for k, v in r.get("kept", {}).items())
         made = f"{r['time_to_make_s']:.1f}" if "time_to_make_s" in r else ""
-        lines.append(f"| {r['model']} | {r['structure']} | {r['method']} | {r['sparsity']:.0%} | {qual} | {agr} | "
-                     f"{r['parameters']:,} | {r['size_bytes'] / 1024:.0f} | {sp('batch_1')} | {sp('batch_64')} | {made} | {kept} |")
+        target = f"{r['sparsity']:.0%}" + (f" (x{r['multiple']}: {r['achieved']:.0%})" if r.get("multiple", 1) > 1 else "")
+        speeds = " | ".join(sp(t, b) for t in args.threads.split(",") for b in (1, 64))
+        lines.append(f"| {r['model']} | {r['structure']} | {r['method']} | {target} | {qual} | {agr} | "
+                     f"{r['parameters']:,} | {r['size_bytes'] / 1024:.0f} | {speeds} | {made} | {kept} |")
     lines += ["", f"fls-compress {meta['measured_with']}, onnxruntime {meta['onnxruntime']}. "
               "Generated by `benchmarks/structured.py`."]
     (out / "structured.md").write_text("\n".join(lines) + "\n")
