@@ -377,3 +377,24 @@ def test_structured_knobs_change_the_result(bn_cnn, base, change):
     a, b = arrays(base), arrays(base.replace(**change))
     assert set(a) == set(b)
     assert any(a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]) for k in a), change
+
+
+def test_3d_convolution_consumer_is_magnitude_only(tmp_path):
+    """Structured OBS captures 1-D/2-D convolution inputs only: a 3-D consumer leaves its group whole (with
+    the reason), while -m magnitude removes the channels."""
+    rng = np.random.default_rng(8)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3, 3)).astype(f), "c1.w"),
+             numpy_helper.from_array(rng.normal(size=(2, 4, 1, 1, 1)).astype(f), "c2.w")]
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1] * 6),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c2.w"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "c3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 4, 4, 4])], inits)
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "c3d.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(8, 1, 4, 4, 4)).astype(f))
+    with pytest.raises(UnsupportedModelError, match="3-D convolution"):
+        compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["c2.w"].shape == (2, 2, 1, 1, 1)
+    assert _run(rep.model, np.zeros((1, 1, 4, 4, 4), f)).shape == (1, 2, 4, 4, 4)

@@ -31,7 +31,7 @@ from ..errors import InvalidOptionError, UnsupportedModelError
 from ..io.activations import ActivationSession, from_matrix, layer_sites, prepare_feeds, to_matrix, usable_samples
 from ..io.calibration import CalibrationData
 from ..io.layer_rows import RowStatistics, count_rows, layer_input_rows
-from ..io.onnx_model import prunable_initializers
+from ..io.onnx_model import model_size_bytes, prunable_initializers
 from ..progress import stage_progress
 from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
 from .rewrite import read, shrink
@@ -57,8 +57,13 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     for g in analysis.groups:
         names = [g.producer] + [c.weight for c in g.consumers]
         hit = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
+        deep = [c.node for c in g.consumers if selection == "obs" and c.op_type == "Conv"
+                and len(read(work, c.weight).shape) > 4]
         if hit:
             skipped.append(Skipped(g.producer, g.node, f"--exclude matches {', '.join(hit)}"))
+        elif deep:
+            skipped.append(Skipped(g.producer, g.node, f"consumer {deep[0]} is a 3-D convolution (structured OBS "
+                                   "captures 1-D/2-D convolution inputs only; -m magnitude can prune it)"))
         else:
             groups.append(g)
     for s in skipped:
@@ -66,7 +71,8 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     if not groups:
         raise UnsupportedModelError(
             f"no {config.structure} group of this graph can be removed safely"
-            + (f" ({skipped[0].producer}: {skipped[0].reason})" if skipped else " (no Conv/Gemm/MatMul producers)"))
+            + (" (" + "; ".join(f"{s.producer}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "") + ")"
+               if skipped else " (no Conv/Gemm/MatMul producers)"))
     target = config.target
     feeds = {k: np.asarray(v)[: opts.num_calibration] for k, v in calib.inputs.items()}
     hessians: dict[str, torch.Tensor] = {}
@@ -120,8 +126,10 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                     lazy_block="not used: structured OBS removes whole channel blocks greedily (no lazy column blocks)")
     else:
         info["scope"] = "not used: structured pruning removes the same fraction of channels in every group"
-    onnx.checker.check_model(work)
-    return Outcome(arrays={}, layers=layers, excluded=sorted({s.producer for s in skipped}),
+    if model_size_bytes(work) < 2**31 - 1:  # the checker serialises the model; above 2 GiB verification still loads it
+        onnx.checker.check_model(work)
+    excluded = sorted(s.name for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in config.exclude))
+    return Outcome(arrays={}, layers=layers, excluded=excluded,
                    steps=[{"target": target}], info=info, model=work)
 
 
