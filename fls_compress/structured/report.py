@@ -25,11 +25,10 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
     from ..latency import compare_latency
     from ..runtime import ort_providers
 
-    info = outcome.info
-    groups = info["groups"]
+    info = outcome.info  # the report's method_info: the per-group records move to the structure section
+    groups, skipped, shapes = info.pop("groups"), info.pop("skipped"), info.pop("shapes")
     channels = sum(g["size"] for g in groups)
     removed = sum(g["size"] - g["kept"] for g in groups)
-    shapes = info["shapes"]
     per_layer = {}
     for name, (numel, shape, op) in outcome.layers.items():
         after = shapes.get(name, {}).get("after", shape)
@@ -60,7 +59,7 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
             + ", ".join(verdicts) if verdicts else "no held-out inputs to time")
     structure = {
         "structure": config.structure, "selection": info["selection"], "groups": groups,
-        "skipped": info["skipped"], "channels": channels, "channels_removed": removed,
+        "skipped": skipped, "channels": channels, "channels_removed": removed,
         "parameters": params, "size_bytes": size, "latency": latency, "speed_note": note,
         "tensor_shapes": shapes,
     }
