@@ -27,6 +27,7 @@ BENCHMARKS = [
     "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
+    "structured",           # prune --structure channels/neurons: quality, parameters, size, onnxruntime latency
 ]
 
 

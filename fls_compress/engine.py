@@ -139,6 +139,8 @@ def _run(
             raise InvalidOptionError("--sparse-storage applies to prune (quantized weights are stored as integer codes)")
     else:
         pruner = make_pruner(config, opts)
+        if getattr(config, "structure", "none") != "none" and opts.sparse_storage:
+            raise InvalidOptionError("--sparse-storage does not apply to --structure (the tensors shrink instead)")
     spec = spec_for(config)
     from .io.splits import prepare_data
 
@@ -181,6 +183,11 @@ def _run(
             rep["sparsity"] = {"target": spec.sparsity, "pattern": config.pattern, "prunable_weights": total,
                                "achieved": float(outcome.info.get("sparsity", 0.0)), "excluded": outcome.excluded}
             rep["notes"] = [rep["quantization"]["speed_note"]]
+        elif getattr(config, "structure", "none") != "none":
+            from .structured.report import structure_sections
+
+            rep["sparsity"], rep["structure"] = structure_sections(config, outcome, proto, written, holdout, dev)
+            rep["notes"] = [rep["structure"]["speed_note"]]
         else:
             per_layer = weight_sparsity(written, list(outcome.layers))
             achieved = sum(per_layer[n] * outcome.layers[n][0] for n in outcome.layers) / max(total, 1)

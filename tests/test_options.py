@@ -158,6 +158,10 @@ INHERITED_ELSEWHERE = {
     MFACConfig: {"sparsity", "pattern", "exclude", "scope", "steps", "likelihood", "output_name", "damping"},
     WandaConfig: {"sparsity", "pattern", "exclude", "max_rows_per_layer"},
     AutoConfig: {"pattern", "exclude"},
+    # --structure needs a graph with removable groups (this fixture's hidden layer is a graph output):
+    # tests/test_structured.py::test_structured_knobs_change_the_result covers it and its interplay with the others
+    MagnitudeConfig: {"structure", "channel_multiple"},
+    SparseGPTConfig: {"structure", "channel_multiple"},
     GPTQConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations"},
     FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "fit_seconds", "probes",
                      "fit_matmul"},

@@ -59,6 +59,10 @@ def run_pruner(
     model: onnx.ModelProto, config: PruneConfig, pruner: Pruner, spec: SparsitySpec, calib: CalibrationData,
     device: str, opts: RunOptions,
 ) -> Outcome:
+    if getattr(config, "structure", "none") != "none":
+        from ..structured.stage import run_structured
+
+        return run_structured(model, config, calib, opts)
     if TORCH in config.needs:
         return _with_torch(model, config, pruner, spec, calib, device, opts)
     if ACTIVATIONS in config.needs:
