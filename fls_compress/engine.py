@@ -186,7 +186,7 @@ def _run(
         elif getattr(config, "structure", "none") != "none":
             from .structured.report import structure_sections
 
-            rep["sparsity"], rep["structure"] = structure_sections(config, outcome, proto, written, holdout, dev)
+            rep["sparsity"], rep["structure"] = structure_sections(config, outcome, proto, written, holdout)
             rep["notes"] = [rep["structure"]["speed_note"]]
         else:
             per_layer = weight_sparsity(written, list(outcome.layers))

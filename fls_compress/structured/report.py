@@ -17,13 +17,13 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return dense + sum(int(math.prod(s.dims)) for s in model.graph.sparse_initializer)
 
 
-def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto, holdout,
-                       device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
+                       holdout) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``sparsity``, ``structure``) report sections. Latency: :func:`fls_compress.latency.compare_latency`
     at batch 1 and 64 (or the held-out size when smaller), on the held-out inputs."""
     from ..io.onnx_model import model_size_bytes
     from ..latency import compare_latency
-    from ..runtime import ort_providers
+    from ..runtime import session_providers
 
     info = outcome.info  # the report's method_info: the per-group records move to the structure section
     groups, skipped, shapes = info.pop("groups"), info.pop("skipped"), info.pop("shapes")
@@ -51,7 +51,7 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
     n = int(next(iter(holdout.inputs.values())).shape[0]) if holdout.inputs else 0
     for batch in sorted({min(b, n) for b in LATENCY_BATCHES if n}):
         feed = {k: np.ascontiguousarray(v[:batch]) for k, v in holdout.inputs.items()}
-        latency[f"batch_{batch}"] = compare_latency(original, written, feed, providers=ort_providers(device))
+        latency[f"batch_{batch}"] = compare_latency(original, written, feed, providers=session_providers())
     verdicts = [f"{v['speedup']:.2f}x the original's speed at batch {v['batch']}" for v in latency.values()]
     note = (f"structured pruning removed {removed} of {channels} {config.structure} and "
             f"{params['original'] - params['pruned']} of {params['original']} parameters; on "
