@@ -32,6 +32,9 @@ class RunOptions(Config):
     progress: bool = knob(True, "Progress bar on stderr (on a terminal).")
     shape: tuple[str, ...] = knob((), "Size of synthetic inputs' dynamic dims, NAME=1x3x320x320 (repeatable; without --data).")
     const: tuple[str, ...] = knob((), "Value of a rank-0 input for all samples, NAME=VALUE (repeatable).")
+    latency: bool = knob(True, "Time the original and compressed models with onnxruntime (batch 1 and the evaluation "
+                                "batch) and census the kernels it runs; --no-latency skips it.")
+    latency_runs: int = knob(20, "Timed runs per model and batch for the latency block (median, p10/p90).", min=1, max=10_000)
 
     def validate(self) -> None:
         super().validate()
