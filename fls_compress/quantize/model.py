@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
+from onnx import helper
 
 from ..errors import InvalidDataError, InvalidOptionError
 from ..io.activations import LayerUse, conv_groups, from_matrix, layer_sites, prepare_feeds, to_matrix
@@ -239,13 +240,16 @@ def quantize_model(
 
         if not calib_inputs:
             raise InvalidDataError("activations=int8 needs calibration inputs for the activation ranges")
-        if nbits:
-            log.warning("activations=int8: the %d MatMulNBits layer(s) keep float inputs (onnxruntime's MatMulNBits "
-                        "takes float activations; use --matmul-format qdq for static activation QDQ there)", len(nbits))
+        if nbits:  # MatMulNBits quantizes its input itself: int8 per block at run time (accuracy_level 4)
+            for node in out.graph.node:
+                if node.op_type == "MatMulNBits":
+                    node.attribute.append(helper.make_attribute("accuracy_level", 4))
+            log.info("activations=int8: the %d MatMulNBits layer(s) quantize their inputs to int8 per block at run time "
+                     "(onnxruntime accuracy_level 4), not with static ranges", len(nbits))
         consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
                      for n in weights if n not in nbits for u in uses[n]]
         out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
                                            num_samples=int(options.get("num_samples", 512)))  # type: ignore[arg-type]
         info.update(act_info)
-        info["activation_float_nbits_layers"] = float(len(nbits))
+        info["nbits_dynamic_int8_layers"] = float(len(nbits))
     return out, info
