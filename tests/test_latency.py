@@ -259,3 +259,21 @@ def test_act_calibration_changes_the_ranges_written(tmp_path):
     assert scales["percentile:99"] < scales["minmax"]
     with pytest.raises(InvalidOptionError, match="needs --activations int8"):
         RTNConfig(bits=8, act_calibration="entropy")
+
+
+def test_int4_gemm_weights_become_matmulnbits_with_their_bias(tmp_path):
+    model, data = gemm_mlp(tmp_path)
+    x = np.load(data)["x"]
+    proto = onnx.load(model)
+    q4, info = quantize_model(proto, {"x": x}, method="gptq", bits=4, granularity="block:16")
+    assert [n.op_type for n in q4.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits", "Relu", "MatMulNBits"]
+    assert [n.input[5] for n in q4.graph.node if n.op_type == "MatMulNBits"] == ["b1", "b2", "b3"]
+    weights, _ = quantize_weights(proto, {"x": x}, method="gptq", bits=4, granularity="block:16")
+    w = {n: q.grid.dequantize(q.codes).astype(np.float64) for n, q in weights.items()}  # (out, in) = Gemm B, transB=1
+    b = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer if t.name.startswith("b")}
+    h = np.maximum(x @ w["w1"].T + b["b1"], 0)
+    h = np.maximum(h @ w["w2"].T + b["b2"], 0)
+    expect = h @ w["w3"].T + b["b3"]
+    got = ort.InferenceSession(q4.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+    assert kernel_census(q4)["integer_kernels"] == {"MatMulNBits": 3}

@@ -173,8 +173,9 @@ def write_qdq(
     before = default_opset(model)
     nbits: list[str] = []
     if prefer_nbits:
+        inits = {t.name: t for t in model.graph.initializer}
         nbits = [n for n, q in weights.items() if q.grid.spec.bits == 4 and model_float(model, n)
-                 and nbits_supported(sites[n], uses[n], q.grid, n) is None]
+                 and nbits_supported(sites[n], uses[n], q.grid, n, inits) is None]
     need = required_opset([q.grid for n, q in weights.items() if n not in nbits])
     fallback = False
     out = None
@@ -192,7 +193,7 @@ def write_qdq(
         if problem is not None:  # 4-bit MatMul weights can still use com.microsoft.MatMulNBits
             for n, q in weights.items():
                 if required_opset([q.grid]) > before:
-                    why = nbits_supported(sites[n], uses[n], q.grid, n)
+                    why = nbits_supported(sites[n], uses[n], q.grid, n, {t.name: t for t in model.graph.initializer})
                     if why is not None or q.grid.spec.bits != 4:
                         raise UnsupportedModelError(f"{problem} ({n!r} cannot use MatMulNBits either: "
                                                     f"{why or 'only 4-bit weights'}); use bits=8 with per-tensor or "
