@@ -11,7 +11,8 @@ Three methods (``act_calibration``), each over all values of a tensor on the cal
   clipped at T (clipped mass added to the last bin) and its quantisation to the grid's levels
   (255 for one-signed data, 128 per side otherwise), each level's mass spread over its non-empty
   bins (Migacz 2017, "8-bit inference with TensorRT"; Wu et al. 2020, sec. 4.1); the range is
-  [max(min, -T), min(max, T)].
+  [max(min, -T), min(max, T)]. Exact zeros (ReLU outputs, padding) are left out of that histogram:
+  they are exact on every grid (the zero point), and their spike would otherwise dominate the KL.
 
 Every range is widened to contain 0 (so zero padding and ReLU zeros are exact) by :func:`uint8_params`.
 Percentile and entropy need a second pass over the samples (the histogram's span comes from the first).
@@ -48,8 +49,10 @@ def _histograms(model, feeds, values, chunk, spans: dict[str, tuple[float, float
         for v in values:
             a = np.asarray(acts[v], dtype=np.float64).reshape(-1)
             lo, hi = spans[v]
+            if absolute:  # exact zeros (ReLU, padding) sit on every grid's zero point: no error to weigh
+                a = np.abs(a[a != 0])
             if a.size and hi > lo:
-                hist[v] += np.histogram(np.abs(a) if absolute else a, bins=BINS, range=(lo, hi))[0]
+                hist[v] += np.histogram(a, bins=BINS, range=(lo, hi))[0]
     return hist
 
 
