@@ -11,8 +11,9 @@ e.g. structured pruning):
 * ``dense``: the model itself;
 * ``ours int8 W8A8``: ``quantize --bits 8 --activations int8 -m gptq`` (per-channel int8 weights, uint8
   static activations, the integer-kernel QDQ placement);
-* ``ours int4 MatMulNBits``: ``quantize --bits 4 --granularity block:32 -m gptq`` (MatMul weights as
-  ``com.microsoft.MatMulNBits``; Conv/Gemm weights stay int4 DequantizeLinear at opset 21);
+* ``ours int8 W8A8 (entropy ranges)``: the same with ``--act-calibration entropy``;
+* ``ours int4 MatMulNBits``: ``quantize --bits 4 --granularity block:32 -m gptq`` (MatMul and Gemm weights as
+  ``com.microsoft.MatMulNBits``, float activations; Conv weights stay int4 DequantizeLinear at opset 21);
 * ``ort quantize_static``: onnxruntime's static quantizer, QDQ, per-channel, U8S8, MinMax, same calibration;
 * ``ort quantize_dynamic``: onnxruntime's dynamic quantizer (int8 weights, per tensor);
 * ``2:4 sparsegpt``: ``prune --pattern 2:4 -m sparsegpt`` (dense kernels on onnxruntime CPU).
@@ -125,6 +126,12 @@ def row_w8a8(bench: Bench, out: Path, seed: int) -> dict:
     return _ours(bench, out, GPTQConfig(bits=8, activations="int8"), seed)
 
 
+def row_w8a8_entropy(bench: Bench, out: Path, seed: int) -> dict:
+    from fls_compress import GPTQConfig
+
+    return _ours(bench, out, GPTQConfig(bits=8, activations="int8", act_calibration="entropy"), seed)
+
+
 def row_int4_nbits(bench: Bench, out: Path, seed: int) -> dict:
     from fls_compress import GPTQConfig
 
@@ -175,6 +182,7 @@ def row_ort_dynamic(bench: Bench, out: Path, seed: int) -> dict:
 ROW_BUILDERS: list[tuple[str, Callable[[Bench, Path, int], dict]]] = [
     ("dense", row_dense),
     ("ours int8 W8A8 (gptq)", row_w8a8),
+    ("ours int8 W8A8 (gptq, entropy ranges)", row_w8a8_entropy),
     ("ours int4 MatMulNBits (gptq, block 32)", row_int4_nbits),
     ("ort quantize_static (QDQ, per-channel, U8S8)", row_ort_static),
     ("ort quantize_dynamic", row_ort_dynamic),
