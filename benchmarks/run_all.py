@@ -27,6 +27,7 @@ BENCHMARKS = [
     "layerwise_rows",       # activation-row subsampling of the layer-wise methods on big feature maps
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
+    "latency",              # dense vs our W8A8 / int4 MatMulNBits vs onnxruntime quantize_static/dynamic vs 2:4: quality, size, speed-up b1/b64
 ]
 
 
