@@ -34,7 +34,7 @@ class RunOptions(Config):
     const: tuple[str, ...] = knob((), "Value of a rank-0 input for all samples, NAME=VALUE (repeatable).")
     latency: bool = knob(True, "Time the original and compressed models with onnxruntime (batch 1 and the evaluation "
                                 "batch) and census the kernels it runs; --no-latency skips it.")
-    latency_runs: int = knob(20, "Timed runs per model and batch for the latency block (median, p10/p90).", min=1, max=10_000)
+    latency_runs: int = knob(10, "Timed runs per model and batch for the latency block (median, p10/p90).", min=1, max=10_000)
 
     def validate(self) -> None:
         super().validate()

@@ -12,9 +12,10 @@ reads it unchanged and the rest of the graph is untouched. Grid layout in the ON
   Gemm B -> 0 with transB=1 else 1, MatMul ``X @ W`` ([in, out]) -> 1, ``W @ X`` -> 0) (opset >= 13);
 * block:g: ``block_size`` = g along the INPUT axis (opset >= 21). A Conv's input axis is the flattened
   C*kh*kw, so its codes are stored as the (O, C*kh*kw) matrix and a ``Reshape`` restores [O, C, kh, kw];
-* int4 / uint4 codes need opset >= 21. When the opset cannot be raised, 4-bit MatMul weights read as
-  ``X @ W`` are written as ``com.microsoft.MatMulNBits`` (:mod:`fls_compress.quantize.nbits`,
-  onnxruntime only; logged and counted in ``matmul_nbits``); any other weight is refused.
+* int4 / uint4 codes need opset >= 21. With ``prefer_nbits`` (``--matmul-format auto``, the default) 4-bit
+  MatMul weights read as ``X @ W`` and Gemm weights (alpha = beta = 1) are written as
+  ``com.microsoft.MatMulNBits`` (:mod:`fls_compress.quantize.nbits`, onnxruntime's 4-bit kernel; counted in
+  ``matmul_nbits``); so are they, as a fallback, when the opset cannot be raised; any other weight is refused.
 
 The default-domain opset is raised only when the grid needs it: by renumbering when no operator of
 the graph changes its definition between the two versions, else with ``onnx.version_converter``; the
