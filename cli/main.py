@@ -104,19 +104,17 @@ def verify(
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Class labels (.npy) for accuracy.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", "-r", help="Also write the JSON report here.")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of synthetic inputs.")] = 0,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time both models with onnxruntime (batch 1 and the evaluation batch) and census the kernels it runs.")] = True,
+    latency_runs: Annotated[Optional[int], typer.Option("--latency-runs", help="Timed runs per model and batch [1<=x<=10000].")] = None,
 ) -> None:
-    """Compare two ONNX models with onnxruntime (output errors, agreement, accuracy, size)."""
-    from fls_compress.io.calibration import load_calibration
-    from fls_compress.io.onnx_model import load_onnx
+    """Compare two ONNX models with onnxruntime (output errors, agreement, accuracy, size, latency)."""
+    from fls_compress.engine import verify as verify_job
     from fls_compress.io.paths import check_paths
-    from fls_compress.report import Report, new_report, write_json_atomic
-    from fls_compress.verify import verify_models
+    from fls_compress.report import Report, write_json_atomic
 
     check_paths({"original": original, "compressed": compressed, "--data": data, "--labels": labels}, {"--report": report})
-    ref, new = load_onnx(original), load_onnx(compressed)
-    calib = load_calibration(None if data is None else str(data), ref, seed=seed, labels_path=None if labels is None else str(labels))
-    result: Report = new_report("verify")
-    result.update(status="ok", verification=verify_models(ref, new, calib))
+    result: Report = verify_job(original, compressed, data, labels=labels, seed=seed, latency=latency,
+                                latency_runs=latency_runs)
     if report is not None:
         write_json_atomic(result, report)
     emit_report(result)

@@ -229,7 +229,7 @@ def _without_wall_clock(obj):
     """The report minus fields that measure elapsed time (they differ between identical runs)."""
     timing = ("_s", "_per_s", "seconds", "latency_ms")
     if isinstance(obj, dict):
-        return {k: _without_wall_clock(v) for k, v in obj.items() if not k.endswith(timing)}
+        return {k: _without_wall_clock(v) for k, v in obj.items() if not k.endswith(timing) and k != "latency"}
     if isinstance(obj, list):
         return [_without_wall_clock(v) for v in obj]
     return obj

@@ -37,6 +37,9 @@ class RunOptions(Config):
                                            "anyway (a warning and conversion.mismatch_allowed in the report).")
     shape: tuple[str, ...] = knob((), "Size of synthetic inputs' dynamic dims, NAME=1x3x320x320 (repeatable; without --data).")
     const: tuple[str, ...] = knob((), "Value of a rank-0 input for all samples, NAME=VALUE (repeatable).")
+    latency: bool = knob(True, "Time the original and compressed models with onnxruntime (batch 1 and the evaluation "
+                                "batch) and census the kernels it runs; --no-latency skips it.")
+    latency_runs: int = knob(10, "Timed runs per model and batch for the latency block (median, p10/p90).", min=1, max=10_000)
 
     def validate(self) -> None:
         super().validate()

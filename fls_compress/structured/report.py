@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import onnx
-
-LATENCY_BATCHES = (1, 64)
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
@@ -18,12 +15,10 @@ def parameter_count(model: onnx.ModelProto) -> int:
 
 
 def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
-                       holdout) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``sparsity``, ``structure``) report sections. Latency: :func:`fls_compress.latency.compare_latency`
-    at batch 1 and 64 (or the held-out size when smaller), on the held-out inputs."""
+                       latency: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``sparsity``, ``structure``) report sections; the speed note quotes the report's ``latency`` block
+    (:func:`fls_compress.latency.latency_block`: batch 1 and the evaluation batch)."""
     from ..io.onnx_model import model_size_bytes
-    from ..latency import compare_latency
-    from ..runtime import session_providers
 
     info = outcome.info  # the report's method_info: the per-group records move to the structure section
     groups, skipped, shapes = info.pop("groups"), info.pop("skipped"), info.pop("shapes")
@@ -47,20 +42,14 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
     params["ratio"] = params["pruned"] / params["original"] if params["original"] else None
     size = {"original": model_size_bytes(original), "pruned": model_size_bytes(written)}
     size["ratio"] = size["pruned"] / size["original"] if size["original"] else None
-    latency: dict[str, Any] = {}
-    n = int(next(iter(holdout.inputs.values())).shape[0]) if holdout.inputs else 0
-    for batch in sorted({min(b, n) for b in LATENCY_BATCHES if n}):
-        feed = {k: np.ascontiguousarray(v[:batch]) for k, v in holdout.inputs.items()}
-        latency[f"batch_{batch}"] = compare_latency(original, written, feed, providers=session_providers())
-    verdicts = [f"{v['speedup']:.2f}x the original's speed at batch {v['batch']}" for v in latency.values()]
+    how = (f"on onnxruntime the pruned model ran {latency['verdict']}" if latency.get("measured")
+           else f"latency not measured ({latency.get('reason')})")
     note = (f"structured pruning removed {removed} of {channels} {config.structure} and "
-            f"{params['original'] - params['pruned']} of {params['original']} parameters; on "
-            f"{next(iter(latency.values()))['provider'] if latency else 'onnxruntime'} the pruned model ran "
-            + ", ".join(verdicts) if verdicts else "no held-out inputs to time")
+            f"{params['original'] - params['pruned']} of {params['original']} parameters; {how}")
     structure = {
         "structure": config.structure, "selection": info["selection"], "groups": groups,
         "skipped": skipped, "channels": channels, "channels_removed": removed,
-        "parameters": params, "size_bytes": size, "latency": latency, "speed_note": note,
+        "parameters": params, "size_bytes": size, "speed_note": note,
         "tensor_shapes": shapes,
     }
     return sparsity, structure
