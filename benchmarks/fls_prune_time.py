@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.fls_ablation import _metric, _validation_images  # noqa: E402
 from fls_compress import FLSConfig, RunOptions, compress  # noqa: E402
-from fls_compress.progress import configure_logging  # noqa: E402
+from fls_compress.progress import attach_cli_logging  # noqa: E402
 
 SPARSITY = 0.9
 # name -> FLSConfig overrides; the first is the library default
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="all", help="all, or comma-separated 0-based indices into VARIANTS")
     ap.add_argument("--float32-seeds", default="0", help="seeds for the float32-matmul variant (a timing attribution)")
     args = ap.parse_args(argv)
-    configure_logging(quiet=True)
+    attach_cli_logging(quiet=True)
     names = list(VARIANTS) if args.variants == "all" else [list(VARIANTS)[int(i)] for i in args.variants.split(",")]
     rows = []
     for name in names:

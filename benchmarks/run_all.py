@@ -28,6 +28,8 @@ BENCHMARKS = [
     "recovery",             # one-shot vs gradual vs gradual + distillation fine-tuning (--recover-steps), AE and CNN at 80/90/95%
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
+    "structured",           # prune --structure channels/neurons: quality, parameters, size, onnxruntime latency
+    "latency",              # dense vs our W8A8 / int4 MatMulNBits vs onnxruntime quantize_static/dynamic vs 2:4: quality, size, speed-up b1/b64
 ]
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from fls_compress import MagnitudeConfig, RunOptions, compress, config_from_dict  # noqa: E402
 from fls_compress.errors import FlsError  # noqa: E402
-from fls_compress.progress import configure_logging  # noqa: E402
+from fls_compress.progress import attach_cli_logging  # noqa: E402
 
 DEFAULT_METHODS = ["magnitude", "magnitude-layer", "wanda", "sparsegpt", "obert", "mfac", "ief", "fls"]
 DEFAULT_SPARSITIES = [0.5, 0.7, 0.8, 0.9]
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="re-measure only --methods and keep the other methods' rows of the existing results")
     args = ap.parse_args(argv)
-    configure_logging(quiet=True)
+    attach_cli_logging(quiet=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = run_sweep(
         args.samples / "mnist_autoencoder.onnx", args.samples / "mnist_autoencoder_calib.npz", args.samples / "mnist_autoencoder_test.npz",

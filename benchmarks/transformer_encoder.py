@@ -124,9 +124,9 @@ def sentence_cosine(pruned: Path, workdir: Path) -> float:
 def child(variant: str, sparsity: float, workdir: Path, seed: int, threads: int) -> dict:
     """One compress() run in this process; prints nothing, returns the row."""
     import fls_compress
-    from fls_compress.progress import configure_logging
+    from fls_compress.progress import attach_cli_logging
 
-    configure_logging(quiet=True)
+    attach_cli_logging(quiet=True)
     cls_name, overrides = VARIANTS[variant]
     config = getattr(fls_compress, cls_name)(sparsity=sparsity, **overrides)
     opts = fls_compress.RunOptions(seed=seed, threads=threads, progress=False, num_calibration=N_CALIB)

@@ -49,11 +49,11 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for internal errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    from fls_compress.progress import configure_logging
+    from fls_compress.progress import attach_cli_logging
 
     if ctx.invoked_subcommand is None:
         raise _UsageError("no command given; run 'fls-compress --help' for the commands")
-    configure_logging(verbose, quiet)
+    ctx.call_on_close(attach_cli_logging(verbose, quiet))  # the handler lives for this invocation only
     _DEBUG["on"] = debug
 
 
@@ -72,11 +72,13 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model to inspect.",
 
     from fls_compress.bridge.convert import unsupported_ops
     from fls_compress.bridge.prep import prepare_for_torch
+    from fls_compress.bridge.support import converter_sources
     from fls_compress.io.onnx_model import load_onnx, model_size_bytes, prunable_initializers
 
     proto = load_onnx(model)
     sites = prunable_initializers(proto)
-    missing = unsupported_ops(prepare_for_torch(proto))
+    prepared = prepare_for_torch(proto)
+    missing = unsupported_ops(prepared)
     info = {
         "path": str(model),
         "opset": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
@@ -87,6 +89,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model to inspect.",
                       "storage": getattr(s, "storage", "initializer")} for s in sites],
         "prunable_weights": sum(math.prod(s.shape) for s in sites),
         "unsupported_ops": missing,
+        "converters": converter_sources(prepared),
         "methods_available": ["all"] if not missing else ["sparsegpt", "wanda", "magnitude", "auto"],
         "metadata": {p.key: p.value for p in proto.metadata_props},
     }
@@ -101,19 +104,17 @@ def verify(
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Class labels (.npy) for accuracy.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", "-r", help="Also write the JSON report here.")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of synthetic inputs.")] = 0,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time both models with onnxruntime (batch 1 and the evaluation batch) and census the kernels it runs.")] = True,
+    latency_runs: Annotated[Optional[int], typer.Option("--latency-runs", help="Timed runs per model and batch [1<=x<=10000].")] = None,
 ) -> None:
-    """Compare two ONNX models with onnxruntime (output errors, agreement, accuracy, size)."""
-    from fls_compress.io.calibration import load_calibration
-    from fls_compress.io.onnx_model import load_onnx
+    """Compare two ONNX models with onnxruntime (output errors, agreement, accuracy, size, latency)."""
+    from fls_compress.engine import verify as verify_job
     from fls_compress.io.paths import check_paths
-    from fls_compress.report import Report, new_report, write_json_atomic
-    from fls_compress.verify import verify_models
+    from fls_compress.report import Report, write_json_atomic
 
     check_paths({"original": original, "compressed": compressed, "--data": data, "--labels": labels}, {"--report": report})
-    ref, new = load_onnx(original), load_onnx(compressed)
-    calib = load_calibration(None if data is None else str(data), ref, seed=seed, labels_path=None if labels is None else str(labels))
-    result: Report = new_report("verify")
-    result.update(status="ok", verification=verify_models(ref, new, calib))
+    result: Report = verify_job(original, compressed, data, labels=labels, seed=seed, latency=latency,
+                                latency_runs=latency_runs)
     if report is not None:
         write_json_atomic(result, report)
     emit_report(result)

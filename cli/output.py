@@ -22,4 +22,9 @@ def emit_report(report: Report) -> None:
               f"{sp['achieved']:.4f} (target {sp['target']:.4f}) in {total:.1f}s", file=sys.stderr)
     if report.get("verification"):
         print(summarize(report["verification"]), file=sys.stderr)
+    kernels = ((report.get("latency") or {}).get("kernels") or {}).get("compressed")
+    if kernels:
+        integer = ", ".join(f"{k} x{v}" for k, v in kernels["integer_kernels"].items()) or "none"
+        floats = ", ".join(f"{k} x{v}" for k, v in kernels["float_layer_kernels"].items()) or "none"
+        print(f"kernels onnxruntime runs: integer {integer}; float layers {floats}", file=sys.stderr)
     print(report.to_json())

@@ -32,7 +32,7 @@ from .errors import InvalidOptionError, OutputError, UnsupportedModelError, Veri
 from .io.onnx_model import load_onnx, save_onnx_atomic, sparse_bytes_saved, weight_sparsity, write_back
 from .io.paths import check_paths, report_path_ok
 from .report import Report, collect_warnings, mark_failed, new_report, write_json_atomic
-from .runtime import file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
+from .runtime import choose_ort_providers, file_sha256, resolve_device, seed_everything, set_threads, signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def _run(
 
     dev = resolve_device(device or opts.device)
     rep["device"] = dev
+    rep["onnxruntime"] = choose_ort_providers(dev)  # verification + activation capture (CPU fallback: warning)
     seed_everything(opts.seed)
     set_threads(opts.threads)
 
@@ -139,6 +140,8 @@ def _run(
             raise InvalidOptionError("--sparse-storage applies to prune (quantized weights are stored as integer codes)")
     else:
         pruner = make_pruner(config, opts)
+        if getattr(config, "structure", "none") != "none" and opts.sparse_storage:
+            raise InvalidOptionError("--sparse-storage does not apply to --structure (the tensors shrink instead)")
     spec = spec_for(config)
     from .io.splits import prepare_data
 
@@ -177,12 +180,20 @@ def _run(
         rep["verification"] = verify_models(proto, written, holdout,
                                             model_paths=(model_path if weights_path is None else None, staged_path))
         rep["timing_s"]["verify"] = time.perf_counter() - t0
+        rep["latency"] = latency_section(proto, written, holdout, opts, dev,
+                                         (model_path if weights_path is None else None, staged_path))
+        rep["timing_s"]["latency"] = time.perf_counter() - t0 - rep["timing_s"]["verify"]
         total = sum(meta[0] for meta in outcome.layers.values())
         if quantize:
-            rep["quantization"] = quantization_section(config, outcome, proto, written, holdout, dev)
+            rep["quantization"] = quantization_section(config, outcome, proto, written, rep["latency"])
             rep["sparsity"] = {"target": spec.sparsity, "pattern": config.pattern, "prunable_weights": total,
                                "achieved": float(outcome.info.get("sparsity", 0.0)), "excluded": outcome.excluded}
             rep["notes"] = [rep["quantization"]["speed_note"]]
+        elif getattr(config, "structure", "none") != "none":
+            from .structured.report import structure_sections
+
+            rep["sparsity"], rep["structure"] = structure_sections(config, outcome, proto, written, rep["latency"])
+            rep["notes"] = [rep["structure"]["speed_note"]]
         else:
             per_layer = weight_sparsity(written, list(outcome.layers))
             achieved = sum(per_layer[n] * outcome.layers[n][0] for n in outcome.layers) / max(total, 1)
@@ -225,26 +236,41 @@ def _resolve_auto(rep: Report, proto: onnx.ModelProto, config: AutoConfig) -> Pr
     return chosen
 
 
-def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
-                         holdout, device: str) -> dict[str, Any]:
-    """Sizes, onnxruntime latency before/after on one held-out batch, and whether the format is faster."""
-    from .io.onnx_model import model_size_bytes
-    from .latency import compare_latency
-    from .runtime import ort_providers
+def latency_section(original: onnx.ModelProto, written: onnx.ModelProto, holdout, opts: RunOptions, device: str,
+                    paths: tuple[Path | None, Path | None] = (None, None)) -> dict[str, Any]:
+    """The report's ``latency`` block (:func:`fls_compress.latency.latency_block`) on the held-out data,
+    or a block that says it was skipped (``--no-latency``)."""
+    from .latency import latency_block, not_measured
+    from .runtime import session_providers
 
-    feed = {k: v[: min(len(v), 32)] for k, v in holdout.inputs.items()}
-    latency = compare_latency(original, written, feed, providers=ort_providers(device))
+    if not opts.latency:
+        return not_measured("--no-latency")
+    refs = [p if p is not None else m for p, m in zip(paths, (original, written))]
+    return latency_block(refs[0], refs[1], holdout, providers=session_providers(), runs=opts.latency_runs)
+
+
+def quantization_section(config: QuantizeConfig, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
+                         latency: dict[str, Any]) -> dict[str, Any]:
+    """Sizes, the kernels onnxruntime ended up running, and whether the quantized model is faster."""
+    from .io.onnx_model import model_size_bytes
+
     before, after = model_size_bytes(original), model_size_bytes(written)
-    faster = latency["speedup"] > 1.05  # type: ignore[operator]
-    note = (f"on {latency['provider']} the quantized model ran {latency['speedup']:.2f}x the original's speed "
-            f"(median of {latency['runs']} runs, batch {latency['batch']})")
-    if not faster:
-        note += ("; weight-only QDQ dequantizes to float at run time, so expect smaller files but no speed-up "
-                 "on this provider (int8 activations with --activations int8, or a runtime with int kernels, bring speed)")
+    faster: bool | None = None
+    if latency.get("measured"):
+        last = latency["batches"][-1]
+        faster = last["speedup"] > 1.05
+        note = f"{latency['verdict']} (median of {latency['runs']} runs)"
+        kernels = (latency.get("kernels") or {}).get("compressed") or {}
+        if not faster and not kernels.get("integer_kernels"):
+            note += ("; onnxruntime fused no integer kernel, so the QDQ weights are dequantized to float at run time: "
+                     "expect smaller files but no speed-up on this provider (--activations int8 at 8 bits gives "
+                     "integer Conv/Gemm/MatMul kernels; 4-bit MatMul weights run as MatMulNBits)")
+    else:
+        note = "latency not measured (--no-latency)"
     return {"bits": config.bits, "granularity": config.granularity, "symmetric": config.symmetric,
             "activations": config.activations, "size_bytes": {"original": before, "quantized": after,
                                                               "ratio": after / before if before else None},
-            "latency": latency, "faster": faster, "speed_note": note,
+            "faster": faster, "speed_note": note,
             "opset": outcome.info.get("opset"), "opset_raised": outcome.info.get("opset_raised")}
 
 
@@ -378,14 +404,20 @@ def _publish(staged: Path, output: Path) -> None:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
 
-def verify(original, compressed, data=None, *, labels=None, seed: int = 0, device: str = "cpu") -> Report:
-    """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``)."""
+def verify(original, compressed, data=None, *, labels=None, seed: int = 0, device: str = "cpu",
+           latency: bool = True, latency_runs: int | None = None) -> Report:
+    """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``),
+    with the latency block (``latency=False`` skips it; ``latency_runs`` defaults to RunOptions')."""
     from .io.calibration import load_calibration
     from .verify import verify_models
 
+    opts = RunOptions(latency=latency, latency_runs=RunOptions.default_of("latency_runs") if latency_runs is None else latency_runs)
     ref = original if isinstance(original, onnx.ModelProto) else load_onnx(original)
+    new = compressed if isinstance(compressed, onnx.ModelProto) else load_onnx(compressed)
     calib = load_calibration(None if data is None else str(data), ref, seed=seed,
                              labels_path=None if labels is None else str(labels))
     rep = new_report("verify")
-    rep.update(status="ok", verification=verify_models(ref, compressed, calib))
+    paths = tuple(None if isinstance(m, onnx.ModelProto) else Path(m) for m in (original, compressed))
+    rep.update(status="ok", verification=verify_models(ref, new, calib, model_paths=paths),
+               latency=latency_section(ref, new, calib, opts, resolve_device(device), paths))
     return rep

@@ -35,12 +35,39 @@ def stage_progress(total: int, description: str, enabled: bool = True) -> Iterat
         yield advance
 
 
-def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
-    """Logs go to stderr; results go to stdout/JSON."""
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (a test harness or a CLI runner may
+    swap and close the stream it had when the handler was made)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - a text stream
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - logging.StreamHandler assigns it once
+        pass
+
+
+def attach_cli_logging(verbosity: int = 0, quiet: bool = False) -> Callable[[], None]:
+    """Route the ``fls_compress`` logs to stderr for one command-line invocation; returns the function that
+    detaches the handler and restores the logger (the CLI calls it when the command ends). The library itself
+    never installs handlers: without the CLI, records go wherever the application's logging sends them."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbosity > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("fls_compress")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    logger = logging.getLogger("fls_compress")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def detach() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return detach
+

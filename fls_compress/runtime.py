@@ -46,17 +46,52 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def ort_providers(device: str) -> list[str]:
-    """onnxruntime execution providers for ``device``; cuda needs the onnxruntime-gpu package."""
-    if device == "cuda":
-        import onnxruntime as ort
+#: onnxruntime execution providers of verification and activation capture (see :func:`choose_ort_providers`)
+_SESSION_PROVIDERS: list[str] = ["CPUExecutionProvider"]
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise InvalidOptionError(
-                "--device cuda: onnxruntime has no CUDAExecutionProvider (pip install fls-compress[gpu] for onnxruntime-gpu)"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+
+def _cuda_ep_works() -> str | None:
+    """``None`` when onnxruntime runs a session on its CUDA execution provider, else why not."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (pip install fls-compress[gpu] for onnxruntime-gpu)"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
+        return f"onnxruntime's CUDAExecutionProvider failed to start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return "onnxruntime's CUDAExecutionProvider did not start (no usable CUDA device or libraries)"
+    return None
+
+
+def choose_ort_providers(device: str) -> dict[str, object]:
+    """Set the onnxruntime execution providers verification and activation capture use in this run,
+    from the resolved ``device``: CUDA first on ``cuda`` when onnxruntime can run on it, else CPU
+    with a warning (``fallback`` says why). Returns the report's ``onnxruntime`` section."""
+    global _SESSION_PROVIDERS  # noqa: PLW0603 - one choice per run, read by every session of it
+    fallback = None
+    if device == "cuda":
+        fallback = _cuda_ep_works()
+        if fallback is not None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "--device cuda: %s; verification and activation capture run on CPUExecutionProvider", fallback)
+    _SESSION_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" and fallback is None \
+        else ["CPUExecutionProvider"]
+    return {"device": device, "providers": list(_SESSION_PROVIDERS), "fallback": fallback}
+
+
+def session_providers() -> list[str]:
+    """The execution providers chosen by :func:`choose_ort_providers` (CPU until a run chooses)."""
+    return list(_SESSION_PROVIDERS)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -91,6 +126,20 @@ def fast_matmul_backend(device: str | torch.device) -> str | None:
     if kind == "cpu" and torch.backends.mkldnn.is_available() and _native_bf16():
         return "bf16"
     return None
+
+
+def fast_matmul_reason(device: str | torch.device, enabled: bool = True) -> str:
+    """Why :func:`fast_matmul` runs in full float32 on ``device`` (for the report when it does)."""
+    if not enabled:
+        return "disabled (--fit-matmul float32)"
+    kind = torch.device(device).type
+    if kind == "cpu" and not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    if kind == "cpu" and not _native_bf16():
+        return "the CPU has no native bf16 dot products (AVX512-BF16 or AMX); emulated bf16 is no faster"
+    if kind not in ("cpu", "cuda"):
+        return f"no reduced-precision matmul path for device type {kind!r}"
+    return "fast arithmetic is available"
 
 
 def _native_bf16() -> bool:

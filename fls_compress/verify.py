@@ -64,20 +64,23 @@ def _as_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
 
 
 def _session(model: onnx.ModelProto, which: str, path: str | Path | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session with default options, opened from ``path`` (the file ``model`` was read
+    """An onnxruntime session (the run's providers, :func:`~fls_compress.runtime.session_providers`) with default options, opened from ``path`` (the file ``model`` was read
     from) when given, else from the serialised proto; protobuf cannot serialise 2 GiB or more, so such a
     model without a file is written to a temporary directory with external data first."""
+    from .runtime import session_providers
+
+    providers = session_providers()
     try:
         if path is not None:
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), providers=providers)
         if model.ByteSize() < 2**31 - 1:
-            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model.SerializeToString(), providers=providers)
         with tempfile.TemporaryDirectory(prefix="fls-verify-") as tmp:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, f"{tmp}/{which}.onnx", save_as_external_data=True, location=f"{which}.onnx.data")
             del copy
-            return ort.InferenceSession(f"{tmp}/{which}.onnx", providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(f"{tmp}/{which}.onnx", providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
         message = f"onnxruntime cannot load the {which} model: {first_line(exc)}"
         if "is not a registered function/op" in str(exc) or type(exc).__name__ == "NotImplemented":

@@ -14,6 +14,21 @@ from fls_compress.curvature.problem import problem_from_module
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_outlives_a_test():
+    """The library installs no logging handlers and the CLI removes its own when a command ends: a handler
+    left on ``fls_compress`` would write to a stream a later test has closed ("--- Logging error ---")."""
+    import logging
+
+    logger = logging.getLogger("fls_compress")
+    before = list(logger.handlers)
+    yield
+    leftover = [h for h in logger.handlers if h not in before]
+    for h in leftover:
+        logger.removeHandler(h)
+    assert not leftover, f"logging handlers outlived the test: {leftover}"
+
+
 def tiny_mlp_problem(
     likelihood: str = "categorical", seed: int = 0, n: int = 256, batch_size: int = 64, sizes=(6, 5, 4)
 ) -> tuple[FisherProblem, nn.Module]:

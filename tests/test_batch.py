@@ -149,6 +149,7 @@ def test_resume_keys_and_summary_order(tmp_path, zoo):
 
 
 # ---------------------------------------------------------------------------------------------- batches
+@pytest.mark.slow
 def test_local_batch_isolates_failures_and_writes_every_output(local_run, zoo):
     out, result = local_run
     rows = {r["name"]: r for r in result.rows}
@@ -174,6 +175,7 @@ def test_local_batch_isolates_failures_and_writes_every_output(local_run, zoo):
     assert (out / "summary.csv").read_text().splitlines()[0].startswith("status,name,command")
 
 
+@pytest.mark.slow
 def test_quantize_job_in_a_batch_gives_the_qdq_model_of_compress(tmp_path, zoo):
     """A quantize job (default prune sparsity overridden by null) yields the same bytes as the library call."""
     import onnx
@@ -245,6 +247,7 @@ def test_crashed_job_is_isolated(tmp_path, zoo):
     assert rows["tiny_b"]["status"] == "timeout"
 
 
+@pytest.mark.slow
 def test_killed_batch_resumes_without_redoing_finished_jobs(tmp_path, zoo, local_run):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -282,6 +285,7 @@ def test_killed_batch_resumes_without_redoing_finished_jobs(tmp_path, zoo, local
                                                                     "tool_version")}, out)
 
 
+@pytest.mark.slow
 def test_ray_executor_matches_local(tmp_path, zoo, local_run):
     ray = pytest.importorskip("ray", reason="the optional 'ray' extra is not installed")
     assert not ray.is_initialized()

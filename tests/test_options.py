@@ -136,6 +136,7 @@ CASES = [
     (RTNConfig, dict(bits=4), "sparsity", 0.5),
     (RTNConfig, dict(bits=4), "pattern", "2:4"),
     (RTNConfig, dict(bits=4), "exclude", ("w1",)),
+    (RTNConfig, dict(bits=8, activations="int8"), "act_calibration", "percentile:99"),
     (GPTQConfig, dict(bits=4), "percdamp", 1.0),
     (GPTQConfig, dict(bits=4, sparsity=0.5), "lazy_block", 4),
     (GPTQConfig, dict(bits=4), "act_order", True),
@@ -159,9 +160,16 @@ INHERITED_ELSEWHERE = {
     MFACConfig: {"sparsity", "pattern", "exclude", "scope", "steps", "likelihood", "output_name", "damping"},
     WandaConfig: {"sparsity", "pattern", "exclude", "max_rows_per_layer"},
     AutoConfig: {"pattern", "exclude"},
-    GPTQConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations"},
+    # --structure needs a graph with removable groups (this fixture's hidden layer is a graph output):
+    # tests/test_structured.py::test_structured_knobs_change_the_result covers it and its interplay with the others
+    MagnitudeConfig: {"structure", "channel_multiple"},
+    SparseGPTConfig: {"structure", "channel_multiple"},
+    # matmul_format changes the format of 4-bit MatMul weights (this MLP has Gemm only): tests/test_latency.py
+    RTNConfig: {"matmul_format"},
+    GPTQConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "act_calibration",
+                 "matmul_format"},
     FLSQuantConfig: {"sparsity", "pattern", "exclude", "bits", "granularity", "symmetric", "activations", "fit_seconds", "probes",
-                     "fit_matmul"},
+                     "fit_matmul", "act_calibration", "matmul_format"},
 }
 
 

@@ -157,6 +157,12 @@ def key_metrics(report: dict[str, Any]) -> dict[str, Any]:
     sizes = ver.get("model_size_bytes") or {}
     if sizes.get("ratio") is not None:
         out["size_ratio"] = sizes["ratio"]
+    latency = report.get("latency") or {}
+    for timed in latency.get("batches") or ():  # speed-up at batch 1 and at the evaluation batch
+        key = "speedup_batch1" if timed.get("batch") == 1 else "speedup_eval_batch"
+        out[key] = timed.get("speedup")
+    if latency.get("verdict"):
+        out["latency_verdict"] = latency["verdict"]
     return out
 
 

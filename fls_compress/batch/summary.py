@@ -22,6 +22,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("exit_code", "exit"), ("metrics.sparsity", "sparsity"), ("metrics.relative_l2_error", "rel L2 err"),
     ("metrics.cosine_similarity", "cosine"), ("metrics.top1_agreement", "top-1 agree"),
     ("metrics.accuracy_original", "acc orig"), ("metrics.accuracy_compressed", "acc new"),
+    ("metrics.speedup_batch1", "speed-up b1"), ("metrics.speedup_eval_batch", "speed-up eval"),
     ("input_bytes", "in bytes"), ("output_bytes", "out bytes"), ("wall_s", "wall s"),
     ("peak_rss_mib", "peak MiB"), ("error", "error"),
 )

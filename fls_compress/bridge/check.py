@@ -5,7 +5,8 @@ did not anticipate, e.g. reflect padding of a 2-D tensor) must not surface as a 
 of pruning, or as silently wrong gradients. :func:`check_conversion` runs the original ONNX model
 (onnxruntime, CPU) and the torch module on the same batch: a torch failure is an
 :class:`~fls_compress.errors.UnsupportedModelError`; the largest relative L2 error over the outputs
-is returned for the report, and a warning is logged above :data:`REL_TOLERANCE`.
+is returned for the report. :func:`gate_conversion` decides what an error above the tolerance means
+(:mod:`.divergence` locates the node responsible): stop, or continue with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fls_compress.errors import UnsupportedModelError
 _LOG = logging.getLogger(__name__)
 
 REL_TOLERANCE = 1e-3
+"""Default of ``--conversion-tol``."""
 
 
 def check_conversion(
@@ -53,6 +55,41 @@ def check_conversion(
         norm = float(np.linalg.norm(ref))
         diff = float(np.linalg.norm(got - ref))
         worst = max(worst, diff / norm if norm > 0 else diff)
-    if worst > REL_TOLERANCE:
-        _LOG.warning("converted module differs from onnxruntime by %.3g (relative L2) on calibration data", worst)
     return worst
+
+
+def gate_conversion(error: float, tolerance: float, locate, *, on_mismatch: str) -> dict[str, object]:
+    """What a conversion error above ``tolerance`` means, as report fields (empty when within it).
+
+    ``locate()`` returns :func:`~fls_compress.bridge.divergence.locate_divergence`'s verdict. When
+    every diverging node is onnxruntime's kernel deviating from the exact spec value while the
+    conversion matches the spec, the torch graph is faithful: a warning, and the nodes in
+    ``onnxruntime_kernel_deviations``. Otherwise the conversion is wrong somewhere: an
+    :class:`UnsupportedModelError` naming the first diverging node, unless ``on_mismatch`` is
+    ``"warn"`` (``--allow-conversion-mismatch``, or a method that reads only the weights), which logs
+    a warning and sets ``mismatch_allowed``.
+    """
+    if error is None or error <= tolerance:
+        return {}
+    verdict = locate()
+    fields: dict[str, object] = {"first_diverging_node": verdict["first"]}
+    first = verdict["first"]
+    if first is None and verdict["explained"]:
+        nodes = ", ".join(f"{e['op_type']} node {e['node']!r} (onnxruntime {e['onnxruntime_vs_spec']:.2g} from the spec, "
+                          f"torch {e['torch_vs_spec']:.2g})" for e in verdict["explained"])
+        _LOG.warning("converted module differs from onnxruntime by %.3g (relative L2) on calibration data only where "
+                     "onnxruntime's kernel departs from the exact spec value and the conversion does not: %s", error, nodes)
+        fields["onnxruntime_kernel_deviations"] = verdict["explained"]
+        fields["faithful"] = True
+        return fields
+    where = (f"first at {first['op_type']} node {first['node']!r} (output {first['output']!r}, relative error "
+             f"{first['rel_error']:.3g} with agreeing inputs)" if first is not None else
+             "the diverging node could not be located")
+    message = (f"the converted torch graph differs from onnxruntime by {error:.3g} (relative L2, above the tolerance "
+               f"{tolerance:g}) on the calibration batch, {where}")
+    if on_mismatch != "warn":
+        raise UnsupportedModelError(message + "; pass --allow-conversion-mismatch to use it anyway")
+    _LOG.warning("%s; used anyway", message)
+    fields["mismatch_allowed"] = True
+    fields["faithful"] = False
+    return fields

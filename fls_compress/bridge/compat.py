@@ -11,6 +11,7 @@ writes opset 18-20) therefore fail on ops whose schema was bumped only to admit 
 * guarded aliases where the new version adds a feature (the guard raises ``NotImplementedError``
   when the feature is used, so nothing is converted silently wrong);
 * LSTM and GRU (:mod:`.rnn`), and an exact Pad for every rank and mode (:mod:`.pad`);
+* the converter package :mod:`fls_compress.bridge.ops` (operators onnx2torch lacks, newer versions);
 * small exact modules where the semantics changed: Reduce*-18/20 (constant ``axes`` input),
   Gelu-20, Reshape-19/21 with ``allowzero=1``, Split-18 with ``num_outputs``, and Size (absent
   from onnx2torch).
@@ -271,5 +272,8 @@ def install_compat() -> None:
     _register("IsInf", 20, _guarded("IsInf", 10, _isinf_one_sided))
     install_recurrent()
     install_pad()
+    from fls_compress.bridge.ops import install_ops  # after Pad/LSTM/GRU: some aliases point at those
+
+    install_ops()
     _installed = True
     _LOG.debug("onnx2torch compatibility converters installed")

@@ -29,10 +29,11 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import fx, nn
 
-from fls_compress.bridge.check import check_conversion
+from fls_compress.bridge.check import REL_TOLERANCE, check_conversion, gate_conversion
 from fls_compress.bridge.compat import install_compat
 from fls_compress.bridge.constant_fold import fold_recurrent_weights
 from fls_compress.bridge.control_flow import fold_constant_ifs
+from fls_compress.bridge.divergence import locate_divergence
 from fls_compress.bridge.prep import bind_inputs, prepare_for_torch, to_float32
 from fls_compress.bridge.rnn import OnnxRecurrent
 from fls_compress.bridge.shapes import annotate_shapes
@@ -268,6 +269,8 @@ def convert_to_torch(
     *,
     prunable_ops: tuple[str, ...] = ALL_PRUNABLE_OPS,
     calibration: CalibrationData | None = None,
+    tolerance: float = REL_TOLERANCE,
+    on_mismatch: str = "fail",
 ) -> TorchBridge:
     """Convert ``model`` (left unmodified) into a :class:`TorchBridge`.
 
@@ -284,7 +287,10 @@ def convert_to_torch(
     * LSTM/GRU weights computed from constants are evaluated once (``computed_recurrent_weights``,
       :mod:`.constant_fold`; done with or without calibration);
     * after conversion, the module is run against onnxruntime on one batch
-      (``max_rel_error_vs_onnxruntime``, :mod:`.check`; a torch failure there is unsupported).
+      (``max_rel_error_vs_onnxruntime``, :mod:`.check`; a torch failure there is unsupported). Above
+      ``tolerance`` the first diverging node is located (:mod:`.divergence`) and the conversion is
+      refused (``on_mismatch="fail"``) or kept with a warning (``"warn"``), unless the divergence is
+      onnxruntime's kernel departing from the spec (:func:`.check.gate_conversion`).
 
     float16 / bfloat16 / float64 models are converted to compute in float32 (``compute_dtype``);
     :meth:`PrunableWeight.to_onnx` returns the original dtype. Raises
@@ -352,8 +358,21 @@ def convert_to_torch(
         bridge.batch_axes = {k: v for k, v in calibration.batch_axes.items() if k in input_names}
         rows = 1 if calibration.max_batch == 1 else min(2, calibration.num_samples)
         batch = {k: v[:rows] for k, v in calibration.inputs.items()}
+        feed = calibration.feed(batch)
         try:
-            info["max_rel_error_vs_onnxruntime"] = check_conversion(model, bridge.forward, batch, calibration.feed(batch))
+            error = check_conversion(model, bridge.forward, batch, feed)
+        except UnsupportedModelError as exc:
+            raise unsupported(str(exc)) from exc
+        info["max_rel_error_vs_onnxruntime"] = error
+        info["conversion_tol"] = tolerance
+
+        def locate() -> dict[str, object]:
+            args = [torch.from_numpy(np.ascontiguousarray(feed[name])) for name in input_names]
+            args = [a.float() if a.is_floating_point() else a for a in args]
+            return locate_divergence(model, gm, args, feed, tolerance)
+
+        try:
+            info.update(gate_conversion(error, tolerance, locate, on_mismatch=on_mismatch))
         except UnsupportedModelError as exc:
             raise unsupported(str(exc)) from exc
     _LOG.info(

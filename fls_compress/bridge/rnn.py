@@ -1,4 +1,4 @@
-"""onnx2torch converters for ONNX ``LSTM`` and ``GRU`` (onnx2torch 1.5 has none).
+"""onnx2torch converters for ONNX ``LSTM``, ``GRU`` and ``RNN`` (onnx2torch 1.5 has none).
 
 The module keeps the ONNX weights ``W`` ``[dirs, G*H, I]`` and ``R`` ``[dirs, G*H, H]`` as trainable
 parameters in ONNX layout, so the bridge maps them one to one to the ONNX tensors (they are
@@ -9,6 +9,8 @@ prunable, with the (out, in) matrix view ``[dirs*G*H, I]``), and computes with `
   ``i, o, f, c``, torch as ``i, f, g(=c), o`` -> torch block ``k`` is ONNX block ``[0, 2, 3, 1][k]``;
   the bias ``B = [Wb; Rb]`` becomes ``bias_ih`` / ``bias_hh`` with the same reorder.
 * GRU (Cho et al. 2014; ONNX GRU-14): ONNX ``z, r, h``, torch ``r, z, n`` -> ``[1, 0, 2]``.
+* RNN (Elman 1990; ONNX RNN-14): one gate, ``H_t = tanh(X_t W^T + H_{t-1} R^T + Wb + Rb)`` as
+  ``torch.nn.RNN``; only the default ``Tanh`` activation.
   torch's cell applies the reset gate after the recurrent matmul, which is ONNX
   ``linear_before_reset=1``; ``linear_before_reset=0`` is refused.
 
@@ -30,8 +32,9 @@ from torch import nn
 from torch.func import functional_call
 
 #: torch gate block k is ONNX gate block ORDER[op][k]
-GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2)}
-_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
+GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+_TORCH_LAYER = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 
 
 def _reorder(t: torch.Tensor, order: tuple[int, ...], hidden: int) -> torch.Tensor:
@@ -68,8 +71,7 @@ class OnnxRecurrent(nn.Module, OnnxToTorchModule):
         if bias is None:
             bias = torch.zeros(self.dirs, 2 * gates_hidden)
         self.register_buffer("B", bias.detach().clone().float())
-        cls = nn.LSTM if op_type == "LSTM" else nn.GRU
-        self.template = cls(int(inputs), self.hidden, bidirectional=self.dirs == 2)
+        self.template = _TORCH_LAYER[op_type](int(inputs), self.hidden, bidirectional=self.dirs == 2)
         for param in self.template.parameters():
             param.requires_grad_(False)
 
@@ -151,8 +153,8 @@ def _recurrent_converter(node: OnnxNode, graph: OnnxGraph) -> OperationConverter
 
 
 def install_recurrent() -> None:
-    """Register the LSTM/GRU converters for every opset version of the ops (idempotent)."""
-    for op, versions in (("LSTM", (7, 14)), ("GRU", (7, 14))):
+    """Register the LSTM/GRU/RNN converters for every opset version of the ops (idempotent)."""
+    for op, versions in (("LSTM", (7, 14)), ("GRU", (7, 14)), ("RNN", (7, 14))):
         for version in versions:
             try:
                 get_converter(operation_type=op, version=version)

@@ -2,7 +2,7 @@
 
 :func:`unsupported_ops` lists, before any conversion is attempted, the operators of a graph (bodies
 included) that have no onnx2torch converter, the compatibility converters of :mod:`.compat`
-included. :func:`unsupported` builds the :class:`~fls_compress.errors.UnsupportedModelError` for a
+included; :func:`converter_sources` says who converts each of the others. :func:`unsupported` builds the :class:`~fls_compress.errors.UnsupportedModelError` for a
 graph that cannot be converted, naming the pruning methods that work without a torch graph.
 """
 
@@ -70,6 +70,48 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 
     visit(model.graph)
     return list(found)
+
+
+def _source(op: str, version: int, fn) -> str:
+    """Who converts ``op`` at ``version``: this package's converter (family), an alias of onnx2torch's
+    converter for a type-only newer version, the compatibility layer, or onnx2torch itself."""
+    from fls_compress.bridge.ops import TYPE_ONLY_ALIASES
+
+    module = getattr(fn, "__module__", "") or ""
+    if module.startswith("fls_compress.bridge.ops."):
+        return f"fls_compress (ops.{module.rsplit('.', 1)[-1]})"
+    if any(op == a_op and version in versions for a_op, _base, versions in TYPE_ONLY_ALIASES):
+        base = next(b for a_op, b, versions in TYPE_ONLY_ALIASES if a_op == op and version in versions)
+        owner = "fls_compress" if module.startswith("fls_compress") else "onnx2torch"
+        return f"{owner} (opset {base} converter; opset {version} changed only element types)"
+    if module.startswith("fls_compress"):
+        return f"fls_compress ({module.rsplit('.', 1)[-1]})"
+    return "onnx2torch"
+
+
+def converter_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """``"<op> (opset <since_version>)"`` -> who converts it (see :func:`_source`), for every converted
+    default-domain operator of the graph (bodies included), in graph order."""
+    install_compat()
+    opsets = {_normalize_domain(o.domain): int(o.version) for o in model.opset_import}
+    found: dict[str, str] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = _normalize_domain(node.domain)
+            if domain == "" and "" in opsets and node.op_type not in _CONTROL_FLOW:
+                version = _since_version(node.op_type, domain, opsets[""])
+                label = f"{node.op_type} (opset {version})"
+                if label not in found:
+                    try:
+                        found[label] = _source(node.op_type, version, get_converter(node.op_type, opsets[""]))
+                    except NotImplementedError:
+                        pass
+            for sub in _subgraphs(node):
+                visit(sub)
+
+    visit(model.graph)
+    return found
 
 
 def _torch_free_methods() -> list[str]:

@@ -218,16 +218,44 @@ class FishLegFit(Config):
     precondition: bool = knob(True, "Preconditioned auxiliary update (back-propagate <Q r, Q u> instead of <r, Q u>).")
     fit_matmul: str = knob(
         "fast", "Arithmetic of the fit: 'fast' runs the Kronecker Q products of the auxiliary steps on bf16 copies and "
-        "the other float32 matmuls of the steps and validation checkpoints with bf16 (oneDNN, CPUs with AVX512-BF16/AMX) "
+        "the other float32 matmuls of the steps with bf16 (oneDNN, CPUs with AVX512-BF16/AMX) "
         "or TF32 (CUDA) internal arithmetic where the machine has it; 'float32' never. Q's parameters and optimizer, "
-        "its start and the pruning itself are float32 either way (the report's fit_matmul / fit_q_products say what ran).",
+        "its start, the validation checkpoints and the pruning are float32 either way (the report's fit_matmul / "
+        "fit_q_products / fit_matmul_reason say what ran and why).",
         choices=("fast", "float32"))
     moment_samples: int = knob(128, "Samples for the gradient moments behind the kfac/diag start and the relative damping.",
                                min=1, max=1_000_000)
 
 
+STRUCTURES = ("none", "channels", "neurons")
+
+
 @dataclass(frozen=True)
-class MagnitudeConfig(GlobalScope):
+class Structured(Config):
+    """Structured pruning: remove whole channels / neurons and shrink the tensors (``fls_compress.structured``)."""
+
+    panel: ClassVar[str] = "Structured pruning (magnitude, sparsegpt)"
+
+    structure: str = knob(
+        "none", "Remove whole groups and shrink the ONNX tensors: channels (Conv output channels, with their bias, "
+        "BatchNorm and the next layer's input channels), neurons (Gemm/MatMul hidden units); --sparsity is then the "
+        "fraction of each group removed. magnitude ranks by the L2 norm, sparsegpt by structured OBS on the next "
+        "layer's Hessian and compensates it. none: unstructured zeros.", choices=STRUCTURES)
+    channel_multiple: int = knob(
+        1, "With --structure: keep a multiple of this many channels / neurons in every group (the multiple nearest "
+        "the --sparsity target, at least one multiple; onnxruntime's CPU convolutions run fastest at multiples of 8 "
+        "or 16, see benchmarks/results/structured.md).", min=1, max=65536)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.structure != "none" and getattr(self, "pattern", None) is not None:
+            raise InvalidOptionError("--pattern does not apply to --structure (whole channels/neurons are removed)")
+        if self.structure == "none" and self.channel_multiple != 1:
+            raise InvalidOptionError("--channel-multiple applies to --structure channels|neurons only")
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(GlobalScope, Structured):
     method: ClassVar[str] = "magnitude"
     summary: ClassVar[str] = "|w| (Han et al. 2015), global or per layer; no data, no update"
 
@@ -280,7 +308,7 @@ class LayerwiseConfig(PruneConfig, ActivationCapture):
 
 
 @dataclass(frozen=True)
-class SparseGPTConfig(LayerwiseConfig):
+class SparseGPTConfig(LayerwiseConfig, Structured):
     method: ClassVar[str] = "sparsegpt"
     panel: ClassVar[str] = "SparseGPT"
     summary: ClassVar[str] = "layer-wise OBS, Cholesky sweep with lazy blocks (Frantar & Alistarh 2023)"

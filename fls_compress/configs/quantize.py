@@ -30,6 +30,26 @@ def parse_granularity(value: str) -> str:
     raise InvalidOptionError(f"--granularity must be per-channel, per-tensor or block:G (G >= 1), got {value!r}")
 
 
+DEFAULT_PERCENTILE = 99.99
+
+
+def parse_calibration(value: str) -> tuple[str, float | None]:
+    """``minmax`` | ``percentile`` | ``percentile:P`` (50 < P <= 100) | ``entropy`` -> (method, P)."""
+    if value in ("minmax", "entropy"):
+        return value, None
+    if value == "percentile":
+        return value, DEFAULT_PERCENTILE
+    if value.startswith("percentile:"):
+        try:
+            p = float(value.split(":", 1)[1])
+        except ValueError:
+            p = float("nan")
+        if 50.0 < p <= 100.0:
+            return "percentile", p
+    raise InvalidOptionError(f"--act-calibration must be minmax, entropy, percentile or percentile:P with "
+                             f"50 < P <= 100, got {value!r}")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig(PruneConfig):
     """Weight quantization (and optional joint pruning), emitted as QDQ ONNX."""
@@ -42,12 +62,21 @@ class QuantizeConfig(PruneConfig):
     symmetric: bool = knob(True, "Symmetric grid (int8/int4, zero point 0) or asymmetric (uint8/uint4 with zero point).")
     activations: str = knob("none", "Also quantize the layers' input activations (static int8 QDQ, calibrated ranges).",
                             choices=("none", "int8"))
+    act_calibration: str = knob("minmax", "Activation ranges for --activations int8: minmax, percentile[:P] "
+                                "(default P 99.99) or entropy (KL-divergence threshold).")
+    matmul_format: str = knob("auto", "4-bit MatMul weights: auto writes onnxruntime's com.microsoft.MatMulNBits (its "
+                              "4-bit kernel), qdq a DequantizeLinear (portable ONNX, opset 21).", choices=("auto", "qdq"))
 
     def validate(self) -> None:
         super().validate()
         if self.bits not in (4, 8):
             raise InvalidOptionError(f"--bits must be 4 or 8, got {self.bits}")
         parse_granularity(self.granularity)
+        parse_calibration(self.act_calibration)
+        if self.act_calibration != "minmax" and self.activations != "int8":
+            raise InvalidOptionError("--act-calibration chooses activation ranges: it needs --activations int8")
+        if self.matmul_format != "auto" and self.bits != 4:
+            raise InvalidOptionError("--matmul-format applies to 4-bit weights (--bits 4)")
 
     @property
     def target(self) -> float:

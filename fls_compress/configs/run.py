@@ -30,8 +30,16 @@ class RunOptions(Config):
                                     min=-1.0, max=1.0)
     keep_failed: bool = knob(False, "Keep the compressed model at -o when a verification gate fails (the report says so).")
     progress: bool = knob(True, "Progress bar on stderr (on a terminal).")
+    conversion_tol: float = knob(1e-3, "Largest relative L2 error of the converted torch graph against onnxruntime on a "
+                                 "calibration batch before curvature methods stop (exit 4, naming the first diverging node).",
+                                 min=0.0, min_open=True)
+    allow_conversion_mismatch: bool = knob(False, "Use a torch graph that differs from onnxruntime above --conversion-tol "
+                                           "anyway (a warning and conversion.mismatch_allowed in the report).")
     shape: tuple[str, ...] = knob((), "Size of synthetic inputs' dynamic dims, NAME=1x3x320x320 (repeatable; without --data).")
     const: tuple[str, ...] = knob((), "Value of a rank-0 input for all samples, NAME=VALUE (repeatable).")
+    latency: bool = knob(True, "Time the original and compressed models with onnxruntime (batch 1 and the evaluation "
+                                "batch) and census the kernels it runs; --no-latency skips it.")
+    latency_runs: int = knob(10, "Timed runs per model and batch for the latency block (median, p10/p90).", min=1, max=10_000)
 
     def validate(self) -> None:
         super().validate()

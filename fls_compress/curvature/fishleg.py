@@ -44,7 +44,7 @@ import torch
 
 from ..configs.pruning import DEFAULT_FIT_STEPS, DEFAULT_REFIT_STEPS, auto_steps
 from ..errors import InvalidOptionError
-from ..runtime import fast_matmul
+from ..runtime import fast_matmul, fast_matmul_reason
 from . import fishleg_obs
 from .base import FitStats, InverseFisherEstimator
 from .fishleg_config import FishLegConfig, UPDATES  # noqa: F401  (re-exported)
@@ -366,6 +366,8 @@ class FishLegEstimator(InverseFisherEstimator):
         stats.extra["validation_aux_loss_after"] = best
         stats.extra["lr_halvings"] = float(halvings)
         stats.extra["fit_matmul"] = backend or "float32"
+        if backend is None:
+            stats.extra["fit_matmul_reason"] = fast_matmul_reason(self.groups[0].params[0].device, self.config.fast_matmul)
         stats.extra["fit_q_products"] = str(self._product_dtype(backend) or torch.float32).removeprefix("torch.")
         if not best < before:
             log.warning("FishLeg fit did not lower the validation auxiliary loss at any checkpoint (%.6g); keeping the "
@@ -384,11 +386,14 @@ class FishLegEstimator(InverseFisherEstimator):
             g.q.load_state_dict(st)
 
     def _checkpoint_loss(self, problem: FisherProblem) -> float:
-        """:meth:`validation_loss` for the fit's checkpoints, on float32 tensors with the fit's fast arithmetic
-        (:func:`~fls_compress.runtime.fast_matmul`). On the autoencoder its value moved by < 4e-6 against full
-        float32 while consecutive checkpoints differ by ~1e-2 (``tests/test_fishleg.py`` bounds the gap)."""
-        with fast_matmul(self.groups[0].params[0].device, self.config.fast_matmul):
-            return self.validation_loss(problem)
+        """:meth:`validation_loss` for the fit's checkpoints, always in full float32 arithmetic.
+
+        The checkpoints decide which lambda is kept, so they are not run with the fit's fast arithmetic: the
+        rounding of oneDNN's bf16 path through a network's Jacobian products has no bound that is small next
+        to a checkpoint's progress (it depends on which kernels the CPU has: 4e-7 on one CPU, 2.5e-4 on
+        another, against ~1e-2 of progress), whereas float32 makes the accept/reject decisions the same on
+        every CPU. A checkpoint costs a few auxiliary steps and a fit has at most ``MAX_CHECKS`` + 1."""
+        return self.validation_loss(problem)
 
     def validation_loss(self, problem: FisherProblem, probes: int = 4) -> float:
         """A(lambda) = mean_u [1/2 v^T F_gamma v - u^T v] / ||u||^2, v = Q u, on fixed probes and samples."""

@@ -24,8 +24,9 @@ class FishLegConfig:
     fast_matmul: the fit's float32 matmuls may use the backend's reduced-precision internal arithmetic
         (:func:`fls_compress.runtime.fast_matmul`: oneDNN bf16 on CPUs with AVX512-BF16/AMX, TF32 on CUDA);
         with oneDNN bf16 the Kronecker groups' products of the auxiliary steps run on bf16 copies of the
-        probes and factors (:meth:`FishLegEstimator._product_dtype`). The auxiliary steps and the validation
-        checkpoints run so; lambda, Adam's state, Q's start and every product used for pruning stay float32.
+        probes and factors (:meth:`FishLegEstimator._product_dtype`; rounding bounded entrywise by
+        :func:`~fls_compress.curvature.qforms.kron_rounding_bound`). Only the auxiliary steps run so; the validation
+        checkpoints that accept lambda, Adam's state, Q's start and every product used for pruning stay float32.
     fit_seconds: optional wall-clock budget of each fit/refit; the step loop stops once it is spent
         (recorded in ``FitStats.extra["stopped_after_steps"]``); ``None`` = run all steps.
     lr / fit_steps / refit_steps: see :class:`fls_compress.configs.pruning.FishLegFit` (fit steps from Q's

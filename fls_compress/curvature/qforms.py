@@ -60,6 +60,31 @@ def kron_products(
     return A * kx, (xl, p, nxl, kx)
 
 
+def kron_rounding_bound(
+    u: torch.Tensor, A: torch.Tensor, R: torch.Tensor, L: torch.Tensor, B: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Componentwise bound on |fl(v) - v| for :func:`kron_products` run on ``dtype`` copies of u and the factors.
+
+    Standard rounding model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 2.4 and
+    Thm 3.5/eq. 3.13): each cast to ``dtype`` and each stored intermediate is one relative rounding of at most
+    the unit round-off ``eps`` (2^-8 for bfloat16), and each product accumulates in float32 (oneDNN's and
+    torch's CPU bf16 GEMMs do), adding at most gamma_n = n u32 / (1 - n u32) with u32 = 2^-24 over its inner
+    dimension n. Along the chain x = A*u, XL, R(XL), B*., R^T(.), (.)L^T, A*. there are c = 13 roundings
+    (u once, A, R and L twice each, six stored intermediates; 15 with B), so with the magnitudes
+    |v| <= V = |A| * (|R|^T (|B| * |R| (|A| * |u|) |L|) |L|^T) the error is at most
+    (gamma_c(eps) + sum_k gamma_{n_k}(u32)) * V, gamma_c(eps) = c eps / (1 - c eps). Returns that bound,
+    computed in float64.
+    """
+    eps = torch.finfo(dtype).eps / 2  # unit round-off (finfo.eps is the spacing at 1)
+    roundings = 15 if B is not None else 13
+    u32 = 2.0**-24
+    inner = (L.shape[-2], R.shape[-1], R.shape[-2], L.shape[-1])  # inner dims of the four GEMMs
+    gamma = roundings * eps / (1 - roundings * eps) + sum(n * u32 / (1 - n * u32) for n in inner)
+    mags = [None if t is None else t.detach().double().abs() for t in (u, A, R, L, B)]
+    return gamma * kron_products(*mags)[0]  # type: ignore[arg-type]
+
+
 def kron_diag(A: torch.Tensor, R: torch.Tensor, L: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
     """diag(Q) in the (out, in) view: A^2 * ((R*R)^T B (L*L)^T), or A_ab^2 ||R_{:,a}||^2 ||L_{b,:}||^2 without B."""
     if B is not None:

@@ -168,13 +168,15 @@ def prepare_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
 
 
 def ort_session(model: onnx.ModelProto, *, path_threshold: int = PROTOBUF_LIMIT):
-    """A CPU onnxruntime session for ``model``: from bytes, or from a temporary file with external
+    """An onnxruntime session for ``model`` on the run's providers (:func:`~fls_compress.runtime.session_providers`): from bytes, or from a temporary file with external
     data when the serialized model reaches ``path_threshold`` (protobuf cannot serialize >= 2 GiB)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
+    from ..runtime import session_providers
+
+    providers = session_providers()
     try:
         if model.ByteSize() < path_threshold:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)

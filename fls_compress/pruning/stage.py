@@ -59,6 +59,10 @@ def run_pruner(
     model: onnx.ModelProto, config: PruneConfig, pruner: Pruner, spec: SparsitySpec, calib: CalibrationData,
     device: str, opts: RunOptions,
 ) -> Outcome:
+    if getattr(config, "structure", "none") != "none":
+        from ..structured.stage import run_structured
+
+        return run_structured(model, config, calib, opts)
     if TORCH in config.needs:
         return _with_torch(model, config, pruner, spec, calib, device, opts)
     if ACTIVATIONS in config.needs:
@@ -120,7 +124,8 @@ def build_problem(model, config, calib, device, opts) -> tuple[FisherProblem, An
     from ..bridge.convert import convert_to_torch
 
     t0 = time.perf_counter()
-    bridge = convert_to_torch(model, calibration=calib)  # its error names the methods that need no torch graph
+    bridge = convert_to_torch(model, calibration=calib, tolerance=opts.conversion_tol,  # its error names the methods
+                              on_mismatch="warn" if opts.allow_conversion_mismatch else "fail")  # that need no torch graph
     convert_s = time.perf_counter() - t0
     if device != "cpu":
         bridge.module.to(device)
@@ -230,7 +235,8 @@ def _weights_only(model, config: PruneConfig, pruner, spec, calib, device, opts)
     try:
         from ..bridge.convert import convert_to_torch
 
-        bridge = convert_to_torch(model, calibration=calib)
+        # the graph only maps the weights here: a numerical mismatch does not matter (a warning)
+        bridge = convert_to_torch(model, calibration=calib, tolerance=opts.conversion_tol, on_mismatch="warn")
         all_weights, conversion = bridge.weights, bridge.info
     except UnsupportedModelError as exc:
         log.warning("%s works from the ONNX weights alone: %s", pruner.name, exc)

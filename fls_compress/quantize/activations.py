@@ -1,11 +1,26 @@
-"""Static int8 activation QDQ on top of quantised weights (``activations="int8"``).
+"""Static int8 activation QDQ on top of quantised weights (``activations="int8"``), placed so that
+onnxruntime's graph optimiser fuses each quantised layer into an integer kernel.
 
-The input activation of every layer whose weight was quantised gets a QuantizeLinear ->
-DequantizeLinear pair (uint8, asymmetric, per tensor; Jacob et al. 2018, eq. 1 and 7), so a QDQ-aware
-runtime can run the layer in integer arithmetic. Ranges come from min/max calibration (onnxruntime's
-``CalibrationMethod.MinMax`` rule) over the calibration samples, taken on the model that already has
-the quantised weights (the activations the integer layers will actually see); the range is widened to
-contain 0 so that zero padding and ReLU zeros are exact.
+Activations are uint8, asymmetric, per tensor (Jacob et al. 2018, eq. 1 and 7) and weights int8
+symmetric per channel (the U8S8 form onnxruntime's x86/ARM integer GEMMs run fastest). onnxruntime
+replaces a node group ``DequantizeLinear`` inputs -> layer [-> ``QuantizeLinear``] by one integer kernel
+when the group is complete (its QDQ selectors): Conv needs DQ on the input, the weight and the bias
+(int32) and Q on the output (-> QLinearConv); Gemm DQ on A, B and an int32 bias, the output Q optional
+(-> QGemm); MatMul DQ on both inputs, the output Q optional (-> QLinearMatMul / MatMulIntegerToFloat).
+The placement therefore quantises
+
+* the activation input of every quantised layer, and, walking up from it through operators that only
+  move or select values (MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Identity), every
+  tensor of that chain with the SAME scale and zero point (the values stay on one grid, so these Q/DQ
+  pairs are exact, and onnxruntime runs the chain on uint8 tensors);
+* the output of every quantised 8-bit Conv (after its ReLU when a ReLU is its only consumer: a uint8
+  grid with zero point 0 clips negatives exactly as the ReLU does, and onnxruntime drops that ReLU),
+  all its consumers reading the dequantised tensor; graph outputs stay float;
+* the bias of every 8-bit Conv/Gemm as int32 codes with scale s_x * s_w (per output channel, zero point
+  0), the form the integer kernels accumulate in (Jacob et al. 2018, eq. 9-10).
+
+Ranges come from :mod:`fls_compress.quantize.act_ranges` (minmax, percentile or entropy), taken on the
+model that already has the quantised weights (the activations the integer layers will actually see).
 """
 
 from __future__ import annotations
@@ -14,35 +29,157 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from ..io.activations import iter_activations
+from .act_ranges import activation_ranges, parse_calibration, uint8_params
 
 log = logging.getLogger(__name__)
 
-
-def minmax_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: list[str],
-                  chunk: int = 64) -> dict[str, tuple[float, float]]:
-    """(min, max) of each named tensor over all calibration samples."""
-    lo = {v: np.inf for v in values}
-    hi = {v: -np.inf for v in values}
-    for acts in iter_activations(model, feeds, values, chunk):
-        for v in values:
-            a = np.asarray(acts[v])
-            if a.size:
-                lo[v] = min(lo[v], float(a.min()))
-                hi[v] = max(hi[v], float(a.max()))
-    return {v: (lo[v] if np.isfinite(lo[v]) else 0.0, hi[v] if np.isfinite(hi[v]) else 0.0) for v in values}
+#: single-data-input operators whose output values are a subset / rearrangement of their input's
+VALUE_PRESERVING = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+_INT32 = np.iinfo(np.int32)
 
 
-def uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    """Asymmetric uint8 scale and zero point for the range [min(lo, 0), max(hi, 0)]."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = np.float32((hi - lo) / 255.0)
-    if not scale > 0:
-        scale = np.float32(1.0)
-    zero = np.uint8(np.clip(np.round(-lo / float(scale)), 0, 255))
-    return scale, zero
+class _Graph:
+    """Producer / consumer indices of a graph's tensors."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for i, n in enumerate(graph.node):
+            for pos, name in enumerate(n.input):
+                self.consumers.setdefault(name, []).append((i, pos))
+        self.outputs = {o.name for o in graph.output}
+        self.inits = {t.name: t for t in graph.initializer}
+
+    def node_of(self, tensor: str) -> onnx.NodeProto | None:
+        i = self.producer.get(tensor)
+        return None if i is None else self.graph.node[i]
+
+
+def _weight_dq(g: _Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The DequantizeLinear producing the layer's weight input (input 1), if any."""
+    dq = g.node_of(node.input[1]) if len(node.input) > 1 else None
+    return dq if dq is not None and dq.op_type == "DequantizeLinear" else None
+
+
+def _is_8bit(g: _Graph, dq: onnx.NodeProto | None) -> bool:
+    codes = g.inits.get(dq.input[0]) if dq is not None else None
+    return codes is not None and codes.data_type in (TensorProto.INT8, TensorProto.UINT8)
+
+
+def _attr(node: onnx.NodeProto, key: str, default: object) -> object:
+    for a in node.attribute:
+        if a.name == key:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def plan(model: onnx.ModelProto, consumers: list[tuple[onnx.NodeProto, int]]):
+    """Which tensors get Q/DQ: ``{tensor: (params root, [(node index, input position) to rewire])}``,
+    the layer node indices, and the names of layers whose output stays float (graph outputs)."""
+    g = _Graph(model.graph)
+    rewire: dict[str, set[tuple[int, int]]] = {}
+    root: dict[str, str] = {}
+    layers: list[int] = []
+    missing: list[str] = []
+    for node, pos in consumers:
+        idx = next((i for i, n in enumerate(model.graph.node) if n == node), None)
+        if idx is None:  # rewritten by an opset conversion
+            missing.append(node.name or node.op_type)
+            continue
+        layers.append(idx)
+        t = model.graph.node[idx].input[pos]
+        rewire.setdefault(t, set()).add((idx, pos))
+        chain = [t]
+        while (p := g.node_of(t)) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in g.inits:
+            t = p.input[0]
+            rewire.setdefault(t, set()).add((g.producer[p.output[0]], 0))
+            chain.append(t)
+        for c in chain:
+            root[c] = chain[-1]
+    float_outputs: list[str] = []
+    for idx in dict.fromkeys(layers):
+        node = model.graph.node[idx]
+        if node.op_type != "Conv" or not _is_8bit(g, _weight_dq(g, node)):
+            continue
+        y = node.output[0]
+        uses = g.consumers.get(y, [])
+        if y not in g.outputs and len(uses) == 1 and model.graph.node[uses[0][0]].op_type == "Relu":
+            y = model.graph.node[uses[0][0]].output[0]
+        if y in g.outputs or not g.consumers.get(y):
+            float_outputs.append(node.name or y)
+            continue
+        rewire.setdefault(y, set()).update(g.consumers[y])
+        root.setdefault(y, y)
+    return rewire, root, list(dict.fromkeys(layers)), missing, float_outputs
+
+
+def _unique(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def quantize_biases(model: onnx.ModelProto, layers: list[int], act_scale: dict[str, float], taken: set[str]) -> int:
+    """Int32 bias codes + DequantizeLinear (scale s_x * s_w) for the 8-bit Conv/Gemm layers of ``layers``
+    whose input activation has the scale ``act_scale`` (the tensor the layer reads before rewiring);
+    returns how many biases were quantised."""
+    g = _Graph(model.graph)
+    new_nodes, replaced = [], set()
+    for idx in layers:
+        node = model.graph.node[idx]
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in g.inits:
+            continue
+        dq = _weight_dq(g, node)
+        if not _is_8bit(g, dq) or node.input[0] not in act_scale or any(a.name == "block_size" for a in dq.attribute):
+            continue
+        if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
+                                       or _attr(node, "transA", 0)):
+            continue
+        bias = numpy_helper.to_array(g.inits[node.input[2]])
+        w_scale = numpy_helper.to_array(g.inits[dq.input[1]]).astype(np.float64).reshape(-1)
+        out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+        per_channel = w_scale.size > 1
+        if bias.dtype != np.float32 or bias.ndim != 1 or (per_channel and int(_attr(dq, "axis", 1)) != out_axis) \
+                or (per_channel and w_scale.size != bias.size):
+            continue
+        scale = act_scale[node.input[0]] * w_scale
+        if per_channel:
+            scale = np.broadcast_to(scale, bias.shape)
+        scale = np.where(scale > 0, scale, 1.0)
+        raw = np.round(bias.astype(np.float64) / scale)
+        if np.abs(raw).max(initial=0) > _INT32.max:
+            log.warning("int8 activations: bias of %s exceeds int32 at scale s_x*s_w and is clipped", node.name or node.op_type)
+        codes = np.clip(raw, _INT32.min, _INT32.max).astype(np.int32)
+        base = node.input[2]
+        c_name, s_name, z_name = (_unique(taken, f"{base}_{s}") for s in ("int32", "int32_scale", "int32_zero_point"))
+        out_name = _unique(taken, f"{base}_int32_dequantized")
+        scale_arr = np.asarray(scale, dtype=np.float32).reshape(-1) if per_channel else np.float32(scale.reshape(-1)[0])
+        model.graph.initializer.extend([
+            numpy_helper.from_array(codes, c_name),
+            numpy_helper.from_array(np.asarray(scale_arr, dtype=np.float32), s_name),
+            numpy_helper.from_array(np.zeros(np.shape(scale_arr), dtype=np.int32), z_name),
+        ])
+        attrs = {"axis": 0} if per_channel else {}
+        new_nodes.append(helper.make_node("DequantizeLinear", [c_name, s_name, z_name], [out_name],
+                                          name=_unique(taken, f"{base}_int32_DequantizeLinear"), **attrs))
+        replaced.add(node.input[2])
+        node.input[2] = out_name
+    if new_nodes:
+        nodes = new_nodes + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        drop = replaced - used  # float biases no node reads any more
+        for field in (model.graph.initializer, model.graph.input):  # IR < 4 lists initializers as inputs
+            kept = [t for t in field if t.name not in drop]
+            del field[:]
+            field.extend(kept)
+    return len(new_nodes)
 
 
 def add_activation_qdq(
@@ -50,64 +187,60 @@ def add_activation_qdq(
     calib_inputs: dict[str, np.ndarray],
     consumers: list[tuple[onnx.NodeProto, int]],
     *,
+    calibration: str = "minmax",
     num_samples: int = 512,
     chunk: int = 64,
 ) -> tuple[onnx.ModelProto, dict[str, float | str]]:
-    """A copy of ``model`` with Q/DQ on input ``position`` of each listed consumer node.
-
-    Consumers are given as (node as it appears in ``model``, input position of its activation); a
-    tensor read by several of them gets one Q/DQ pair.
-    """
+    """A copy of ``model`` with the integer-kernel QDQ placement of the module doc for the listed
+    consumers (node as it appears in ``model``, input position of its activation)."""
+    parse_calibration(calibration)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    targets: dict[str, list[tuple[int, int]]] = {}
-    missing = []
-    for node, pos in consumers:
-        idx = next((i for i, n in enumerate(graph.node) if n == node), None)
-        if idx is None:  # rewritten by an opset conversion
-            missing.append(node.name or node.op_type)
-            continue
-        targets.setdefault(node.input[pos], []).append((idx, pos))
+    rewire, root, layers, missing, float_outputs = plan(out, consumers)
     if missing:
         log.warning("activation QDQ: %d layer(s) were rewritten by the opset conversion and keep float inputs: %s",
                     len(missing), ", ".join(missing))
     feeds = {k: np.asarray(v)[:num_samples] for k, v in calib_inputs.items()}
-    ranges = minmax_ranges(model, feeds, list(targets), chunk)
+    roots = list(dict.fromkeys(root[t] for t in rewire))
+    ranges = activation_ranges(model, feeds, roots, calibration, chunk=chunk)
+    params = {t: uint8_params(*ranges[root[t]]) for t in rewire}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    taken |= {n.name for n in graph.node}
+    layer_inputs = {graph.node[i].input[0]: float(params[graph.node[i].input[0]][0])
+                    for i in layers if graph.node[i].input[0] in params}
+    biases = quantize_biases(out, layers, layer_inputs, taken)
+    offset = len(graph.node) - len(model.graph.node)  # bias DQ nodes were put first
     pairs: dict[str, list[onnx.NodeProto]] = {}
-    for value, uses in targets.items():
-        scale, zero = uint8_params(*ranges[value])
-        names = []
-        for suffix in ("scale", "zero_point", "quantized", "dequantized"):
-            base, name, i = f"{value}_act_{suffix}", f"{value}_act_{suffix}", 1
-            while name in taken:
-                name, i = f"{base}_{i}", i + 1
-            taken.add(name)
-            names.append(name)
-        s_name, z_name, q_name, dq_name = names
+    for value, uses in rewire.items():
+        scale, zero = params[value]
+        s_name, z_name, q_name, dq_name = (_unique(taken, f"{value}_act_{s}")
+                                           for s in ("scale", "zero_point", "quantized", "dequantized"))
         graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
         graph.initializer.append(numpy_helper.from_array(np.array(zero, dtype=np.uint8), z_name))
         pairs[value] = [helper.make_node("QuantizeLinear", [value, s_name, z_name], [q_name], name=q_name + "_Q"),
                         helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name + "_DQ")]
         for idx, pos in uses:
-            graph.node[idx].input[pos] = dq_name
+            graph.node[idx + offset].input[pos] = dq_name
     # place each pair right after the producer of its tensor (graph inputs: at the start)
-    producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
-    nodes: list[onnx.NodeProto] = []
-    for value, pair in pairs.items():
-        if value not in producers:
-            nodes.extend(pair)
-    for i, n in enumerate(graph.node):
+    producers = {o for n in graph.node for o in n.output}
+    nodes: list[onnx.NodeProto] = [n for value, pair in pairs.items() if value not in producers for n in pair]
+    for n in graph.node:
         nodes.append(n)
         for o in n.output:
-            if o in pairs:
-                nodes.extend(pairs[o])
+            nodes.extend(pairs.get(o, ()))
     del graph.node[:]
     graph.node.extend(nodes)
+    if float_outputs:
+        log.info("int8 activations: %d Conv output(s) are graph outputs and stay float (no QLinearConv): %s",
+                 len(float_outputs), ", ".join(float_outputs))
+    samples = int(next(iter(feeds.values())).shape[0]) if feeds else 0
     info: dict[str, float | str] = {
         "activation_qdq_tensors": float(len(pairs)),
         "activation_qdq_skipped": ", ".join(missing),
-        "activation_calibration": f"minmax over {int(next(iter(feeds.values())).shape[0])} samples, uint8 per tensor",
+        "activation_calibration": f"{calibration} over {samples} samples, uint8 per tensor",
+        "activation_ranges_calibrated": float(len(roots)),
+        "int32_biases": float(biases),
+        "float_output_convs": ", ".join(float_outputs),
     }
     return out, info

@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
+from onnx import helper
 
 from ..errors import InvalidDataError, InvalidOptionError
 from ..io.activations import LayerUse, conv_groups, from_matrix, layer_sites, prepare_feeds, to_matrix
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "fls")
 ACTIVATIONS = ("none", "int8")
+MATMUL_FORMATS = ("auto", "qdq")
 
 
 def _magnitude_keep(mat: np.ndarray, count: int, nm: tuple[int, int] | None, order: torch.Tensor | None) -> np.ndarray:
@@ -207,19 +209,30 @@ def quantize_model(
     calib_inputs: Mapping[str, np.ndarray] | None,
     *,
     activations: str = "none",
+    act_calibration: str = "minmax",
+    matmul_format: str = "auto",
     allow_opset_raise: bool = True,
     **options: object,
 ) -> tuple[onnx.ModelProto, dict[str, float | str]]:
     """Quantised QDQ model and report info. ``options`` go to :func:`quantize_weights` (method, bits,
-    granularity, symmetric, sparsity, pattern, act_order, names, seed, curvature, percdamp, ...)."""
+    granularity, symmetric, sparsity, pattern, act_order, names, seed, curvature, percdamp, ...).
+    ``act_calibration`` chooses the activation ranges (:mod:`~fls_compress.quantize.act_ranges`);
+    ``matmul_format`` ``auto`` writes 4-bit MatMul weights as ``com.microsoft.MatMulNBits`` (the kernel
+    onnxruntime runs 4-bit weights with), ``qdq`` as DequantizeLinear (portable ONNX)."""
     if activations not in ACTIVATIONS:
         raise InvalidOptionError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if matmul_format not in MATMUL_FORMATS:
+        raise InvalidOptionError(f"matmul_format must be one of {', '.join(MATMUL_FORMATS)}, got {matmul_format!r}")
     weights, info = quantize_weights(model, calib_inputs, **options)  # type: ignore[arg-type]
     work = densify_sparse_initializers(model)
     sites, uses = layer_sites(work, list(weights))
-    out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise)
-    info.update({k: (float(v) if not isinstance(v, bool) else ("yes" if v else "no")) for k, v in opset.items()})
-    if opset.get("matmul_nbits"):
+    out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise,
+                           prefer_nbits=matmul_format == "auto")
+    info.update({k: (v if isinstance(v, str) else float(v) if not isinstance(v, bool) else ("yes" if v else "no"))
+                 for k, v in opset.items()})
+    nbits = set(str(opset.get("matmul_nbits_weights", "")).split(", ")) - {""}
+    info["matmul_nbits_weights"] = ", ".join(sorted(nbits))
+    if opset.get("nbits_fallback"):
         info["fallback"] = "opset kept: 4-bit MatMul weights as com.microsoft.MatMulNBits (onnxruntime only)"
     info["activations"] = activations
     if activations == "int8":
@@ -227,9 +240,16 @@ def quantize_model(
 
         if not calib_inputs:
             raise InvalidDataError("activations=int8 needs calibration inputs for the activation ranges")
+        if nbits:  # MatMulNBits quantizes its input itself: int8 per block at run time (accuracy_level 4)
+            for node in out.graph.node:
+                if node.op_type == "MatMulNBits":
+                    node.attribute.append(helper.make_attribute("accuracy_level", 4))
+            log.info("activations=int8: the %d MatMulNBits layer(s) quantize their inputs to int8 per block at run time "
+                     "(onnxruntime accuracy_level 4), not with static ranges", len(nbits))
         consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
-                     for n in weights for u in uses[n]]
-        out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers,
+                     for n in weights if n not in nbits for u in uses[n]]
+        out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
                                            num_samples=int(options.get("num_samples", 512)))  # type: ignore[arg-type]
         info.update(act_info)
+        info["nbits_dynamic_int8_layers"] = float(len(nbits))
     return out, info

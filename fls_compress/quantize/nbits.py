@@ -1,9 +1,10 @@
-"""4-bit MatMul weights as onnxruntime's ``com.microsoft.MatMulNBits`` (for models below opset 21).
+"""4-bit MatMul / Gemm weights as onnxruntime's ``com.microsoft.MatMulNBits``, the kernel onnxruntime runs
+4-bit weights with (its QDQ path dequantizes to float otherwise); also the only 4-bit form below opset 21.
 
 ``DequantizeLinear`` takes int4 codes only from opset 21. When a model's opset cannot be raised,
 MatMul weights read as ``X @ W`` can still carry 4-bit codes through the onnxruntime contrib operator
-``MatMulNBits`` (Y = A @ dequant(B)^T, B quantised in blocks along K; onnxruntime contrib-operator
-specification): B is uint8 [N, K / block, block / 2] with two codes per byte (low nibble first),
+``MatMulNBits`` (Y = A @ dequant(B)^T [+ bias], B quantised in blocks along K; onnxruntime contrib-operator
+specification; a Gemm's B in either layout is the (N, K) code matrix, its bias MatMulNBits' input 5): B is uint8 [N, K / block, block / 2] with two codes per byte (low nibble first),
 ``scales`` float [N * K / block], optional ``zero_points`` uint8 [N * ceil((K / block) / 2)] packed
 the same way (absent: 8). Signed codes c in [-8, 7] are stored as c + 8 with the default zero point
 8, so the dequantised values (code - zero_point) * scale are those of the grid. ``block_size`` must be
@@ -36,13 +37,34 @@ def nbits_block(grid: Grid, k: int) -> int | None:
     return None
 
 
-def nbits_supported(site: PrunableSite, uses: list[LayerUse], grid: Grid, name: str) -> str | None:
-    """Why this weight cannot become MatMulNBits (None: it can)."""
+def _gemm_bias_ok(node: onnx.NodeProto, n: int, inits: dict[str, onnx.TensorProto] | None) -> bool:
+    """A Gemm MatMulNBits can replace: Y = A B' + c with alpha = beta = 1, A not transposed, c absent or
+    a float [N] initializer (MatMulNBits' optional bias input)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or (len(node.input) > 2 and attrs.get("beta", 1.0) != 1.0):
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    bias = (inits or {}).get(node.input[2])
+    return bias is not None and bias.data_type == onnx.TensorProto.FLOAT and list(bias.dims) == [n]
+
+
+def nbits_supported(site: PrunableSite, uses: list[LayerUse], grid: Grid, name: str,
+                    inits: dict[str, onnx.TensorProto] | None = None) -> str | None:
+    """Why this weight cannot become MatMulNBits (None: it can): MatMul weights read as X @ W, and Gemm
+    weights (either transB) with alpha = beta = 1 and a [N] bias (``inits`` holds the graph's initializers)."""
     if grid.spec.bits != 4:
         return "only 4-bit weights"
-    if site.op_type != "MatMul" or any(u.weight_position != 1 or u.node.input[1] != name for u in uses):
+    if site.op_type == "Gemm":
+        trans_b = any(a.name == "transB" and a.i for a in uses[0].node.attribute)
+        k, n = (site.shape[1], site.shape[0]) if trans_b else (site.shape[0], site.shape[1])
+        if any(u.weight_position != 1 or u.node.input[1] != name or not _gemm_bias_ok(u.node, int(n), inits) for u in uses):
+            return "only Gemm weights with alpha = beta = 1, A not transposed and a [N] bias"
+    elif site.op_type != "MatMul" or any(u.weight_position != 1 or u.node.input[1] != name for u in uses):
         return "only MatMul weights read directly as X @ W"
-    if nbits_block(grid, int(site.shape[0])) is None:
+    else:
+        k = site.shape[0]
+    if nbits_block(grid, int(k)) is None:
         return "block size must be a power of two >= 16 dividing K"
     return None
 
@@ -77,7 +99,11 @@ def write_matmul_nbits(graph: onnx.GraphProto, name: str, codes: np.ndarray, gri
         inputs.append(z_name)
     for use in uses:
         node = next(nd for nd in graph.node if nd == use.node)
-        new = helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
+        bias = list(node.input[2:3]) if node.op_type == "Gemm" else []
+        ins = [node.input[0], *inputs]
+        if bias and bias[0]:  # inputs 3 (zero points) and 4 (g_idx) are optional: empty names
+            ins += [""] * (4 - len(inputs)) + bias
+        new = helper.make_node("MatMulNBits", ins, list(node.output),
                                name=node.name or unique(f"{name}_MatMulNBits"), domain=DOMAIN, K=k, N=n, bits=4,
                                block_size=block)
         node.CopyFrom(new)

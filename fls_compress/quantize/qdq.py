@@ -12,9 +12,10 @@ reads it unchanged and the rest of the graph is untouched. Grid layout in the ON
   Gemm B -> 0 with transB=1 else 1, MatMul ``X @ W`` ([in, out]) -> 1, ``W @ X`` -> 0) (opset >= 13);
 * block:g: ``block_size`` = g along the INPUT axis (opset >= 21). A Conv's input axis is the flattened
   C*kh*kw, so its codes are stored as the (O, C*kh*kw) matrix and a ``Reshape`` restores [O, C, kh, kw];
-* int4 / uint4 codes need opset >= 21. When the opset cannot be raised, 4-bit MatMul weights read as
-  ``X @ W`` are written as ``com.microsoft.MatMulNBits`` (:mod:`fls_compress.quantize.nbits`,
-  onnxruntime only; logged and counted in ``matmul_nbits``); any other weight is refused.
+* int4 / uint4 codes need opset >= 21. With ``prefer_nbits`` (``--matmul-format auto``, the default) 4-bit
+  MatMul weights read as ``X @ W`` and Gemm weights (alpha = beta = 1) are written as
+  ``com.microsoft.MatMulNBits`` (:mod:`fls_compress.quantize.nbits`, onnxruntime's 4-bit kernel; counted in
+  ``matmul_nbits``); so are they, as a fallback, when the opset cannot be raised; any other weight is refused.
 
 The default-domain opset is raised only when the grid needs it: by renumbering when no operator of
 the graph changes its definition between the two versions, else with ``onnx.version_converter``; the
@@ -161,15 +162,23 @@ def write_qdq(
     uses: dict[str, list[LayerUse]],
     *,
     allow_opset_raise: bool = True,
-) -> tuple[onnx.ModelProto, dict[str, int | bool]]:
-    """A copy of ``model`` with each named float weight replaced by codes + ``DequantizeLinear``.
+    prefer_nbits: bool = False,
+) -> tuple[onnx.ModelProto, dict[str, int | bool | str]]:
+    """A copy of ``model`` with each named float weight replaced by codes + ``DequantizeLinear``
+    (``prefer_nbits``: 4-bit MatMul weights that MatMulNBits can express become MatMulNBits instead).
 
-    Returns the model and ``{"opset": final, "opset_before": original, "opset_raised": bool}``.
+    Returns the model and ``{"opset": final, "opset_before": original, "opset_raised": bool,
+    "matmul_nbits": count, "matmul_nbits_weights": names, "nbits_fallback": bool}``.
     """
     refuse_quantized(model)
     before = default_opset(model)
-    need = required_opset([q.grid for q in weights.values()])
     nbits: list[str] = []
+    if prefer_nbits:
+        inits = {t.name: t for t in model.graph.initializer}
+        nbits = [n for n, q in weights.items() if q.grid.spec.bits == 4 and model_float(model, n)
+                 and nbits_supported(sites[n], uses[n], q.grid, n, inits) is None]
+    need = required_opset([q.grid for n, q in weights.items() if n not in nbits])
+    fallback = False
     out = None
     if need > before:
         problem = None
@@ -185,12 +194,14 @@ def write_qdq(
         if problem is not None:  # 4-bit MatMul weights can still use com.microsoft.MatMulNBits
             for n, q in weights.items():
                 if required_opset([q.grid]) > before:
-                    why = nbits_supported(sites[n], uses[n], q.grid, n)
+                    why = nbits_supported(sites[n], uses[n], q.grid, n, {t.name: t for t in model.graph.initializer})
                     if why is not None or q.grid.spec.bits != 4:
                         raise UnsupportedModelError(f"{problem} ({n!r} cannot use MatMulNBits either: "
                                                     f"{why or 'only 4-bit weights'}); use bits=8 with per-tensor or "
                                                     "per-channel granularity") from problem
-                    nbits.append(n)
+                    if n not in nbits:
+                        nbits.append(n)
+            fallback = True
             log.warning("opset %d kept: %d 4-bit MatMul weight(s) written as com.microsoft.MatMulNBits "
                         "(onnxruntime only)", before, len(nbits))
     if out is None:
@@ -232,7 +243,9 @@ def write_qdq(
         graph.initializer.append(code_tensor(codes_name, onnx_type, np_type, codes))
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), scale_name))
         inputs = [codes_name, scale_name]
-        if not spec.symmetric:
+        # an explicit zero point also for symmetric int8 (all zeros): onnxruntime's Gemm QDQ selector fuses
+        # DequantizeLinear -> Gemm into QGemm only when the weight's DequantizeLinear has one
+        if not spec.symmetric or spec.bits == 8:
             zp_name = _unique(f"{name}_zero_point", taken)
             graph.initializer.append(code_tensor(zp_name, onnx_type, np_type, zero))
             inputs.append(zp_name)
@@ -258,7 +271,13 @@ def write_qdq(
     after = default_opset(out)
     if after != before:
         log.info("default-domain opset raised from %d to %d for DequantizeLinear", before, after)
-    return out, {"opset": after, "opset_before": before, "opset_raised": after != before, "matmul_nbits": len(nbits)}
+    return out, {"opset": after, "opset_before": before, "opset_raised": after != before, "matmul_nbits": len(nbits),
+                 "matmul_nbits_weights": ", ".join(nbits), "nbits_fallback": fallback}
+
+
+def model_float(model: onnx.ModelProto, name: str) -> bool:
+    """Whether initializer ``name`` is float32 (MatMulNBits takes float32 weights only)."""
+    return any(t.name == name and t.data_type == TensorProto.FLOAT for t in model.graph.initializer)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -65,7 +65,8 @@ def run_quantizer(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibra
     qmodel, info = quantize_model(
         bind_constants(base, calib.constants) if needs_data else base, calib.inputs if needs_data else None, method=config.method, bits=config.bits,
         granularity=config.grid_granularity, symmetric=config.symmetric, sparsity=config.sparsity, pattern=config.pattern,
-        act_order=getattr(config, "act_order", False), activations=config.activations, names=names, seed=opts.seed,
+        act_order=getattr(config, "act_order", False), activations=config.activations,
+        act_calibration=config.act_calibration, matmul_format=config.matmul_format, names=names, seed=opts.seed,
         curvature=curvature, **options,
     )
     if needs_data and calib.constants:  # the rank-0 inputs were bound for capture only: inputs again

@@ -59,6 +59,7 @@ def test_signal_mid_run_leaves_no_output_and_a_report(files, tmp_path, signum, c
     assert sorted(os.listdir(out_dir)) == ["r.json"]
 
 
+@pytest.mark.slow
 def test_concurrent_runs_on_one_output_leave_one_complete_model(capsys, files, tmp_path):
     """Three runs with different targets race to one -o: each exits 0, the file is exactly one of the three
     models (never a mix or a truncated file), and no staging directories or temp files remain."""
@@ -106,6 +107,7 @@ def test_full_disk_is_exit_7_and_leaves_nothing(files, tmp_path):
         assert h.strict_loads(rep.read_text())["exit_code"] == 7
 
 
+@pytest.mark.slow
 def test_entry_point_usage_error_and_success(files, tmp_path):
     proc = h.run_console("prune", files["mlp"], "-o", tmp_path / "o.onnx", "--sparsity", "nan", "--report", tmp_path / "r.json")
     res = h.Result(proc.returncode, proc.stdout, proc.stderr)

@@ -58,6 +58,7 @@ def _big_model(d: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FLS_SKIP_LARGE_TESTS") == "1", reason="FLS_SKIP_LARGE_TESTS=1 (the case writes 2.15 GB, ~9 GB RAM)")
 def test_model_above_2_gib_is_pruned_and_verified(capsys, tmp_path):
     free = shutil.disk_usage(tmp_path).free

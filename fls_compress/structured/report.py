@@ -1,0 +1,55 @@
+"""The report sections of a structured prune: what shrank, parameters, size and onnxruntime latency."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import onnx
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of every initializer (dense and sparse) of the top-level graph."""
+    dense = sum(int(math.prod(t.dims)) for t in model.graph.initializer)
+    return dense + sum(int(math.prod(s.dims)) for s in model.graph.sparse_initializer)
+
+
+def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
+                       latency: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``sparsity``, ``structure``) report sections; the speed note quotes the report's ``latency`` block
+    (:func:`fls_compress.latency.latency_block`: batch 1 and the evaluation batch)."""
+    from ..io.onnx_model import model_size_bytes
+
+    info = outcome.info  # the report's method_info: the per-group records move to the structure section
+    groups, skipped, shapes = info.pop("groups"), info.pop("skipped"), info.pop("shapes")
+    channels = sum(g["size"] for g in groups)
+    removed = sum(g["size"] - g["kept"] for g in groups)
+    per_layer = {}
+    for name, (numel, shape, op) in outcome.layers.items():
+        after = shapes.get(name, {}).get("after", shape)
+        per_layer[name] = {"shape": shape, "shape_after": after, "numel": numel,
+                           "numel_after": int(math.prod(after)), "op_type": op}
+    before_w = sum(v["numel"] for v in per_layer.values())
+    after_w = sum(v["numel_after"] for v in per_layer.values())
+    sparsity = {
+        "target": config.target, "pattern": None, "structure": config.structure,
+        "achieved": removed / channels if channels else 0.0,
+        "achieved_weights": 1.0 - after_w / before_w if before_w else 0.0,
+        "prunable_weights": before_w, "prunable_weights_after": after_w,
+        "per_layer": per_layer, "excluded": outcome.excluded,
+    }
+    params = {"original": parameter_count(original), "pruned": parameter_count(written)}
+    params["ratio"] = params["pruned"] / params["original"] if params["original"] else None
+    size = {"original": model_size_bytes(original), "pruned": model_size_bytes(written)}
+    size["ratio"] = size["pruned"] / size["original"] if size["original"] else None
+    how = (f"on onnxruntime the pruned model ran {latency['verdict']}" if latency.get("measured")
+           else f"latency not measured ({latency.get('reason')})")
+    note = (f"structured pruning removed {removed} of {channels} {config.structure} and "
+            f"{params['original'] - params['pruned']} of {params['original']} parameters; {how}")
+    structure = {
+        "structure": config.structure, "selection": info["selection"], "groups": groups,
+        "skipped": skipped, "channels": channels, "channels_removed": removed,
+        "parameters": params, "size_bytes": size, "speed_note": note,
+        "tensor_shapes": shapes,
+    }
+    return sparsity, structure

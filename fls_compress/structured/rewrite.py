@@ -1,0 +1,91 @@
+"""Rewrite an ONNX graph with a structural group's removed channels cut out of its tensors.
+
+Only initializers change: each :class:`~fls_compress.structured.groups.Slice` of the group is replaced
+by the entries of the kept channels (same name, same position in the initializer list, same element
+type), the consumers' weights (and biases) by their compensated values first when given. Nodes, names,
+graph inputs/outputs, opsets and metadata stay as they are. The activations between producer and
+consumers get smaller: their ``value_info`` entries are updated where the channel dimension is a known
+number and removed where it is not (shape inference recomputes them); an initializer that is also
+listed as a graph input (IR < 4 models) gets its declared shape updated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .groups import Group, Slice
+
+
+def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """``arr`` with only the kept channels (``block`` consecutive entries each) along ``axis``."""
+    idx = (np.asarray(keep, dtype=np.int64)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    return np.take(arr, idx, axis=axis)
+
+
+def read(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Put ``value`` (cast to the old element type) in place of initializer ``name``."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name))
+            break
+    else:
+        raise KeyError(name)
+    for vi in model.graph.input:  # an initializer listed as a graph input declares its shape there
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in value.shape:
+                shape.dim.add().dim_value = int(d)
+
+
+def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slices: list[Slice],
+           new_values: dict[str, np.ndarray] | None = None) -> dict[str, tuple[list[int], list[int]]]:
+    """Cut ``group`` down to the channels ``keep`` in ``model`` (in place).
+
+    ``consumer_slices``: the consumers' weight slices (:func:`~fls_compress.structured.groups.consumer_slice`);
+    ``new_values``: replacement arrays (ONNX layout, full size) applied before slicing, e.g. compensated
+    consumer weights and biases. Returns ``{initializer: (shape before, shape after)}``."""
+    new_values = new_values or {}
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    shapes: dict[str, tuple[list[int], list[int]]] = {}
+    for s in list(group.slices) + list(consumer_slices):
+        arr = read(model, s.name)
+        out = take(new_values.get(s.name, arr), keep, s.axis, s.block)
+        replace_initializer(model, s.name, out)
+        shapes[s.name] = (list(arr.shape), list(out.shape))
+    touched = set(shapes)
+    for name, value in new_values.items():  # compensated arrays that are not sliced (consumer biases)
+        if name not in touched:
+            before = list(read(model, name).shape)
+            replace_initializer(model, name, value)
+            shapes[name] = (before, list(np.shape(value)))
+    _update_value_info(model, group, len(keep))
+    return shapes
+
+
+def _update_value_info(model: onnx.ModelProto, group: Group, kept: int) -> None:
+    changed = {name: (axis, block) for name, axis, block in group.tensors}
+    entries = list(model.graph.value_info)
+    keep_entries = []
+    for vi in entries:
+        if vi.name not in changed:
+            keep_entries.append(vi)
+            continue
+        axis, block = changed[vi.name]
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if block and len(dims) >= -axis and dims[axis].HasField("dim_value"):
+            dims[axis].dim_value = kept * block
+            keep_entries.append(vi)
+        # else: the new size is not known here; dropped (onnx / onnxruntime infer it)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep_entries)

@@ -1,0 +1,194 @@
+"""``prune --structure channels|neurons``: remove whole channels / neurons and shrink the ONNX tensors.
+
+Groups (:mod:`~fls_compress.structured.groups`) are processed in graph order. Each loses
+``round(sparsity * size)`` of its channels (the same fraction in every group), chosen by
+
+* ``-m magnitude``: the L2 norm of each channel's producer weights (no compensation);
+* ``-m sparsegpt``: structured OBS on the layer Hessians ``2 X^T X / n`` of the consumers' inputs
+  captured with onnxruntime (:func:`~fls_compress.structured.selection.obs_select`), which also
+  compensates the consumers' remaining weights (and bias). With ``sequential`` (default) each group's
+  inputs are captured on the model already shrunk upstream, as SparseGPT does layer by layer; otherwise
+  all are captured once on the original model.
+
+then the model is rewritten (:mod:`~fls_compress.structured.rewrite`). The result is a whole new graph
+(``Outcome.model``) that the engine verifies with onnxruntime like every other output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import zlib
+
+import numpy as np
+import onnx
+import torch
+
+from ..configs import RunOptions
+from ..configs.pruning import MagnitudeConfig, PruneConfig, SparseGPTConfig
+from ..errors import InvalidOptionError, UnsupportedModelError
+from ..io.activations import ActivationSession, from_matrix, layer_sites, prepare_feeds, to_matrix, usable_samples
+from ..io.calibration import CalibrationData
+from ..io.layer_rows import RowStatistics, count_rows, layer_input_rows
+from ..io.onnx_model import model_size_bytes, prunable_initializers
+from ..progress import stage_progress
+from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
+from .rewrite import read, shrink
+from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, removal_count
+
+log = logging.getLogger(__name__)
+
+SELECTION = {MagnitudeConfig: "l2", SparseGPTConfig: "obs"}
+
+
+def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions):
+    """Prune ``model``'s structural groups of ``config.structure``; an :class:`Outcome` with the new model."""
+    from ..pruning.stage import Outcome, bind_constants
+
+    selection = SELECTION.get(type(config))
+    if selection is None:  # the config classes without a ``structure`` knob never get here
+        raise InvalidOptionError(f"--structure is not implemented for -m {config.method}")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    analysis = find_groups(work, config.structure)
+    skipped = list(analysis.skipped)
+    groups: list[Group] = []
+    for g in analysis.groups:
+        names = [g.producer] + [c.weight for c in g.consumers]
+        hit = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
+        deep = [c.node for c in g.consumers if selection == "obs" and c.op_type == "Conv"
+                and len(read(work, c.weight).shape) > 4]
+        if hit:
+            skipped.append(Skipped(g.producer, g.node, f"--exclude matches {', '.join(hit)}"))
+        elif deep:
+            skipped.append(Skipped(g.producer, g.node, f"consumer {deep[0]} is a 3-D convolution (structured OBS "
+                                   "captures 1-D/2-D convolution inputs only; -m magnitude can prune it)"))
+        else:
+            groups.append(g)
+    for s in skipped:
+        log.warning("structured pruning leaves %s (%s) whole: %s", s.producer, s.node, s.reason)
+    if not groups:
+        raise UnsupportedModelError(
+            f"no {config.structure} group of this graph can be removed safely"
+            + (" (" + "; ".join(f"{s.producer}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "") + ")"
+               if skipped else " (no Conv/Gemm/MatMul producers)"))
+    target = config.target
+    feeds = {k: np.asarray(v)[: opts.num_calibration] for k, v in calib.inputs.items()}
+    hessians: dict[str, torch.Tensor] = {}
+    if selection == "obs" and not config.sequential:
+        hessians = capture_hessians(bind_constants(work, calib.constants), [c for g in groups for c in g.consumers],
+                                    feeds, config.max_rows_per_layer, opts.seed)
+    info_groups = []
+    shapes: dict[str, tuple[list[int], list[int]]] = {}
+    with stage_progress(len(groups), f"structured pruning ({selection})", enabled=opts.progress) as advance:
+        for g in groups:
+            count = removal_count(g.size, target, config.channel_multiple)
+            entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
+                           "consumers": [c.node for c in g.consumers]}
+            new_values: dict[str, np.ndarray] = {}
+            if count == 0:  # nothing to remove at this size / multiple: the group stays as it is
+                entry.update(kept=g.size, removed=[])
+                info_groups.append(entry)
+                advance(f"{g.producer}: {g.size}/{g.size}")
+                continue
+            if selection == "l2":
+                prod = next(s for s in g.slices if s.role == "producer weight")
+                rows = torch.from_numpy(np.moveaxis(read(work, prod.name), prod.axis, 0).reshape(g.size, -1).copy())
+                keep = l2_select(rows, count)
+            else:
+                if config.sequential:
+                    hessians = capture_hessians(bind_constants(work, calib.constants), list(g.consumers), feeds,
+                                                config.max_rows_per_layer, opts.seed)
+                systems, layouts = _systems(work, g.consumers, hessians, config.percdamp)
+                keep, costs = obs_select(systems, g.size, count)
+                entry["obs_costs"] = costs
+                entry["bias_compensated"] = [c.node for c, s in zip(g.consumers, systems) if s.has_bias]
+                new_values = _compensated(work, g.consumers, systems, layouts)
+            keep_np = keep.numpy().astype(np.int64)
+            shapes.update({k: (shapes.get(k, v)[0], v[1]) for k, v in
+                           shrink(work, g, keep_np, [consumer_slice(work, c) for c in g.consumers], new_values).items()})
+            entry.update(kept=int(len(keep_np)), removed=sorted(set(range(g.size)) - set(keep_np.tolist())))
+            info_groups.append(entry)
+            log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
+            advance(f"{g.producer}: {len(keep_np)}/{g.size}")
+    sites = prunable_initializers(model)
+    layers = {s.name: (int(math.prod(s.shape)), list(s.shape), s.op_type) for s in sites}
+    info = {
+        "structure": config.structure, "selection": selection, "groups": info_groups,
+        "skipped": [s.to_dict() for s in skipped], "shapes": {k: {"before": b, "after": a} for k, (b, a) in shapes.items()},
+        "allocation": "the same fraction of channels in every group"
+                      + (f", kept counts rounded to multiples of {config.channel_multiple}" if config.channel_multiple > 1 else ""),
+    }
+    if selection == "obs":
+        info.update(sequential=bool(config.sequential), percdamp=config.percdamp,
+                    max_rows_per_layer=config.max_rows_per_layer,
+                    lazy_block="not used: structured OBS removes whole channel blocks greedily (no lazy column blocks)")
+    else:
+        info["scope"] = "not used: structured pruning removes the same fraction of channels in every group"
+    if model_size_bytes(work) < 2**31 - 1:  # the checker serialises the model; above 2 GiB verification still loads it
+        onnx.checker.check_model(work)
+    excluded = sorted(s.name for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in config.exclude))
+    return Outcome(arrays={}, layers=layers, excluded=excluded,
+                   steps=[{"target": target}], info=info, model=work)
+
+
+def capture_hessians(model: onnx.ModelProto, consumers: list[Consumer], feeds: dict[str, np.ndarray],
+                     max_rows: int | None, seed: int, chunk: int = 64) -> dict[str, torch.Tensor]:
+    """``H = 2 X^T X / n`` of each consumer's input rows (one onnxruntime pass for all of them), with a
+    constant-1 column appended for consumers that have their own bias (see :mod:`.selection`)."""
+    names = [c.weight for c in consumers]
+    sites, uses = layer_sites(model, names)
+    values = [uses[n][0].activation for n in names]
+    session = ActivationSession(model, values)
+    feeds = prepare_feeds(model, feeds)
+    n_samples = int(next(iter(feeds.values())).shape[0])
+    stats: dict[str, RowStatistics] = {}
+    first = True
+    for acts in session.iterate(feeds, values, chunk=chunk):
+        for c in consumers:
+            site, use = sites[c.weight], uses[c.weight][0]
+            if first:
+                cols = to_matrix(site, use, np.empty(site.shape, dtype=np.float32)).shape[1] + (c.bias is not None)
+                layer_seed = (int(seed) * 1_000_003 + zlib.crc32(c.weight.encode())) % 2**32
+                stats[c.weight] = RowStatistics(1, cols, full=True, max_rows=max_rows, seed=layer_seed)
+                chunk_n = int(np.asarray(acts[use.activation]).shape[0])
+                per_chunk = count_rows(site, use, tuple(acts[use.activation].shape))
+                stats[c.weight].plan(int(math.ceil(per_chunk * usable_samples(model, n_samples, chunk)[1] / max(chunk_n, 1))))
+            for x in layer_input_rows(site, use, acts[use.activation]):
+                x = x.double()
+                if c.bias is not None:
+                    x = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)], dim=2)
+                stats[c.weight].add(x)
+        first = False
+    return {n: s.hessian(0) for n, s in stats.items()}
+
+
+def _systems(model: onnx.ModelProto, consumers: tuple[Consumer, ...], hessians: dict[str, torch.Tensor],
+             percdamp: float):
+    sites, uses = layer_sites(model, [c.weight for c in consumers])
+    systems, layouts = [], []
+    for c in consumers:
+        site, use = sites[c.weight], uses[c.weight][0]
+        w = torch.from_numpy(np.array(to_matrix(site, use, read(model, c.weight)), dtype=np.float64))
+        if c.bias is not None:
+            w = torch.cat([w, torch.from_numpy(read(model, c.bias).astype(np.float64).reshape(-1, 1))], dim=1)
+        h = hessians[c.weight]
+        if h.shape[0] != w.shape[1]:
+            raise UnsupportedModelError(f"captured inputs of {c.node} have {h.shape[0]} columns, its weight {w.shape[1]}")
+        systems.append(ConsumerSystem(w, damped_inverse(h, percdamp), c.block, c.bias is not None))
+        layouts.append((site, use))
+    return systems, layouts
+
+
+def _compensated(model: onnx.ModelProto, consumers, systems: list[ConsumerSystem], layouts) -> dict[str, np.ndarray]:
+    """The consumers' compensated weights (ONNX layout, full size) and biases, in their own dtypes."""
+    out: dict[str, np.ndarray] = {}
+    for c, s, (site, use) in zip(consumers, systems, layouts):
+        full = s.full()
+        w = full[:, :-1] if s.has_bias else full
+        out[c.weight] = from_matrix(site, use, w.numpy()).astype(read(model, c.weight).dtype)
+        if s.has_bias:
+            old = read(model, c.bias)
+            out[c.bias] = full[:, -1].numpy().reshape(old.shape).astype(old.dtype)
+    return out

@@ -1,0 +1,62 @@
+"""The records of the structural-group analysis (:mod:`fls_compress.structured.groups`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Slice:
+    """An initializer indexed by the group's channels along ``axis``, ``block`` entries per channel."""
+
+    name: str
+    axis: int
+    block: int = 1
+    role: str = ""  # producer weight / producer bias / batchnorm ... / constant / consumer weight
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads the group's channels as input columns of its (out, in) matrix view."""
+
+    weight: str
+    node: str
+    op_type: str
+    block: int  # matrix-view columns per channel: prod(kernel) for Conv, H*W after a Flatten, else 1
+    bias: str | None  # its own bias initializer (for the OBS bias compensation), if it has one
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable structural group: the producer's output channels and everything indexed by them."""
+
+    kind: str  # "channels" | "neurons"
+    producer: str  # producer weight name
+    node: str  # producer node label
+    op_type: str
+    size: int  # channels / neurons
+    slices: tuple[Slice, ...]
+    consumers: tuple[Consumer, ...]
+    tensors: tuple[tuple[str, int, int], ...]  # activations whose dim shrinks: (name, axis (< 0), block; 0 = unknown)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A producer whose channels stay whole, and why."""
+
+    producer: str
+    node: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"producer": self.producer, "node": self.node, "reason": self.reason}
+
+
+@dataclass
+class Analysis:
+    groups: list[Group] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class Reject(Exception):
+    """A reason the group cannot be rewritten."""

@@ -1,0 +1,274 @@
+"""Following a producer's channels through the graph to the layers that consume them.
+
+:class:`GraphIndex` answers who reads a value and what a constant holds; :class:`Walker` follows one
+producer's output forwards, node by node, with the rules of :mod:`fls_compress.structured.groups`
+(pass-through, per-channel vectors, Flatten blocks, consumers), and raises :class:`Reject` with a
+reason at the first node it cannot rewrite safely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .types import Consumer, Reject, Slice
+
+UNARY = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
+    "Gelu", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Cast", "ThresholdedRelu", "Mish",
+    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+}
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+BINARY = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
+          "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"}
+
+
+def label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def attr(node: onnx.NodeProto, key: str, default=None):
+    for a in node.attribute:
+        if a.name == key:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+class GraphIndex:
+    """Readers of every value (values read inside If/Loop/Scan bodies count as read by that node)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.nodes = list(g.node)
+        self.labels = [label(n, i) for i, n in enumerate(self.nodes)]
+        self.inits = {t.name: t for t in g.initializer}
+        self.outputs = {o.name for o in g.output}
+        self.readers: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for v in dict.fromkeys(n.input):
+                if v:
+                    self.readers.setdefault(v, []).append(i)
+            stack = [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            stack += [sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sg in a.graphs]
+            while stack:
+                body = stack.pop()
+                for inner in body.node:
+                    for v in inner.input:
+                        if v and i not in self.readers.setdefault(v, []):
+                            self.readers[v].append(i)
+                    stack += [a.g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPH]
+        self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant" and n.output}
+
+    def dims(self, name: str) -> list[int]:
+        return [int(d) for d in self.inits[name].dims]
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output (None for anything computed)."""
+        if name in self.inits:
+            return onnx.numpy_helper.to_array(self.inits[name])
+        node = self.constants.get(name)
+        for a in node.attribute if node is not None else ():
+            if a.name == "value":
+                return onnx.numpy_helper.to_array(a.t)
+            if a.name in ("value_ints", "value_int", "value_floats", "value_float"):
+                return np.asarray(helper.get_attribute_value(a))
+        return None
+
+    def own(self, name: str, index: int, what: str) -> None:
+        """``name`` must be an initializer read by node ``index`` only (it will be rewritten)."""
+        if name not in self.inits:
+            raise Reject(f"{what} '{name}' is not an initializer")
+        if self.readers.get(name, []) != [index] or name in self.outputs:
+            raise Reject(f"{what} '{name}' is shared with other nodes")
+
+
+class Walker:
+    """Collects, for one producer of ``size`` channels, the slices, consumers and shrinking tensors."""
+
+    def __init__(self, graph: GraphIndex, sites: dict, size: int):
+        self.graph, self.sites, self.size = graph, sites, size
+        self.slices: list[Slice] = []
+        self.consumers: list[Consumer] = []
+        self.tensors: dict[str, tuple[int, int]] = {}  # name -> (axis < 0, block)
+        self.pending: dict[str, tuple[int, int, str]] = {}  # operands that must turn out to be in this group
+
+    def vector(self, index: int, name: str, axis: int, rank: int | None, role: str) -> None:
+        """A constant operand broadcast against the activation: nothing to do when it does not vary along
+        the channel axis (size 1 there, or absent); one :class:`Slice` when it has one entry per channel."""
+        g = self.graph
+        if name not in g.inits:
+            raise Reject(f"{role} '{name}' of node {g.labels[index]} is not an initializer")
+        dims = g.dims(name)
+        pos = len(dims) + axis  # axis < 0 counts from the end: numpy broadcasting aligns the right
+        if rank is not None and len(dims) > rank:
+            raise Reject(f"{role} '{name}' has more dimensions than the activation")
+        if pos < 0 or dims[pos] == 1:
+            return
+        if dims[pos] != self.size:
+            raise Reject(f"{role} '{name}' (shape {dims}) does not broadcast per channel")
+        g.own(name, index, role)
+        self.slices.append(Slice(name, pos, role=role))
+
+    def finish(self) -> None:
+        """Operands of two-input nodes that were other activations must be this group's own tensors
+        (``x * sigmoid(x)``), with the same layout; anything else couples the channels to another branch."""
+        for value, (axis, block, where) in self.pending.items():
+            if self.tensors.get(value) != (axis, block):
+                raise Reject(f"{where} combines the channels with another activation "
+                             "(residual-coupled or gated channels are left whole)")
+
+    def walk(self, value: str, axis: int, rank: int | None, block: int) -> None:
+        """Follow ``value`` (channel axis ``axis`` < 0, ``block`` features per channel) to its consumers."""
+        g = self.graph
+        if value in self.tensors:
+            return
+        if value in g.outputs:
+            raise Reject(f"'{value}' is a graph output (its shape must not change)")
+        self.tensors[value] = (axis, block)
+        readers = g.readers.get(value, [])
+        if not readers:
+            raise Reject(f"'{value}' is not read by any node")
+        for i in readers:
+            self._step(i, value, axis, rank, block)
+
+    def _step(self, i: int, value: str, axis: int, rank: int | None, block: int) -> None:
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if node.domain not in ("", "ai.onnx"):
+            raise Reject(f"{where} ({node.domain}) reads the channels")
+        op = node.op_type
+        others = [v for v in node.input if v and v != value]
+        if any(o and (o in g.readers or o in g.outputs) for o in node.output[1:]):
+            raise Reject(f"{where} has a second output in use")
+        channel_first = rank is not None and axis == -(rank - 1) and node.input[0] == value
+        if op in ("Conv", "Gemm", "MatMul") and node.input[0] == value and len(node.input) > 1 and node.input[1] in self.sites:
+            self.consumers.append(self._consumer(i, axis, rank, block))
+        elif op in UNARY or op in ("Dropout", "Clip"):
+            for v in others:  # Clip bounds, Dropout ratio / training_mode
+                c = g.const_value(v)
+                if c is None or (op == "Clip" and np.asarray(c).size != 1):
+                    raise Reject(f"{where} has a non-constant or non-scalar operand '{v}'")
+                if op == "Dropout" and v == node.input[-1] and len(node.input) == 3 and bool(np.asarray(c)):
+                    raise Reject(f"{where} is in training mode")
+            self.walk(node.output[0], axis, rank, block)
+        elif op in POOLS:
+            if not channel_first:
+                raise Reject(f"{where} pools a tensor whose channel axis is not 1")
+            self.walk(node.output[0], axis, rank, block)
+        elif op in REDUCE:
+            self._reduce(i, axis, rank, block)
+        elif op == "BatchNormalization":
+            if not channel_first or int(attr(node, "training_mode", 0)):
+                raise Reject(f"{where} normalises a tensor whose channel axis is not 1, or trains")
+            for role, name in zip(("batchnorm scale", "batchnorm bias", "batchnorm mean", "batchnorm var"), node.input[1:5]):
+                g.own(name, i, role)
+                if g.dims(name) != [self.size]:
+                    raise Reject(f"{role} '{name}' has shape {g.dims(name)}, not [{self.size}]")
+                self.slices.append(Slice(name, 0, role=role))
+            self.walk(node.output[0], axis, rank, block)
+        elif op in BINARY:
+            if op == "PRelu" and node.input[0] != value:
+                raise Reject(f"{where} reads the channels as its slope")
+            for v in dict.fromkeys(others):
+                if v in g.inits:
+                    self.vector(i, v, axis, rank, "constant")
+                else:
+                    self.pending.setdefault(v, (axis, block, where))
+            self.walk(node.output[0], axis, rank, block)
+        elif op in ("Flatten", "Reshape") and node.input[0] == value:
+            self._flatten(i, axis, rank, block)
+        elif op == "Concat":
+            raise Reject(f"{where} joins the channels with another tensor (channels coupled across branches)")
+        elif op in ("Split", "Slice", "Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand"):
+            raise Reject(f"{where} indexes, reshapes or reads the shape of the channels "
+                         "(rewriting its constants is not implemented)")
+        else:
+            raise Reject(f"{where} reads the channels and is not known to pass them through")
+
+    def _reduce(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Reduce* over axes other than the channel axis passes the channels through (global pooling as
+        exported by the dynamo exporter)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = g.const_value(node.input[1])
+            if value is None:
+                raise Reject(f"{where} has computed axes")
+            axes = [int(a) for a in np.asarray(value).reshape(-1)]
+        if rank is None or not axes:
+            raise Reject(f"{where} may reduce over the channel axis")
+        axes = sorted({a % rank for a in axes})
+        pos = rank + axis
+        if pos in axes:
+            raise Reject(f"{where} reduces over the channels")
+        if int(attr(node, "keepdims", 1)):
+            self.walk(node.output[0], axis, rank, block)
+            return
+        new_rank = rank - len(axes)
+        new_pos = pos - sum(a < pos for a in axes)
+        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
+
+    def _flatten(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Flatten(axis=1) or Reshape to [0 or N, -1] of an (N, C, ...) tensor: channel c becomes a block of
+        prod(spatial) features (the block is read off the consumer: in_features / C)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None or axis != -(rank - 1):
+            raise Reject(f"{where} flattens a tensor whose channel axis is not 1")
+        if node.op_type == "Flatten":
+            if int(attr(node, "axis", 1)) not in (1, 1 - rank):
+                raise Reject(f"{where} does not flatten from axis 1")
+        else:
+            shape = g.const_value(node.input[1])
+            if (shape is None or shape.shape != (2,) or int(shape[1]) != -1 or int(shape[0]) < 0
+                    or int(attr(node, "allowzero", 0))):
+                raise Reject(f"{where} has a shape constant other than [0, -1] / [N, -1] "
+                             "(Reshape constants that hold the channel count are not rewritten)")
+        self.walk(node.output[0], -1, 2, block if rank == 2 else 0)  # block 0: known only at the consumer
+
+    def _consumer(self, i: int, axis: int, rank: int | None, block: int) -> Consumer:
+        g = self.graph
+        node = g.nodes[i]
+        where = f"consumer {node.op_type} node {g.labels[i]}"
+        weight = node.input[1]
+        if weight not in g.inits:
+            raise Reject(f"weight of {where} is not an initializer")
+        g.own(weight, i, f"weight of {where}")
+        dims = g.dims(weight)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if node.op_type == "Conv":
+            if int(attr(node, "group", 1)) != 1:
+                raise Reject(f"{where} is a grouped / depthwise convolution")
+            if rank is None or axis != -(rank - 1) or len(dims) != rank or dims[1] != self.size:
+                raise Reject(f"{where} does not read the channels as its input channels")
+            if bias is not None:
+                g.own(bias, i, f"bias of {where}")
+            return Consumer(weight, g.labels[i], "Conv", int(math.prod(dims[2:])), bias)
+        if axis != -1 or len(dims) != 2:
+            raise Reject(f"{where} does not read the channels as its input features")
+        if node.op_type == "Gemm":
+            if int(attr(node, "transA", 0)):
+                raise Reject(f"{where} has transA=1")
+            trans_b = int(attr(node, "transB", 0))
+            in_features, out_features = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
+            if bias is not None and not (bias in g.inits and g.dims(bias) == [out_features]
+                                         and g.readers.get(bias) == [i] and bias not in g.outputs):
+                bias = None  # broadcast or shared: no bias compensation (the consumer itself is fine)
+        else:
+            in_features, bias = dims[0], None
+        if block == 0:
+            if in_features % self.size:
+                raise Reject(f"{where} has {in_features} input features, not a multiple of {self.size} channels")
+            block = in_features // self.size
+        if in_features != self.size * block:
+            raise Reject(f"{where} has {in_features} input features, not {self.size} x {block}")
+        return Consumer(weight, g.labels[i], node.op_type, block, bias)

@@ -1,0 +1,401 @@
+"""Structured pruning (``prune --structure``): groups found in the graph, tensors that really shrink,
+onnxruntime running the result, the structured OBS update against its closed form, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fls_compress import compress
+from fls_compress.configs import MagnitudeConfig, RunOptions, SparseGPTConfig, config_from_dict
+from fls_compress.errors import InvalidOptionError, UnsupportedModelError
+from fls_compress.structured.groups import find_groups
+from fls_compress.structured.selection import ConsumerSystem, damped_inverse, l2_select, obs_select, removal_count
+from tests.test_cli import assert_one_line_error, run_cli
+
+OPTS = RunOptions(progress=False, seed=0)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _run(model: onnx.ModelProto | str | Path, x: np.ndarray) -> np.ndarray:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+
+
+def _bn_cnn(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv(2->6)-BN-Relu-MaxPool-Conv(6->4)+bias-Relu-Flatten-Gemm(4*4*4 -> 5): a channel group with a
+    BatchNorm in between, and one that reaches a Gemm through Flatten (blocks of 4x4 features)."""
+    f = np.float32
+    inits = {
+        "c1.w": rng.normal(size=(6, 2, 3, 3)).astype(f), "c1.b": rng.normal(size=6).astype(f),
+        "bn.s": rng.uniform(0.5, 1.5, 6).astype(f), "bn.b": rng.normal(size=6).astype(f),
+        "bn.m": rng.normal(size=6).astype(f) * 0.1, "bn.v": rng.uniform(0.5, 2.0, 6).astype(f),
+        "c2.w": rng.normal(size=(4, 6, 3, 3)).astype(f) / 3, "c2.b": rng.normal(size=4).astype(f),
+        "fc.w": rng.normal(size=(5, 64)).astype(f) / 8, "fc.b": rng.normal(size=5).astype(f),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a", "bn.s", "bn.b", "bn.m", "bn.v"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["c"], name="relu1"),
+        helper.make_node("MaxPool", ["c"], ["d"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["d", "c2.w", "c2.b"], ["e"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["e"], ["g"], name="relu2"),
+        helper.make_node("Flatten", ["g"], ["h"], name="flat", axis=1),
+        helper.make_node("Gemm", ["h", "fc.w", "fc.b"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "bn_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()],
+                              value_info=[helper.make_tensor_value_info("d", TensorProto.FLOAT, ["n", 6, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.fixture()
+def bn_cnn(tmp_path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    path = _save(_bn_cnn(rng), tmp_path / "bn_cnn.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(96, 2, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "test.npz", x=rng.normal(size=(40, 2, 8, 8)).astype(np.float32))
+    return {"model": path, "calib": tmp_path / "calib.npz", "test": tmp_path / "test.npz", "dir": tmp_path}
+
+
+def test_groups_of_a_conv_bn_flatten_gemm_graph():
+    model = _bn_cnn(np.random.default_rng(0))
+    analysis = find_groups(model, "channels")
+    assert analysis.skipped == []
+    g1, g2 = analysis.groups
+    assert (g1.producer, g1.size, [c.weight for c in g1.consumers], g1.consumers[0].block) == ("c1.w", 6, ["c2.w"], 9)
+    assert {s.name for s in g1.slices} == {"c1.w", "c1.b", "bn.s", "bn.b", "bn.m", "bn.v"}
+    assert (g2.producer, [c.weight for c in g2.consumers]) == ("c2.w", ["fc.w"])
+    assert g2.consumers[0].block == 16  # 4x4 features per channel after Flatten
+    neurons = find_groups(model, "neurons")
+    assert neurons.groups == [] and "graph output" in neurons.skipped[0].reason
+
+
+def test_magnitude_channels_shrink_tensors_and_equal_zeroed_columns(bn_cnn):
+    """Removing channels is the same function as zeroing the consumers' input columns of those channels
+    in the original (BatchNorm, MaxPool and the Flatten -> Gemm block mapping all exact)."""
+    rep = compress(bn_cnn["model"], MagnitudeConfig(sparsity=0.5, structure="channels"), bn_cnn["calib"],
+                   output=bn_cnn["dir"] / "out.onnx", eval_data=bn_cnn["test"], options=OPTS)
+    out = onnx.load(str(bn_cnn["dir"] / "out.onnx"))
+    onnx.checker.check_model(out, full_check=True)
+    new, old = _inits(out), _inits(onnx.load(str(bn_cnn["model"])))
+    assert new["c1.w"].shape == (3, 2, 3, 3) and new["c1.b"].shape == (3,)
+    assert all(new[k].shape == (3,) for k in ("bn.s", "bn.b", "bn.m", "bn.v"))
+    assert new["c2.w"].shape == (2, 3, 3, 3) and new["c2.b"].shape == (2,)
+    assert new["fc.w"].shape == (5, 32) and new["fc.b"].shape == (5,)
+    groups = {g["producer"]: g for g in rep["structure"]["groups"]}
+    removed1, removed2 = groups["c1.w"]["removed"], groups["c2.w"]["removed"]
+    # L2 selection: the filters of least norm
+    norms = np.linalg.norm(old["c1.w"].reshape(6, -1), axis=1)
+    assert sorted(removed1) == sorted(np.argsort(norms, kind="stable")[:3].tolist())
+    kept1 = [c for c in range(6) if c not in removed1]
+    np.testing.assert_array_equal(new["bn.v"], old["bn.v"][kept1])
+    # the reference: the original with the consumers' columns of the removed channels set to zero
+    ref = _bn_cnn(np.random.default_rng(0))
+    zeroed = {k: v.copy() for k, v in old.items()}
+    zeroed["c2.w"][:, removed1] = 0.0
+    zeroed["fc.w"].reshape(5, 4, 16)[:, removed2] = 0.0
+    for t in ref.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(zeroed[t.name], t.name))
+    x = np.load(bn_cnn["test"])["x"]
+    np.testing.assert_allclose(_run(out, x), _run(ref, x), rtol=1e-5, atol=1e-5)
+    assert rep["structure"]["parameters"]["pruned"] < rep["structure"]["parameters"]["original"]
+    assert rep["structure"]["size_bytes"]["pruned"] < rep["structure"]["size_bytes"]["original"]
+    assert [b["batch"] for b in rep["latency"]["batches"]] == [1, 40]  # the report's one latency block
+    assert rep["latency"]["verdict"] in rep["structure"]["speed_note"]
+    assert rep["sparsity"]["achieved"] == pytest.approx(0.5)
+    assert rep["sparsity"]["per_layer"]["fc.w"]["shape_after"] == [5, 32]
+
+
+def _zero_removed(model: onnx.ModelProto, groups: list[dict]) -> onnx.ModelProto:
+    """The reference for a magnitude (uncompensated) prune: the original with each consumer's input
+    columns of the removed channels set to zero."""
+    from fls_compress.structured.groups import consumer_slice
+
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    arrays = _inits(ref)
+    found = {g.producer: g for kind in ("channels", "neurons") for g in find_groups(model, kind).groups}
+    for entry in groups:
+        for consumer in found[entry["producer"]].consumers:
+            s = consumer_slice(model, consumer)
+            idx = (np.asarray(entry["removed"])[:, None] * s.block + np.arange(s.block)).reshape(-1)
+            view = np.moveaxis(arrays[s.name], s.axis, 0)
+            view[idx] = 0.0
+    for t in ref.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return ref
+
+
+def test_silu_and_reduce_mean_pass_channels_through(tmp_path):
+    """Conv -> x*sigmoid(x) (SiLU as exported) -> Conv -> ReduceMean(H, W, keepdims=0) -> Gemm: both
+    channel groups are removable, and the result equals the original with zeroed consumer columns."""
+    rng = np.random.default_rng(5)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(f), "c1.w"),
+             numpy_helper.from_array(rng.normal(size=(4, 6, 3, 3)).astype(f) / 3, "c2.w"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(f), "fc.w"),
+             numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")]
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             helper.make_node("Mul", ["a", "s"], ["silu"], name="silu"),
+             helper.make_node("Conv", ["silu", "c2.w"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["b", "axes"], ["m"], name="gap", keepdims=0),
+             helper.make_node("Gemm", ["m", "fc.w"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = _save(model, tmp_path / "silu.onnx")
+    x = rng.normal(size=(32, 2, 6, 6)).astype(f)
+    np.savez(tmp_path / "calib.npz", x=x)
+    analysis = find_groups(model, "channels")
+    assert [g.producer for g in analysis.groups] == ["c1.w", "c2.w"] and analysis.skipped == []
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["fc.w"].shape == (3, 2) and _inits(rep.model)["c2.w"].shape == (2, 3, 3, 3)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _mlp(rng, hidden: int = 8, d_in: int = 6, d_out: int = 3) -> onnx.ModelProto:
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.normal(size=(hidden, d_in)).astype(f), "w1"),
+             numpy_helper.from_array(rng.normal(size=hidden).astype(f), "b1"),
+             numpy_helper.from_array(rng.normal(size=(hidden, d_out)).astype(f), "w2"),  # transB=0: (in, out)
+             numpy_helper.from_array(rng.normal(size=d_out).astype(f), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Tanh", ["h"], ["t"], name="act"),
+             helper.make_node("Gemm", ["t", "w2", "b2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d_out])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_obs_removal_equals_least_squares_refit():
+    """One block removed by structured OBS = the least-squares refit of the remaining columns (and the
+    cost = half the increase of the mean squared output error times 2/n scale of H)."""
+    rng = np.random.default_rng(1)
+    n, blocks, b, out = 200, 5, 3, 4
+    x = rng.normal(size=(n, blocks * b)) + rng.normal(size=(n, 1))  # correlated columns
+    w = rng.normal(size=(out, blocks * b))
+    h = torch.from_numpy(2.0 * x.T @ x / n)
+    system = ConsumerSystem(torch.from_numpy(w.copy()), damped_inverse(h, 0.0), b, False)
+    keep, costs = obs_select([system], blocks, 1)
+    removed = sorted(set(range(blocks)) - set(keep.tolist()))[0]
+    cols = [c for c in range(blocks * b) if c // b != removed]
+    target = x @ w.T
+    refit, *_ = np.linalg.lstsq(x[:, cols], target, rcond=None)
+    full = system.full().numpy()
+    np.testing.assert_allclose(full[:, cols], refit.T, rtol=1e-8, atol=1e-10)
+    assert np.abs(full[:, [c for c in range(blocks * b) if c // b == removed]]).max() == 0.0
+    err = ((x[:, cols] @ refit - target) ** 2).sum() / n
+    assert costs[0] == pytest.approx(err, rel=1e-8)  # 1/2 w (H^-1_SS)^-1 w^T with H = 2 X^T X / n
+    # and the greedy choice is the block whose refit costs least
+    errs = []
+    for r in range(blocks):
+        c = [k for k in range(blocks * b) if k // b != r]
+        v, *_ = np.linalg.lstsq(x[:, c], target, rcond=None)
+        errs.append(((x[:, c] @ v - target) ** 2).sum() / n)
+    assert removed == int(np.argmin(errs))
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_greedy_obs_after_several_removals_is_the_refit_on_what_remains(b):
+    """Each OBS step is exact, so after removing several blocks the weights are the least-squares refit
+    on the remaining columns (blocks of 1 use the scalar branch)."""
+    rng = np.random.default_rng(7)
+    n, blocks, out = 300, 6, 3
+    x = rng.normal(size=(n, blocks * b)) @ rng.normal(size=(blocks * b, blocks * b)) * 0.3 + rng.normal(size=(n, blocks * b))
+    w = rng.normal(size=(out, blocks * b))
+    system = ConsumerSystem(torch.from_numpy(w.copy()), damped_inverse(torch.from_numpy(2.0 * x.T @ x / n), 0.0), b, False)
+    keep, costs = obs_select([system], blocks, 3)
+    cols = [c for c in range(blocks * b) if c // b in keep.tolist()]
+    refit, *_ = np.linalg.lstsq(x[:, cols], x @ w.T, rcond=None)
+    np.testing.assert_allclose(system.full().numpy()[:, cols], refit.T, rtol=1e-7, atol=1e-9)
+    assert len(costs) == 3 and all(np.isfinite(costs))
+
+
+def test_sparsegpt_neurons_compensate_consumer_with_bias_exactly(tmp_path):
+    """End to end: -m sparsegpt --structure neurons removes one hidden unit and refits the next Gemm's
+    remaining weights and its bias by least squares on the captured activations (percdamp 0)."""
+    rng = np.random.default_rng(2)
+    model = _mlp(rng)
+    path = _save(model, tmp_path / "mlp.onnx")
+    x = rng.normal(size=(150, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    np.savez(tmp_path / "test.npz", x=x[:30])
+    config = SparseGPTConfig(sparsity=0.125, structure="neurons", percdamp=0.0)  # 1 of 8
+    rep = compress(path, config, tmp_path / "calib.npz", output=tmp_path / "out.onnx", eval_data=tmp_path / "test.npz",
+                   options=OPTS)
+    old, new = _inits(model), _inits(onnx.load(str(tmp_path / "out.onnx")))
+    (group,) = rep["structure"]["groups"]
+    assert group["bias_compensated"] == ["fc2"]
+    kept = [j for j in range(8) if j not in group["removed"]]
+    assert new["w1"].shape == (7, 6) and new["b1"].shape == (7,) and new["w2"].shape == (7, 3)
+    t = np.tanh(x.astype(np.float64) @ old["w1"].T.astype(np.float64) + old["b1"])
+    target = t @ old["w2"].astype(np.float64) + old["b2"]
+    design = np.concatenate([t[:, kept], np.ones((len(t), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    np.testing.assert_allclose(new["w2"], coef[:-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["b2"], coef[-1], rtol=1e-4, atol=1e-5)
+    y = _run(tmp_path / "out.onnx", x)
+    np.testing.assert_allclose(y, design @ coef, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_coupled_channels_are_skipped_with_reason(tmp_path):
+    """conv1 -> relu -> conv2 -> Add(relu, conv2) -> conv3: both channel groups feeding the Add are left
+    whole (reason in the report); conv3's own group (-> conv4) is pruned."""
+    rng = np.random.default_rng(3)
+    f = np.float32
+    inits = {f"c{i}.w": rng.normal(size=shape).astype(f) / 3 for i, shape in
+             enumerate([(4, 1, 3, 3), (4, 4, 3, 3), (6, 4, 1, 1), (2, 6, 1, 1)], start=1)}
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c2.w"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["r", "b"], ["s"], name="residual"),
+             helper.make_node("Conv", ["s", "c3.w"], ["c"], name="conv3"),
+             helper.make_node("Relu", ["c"], ["d"], name="relu3"),
+             helper.make_node("Conv", ["d", "c4.w"], ["y"], name="conv4")]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "res.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(40, 1, 6, 6)).astype(f))
+    rep = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz",
+                   output=tmp_path / "out.onnx", eval_data=tmp_path / "calib.npz", options=OPTS)
+    skipped = {s["producer"]: s["reason"] for s in rep["structure"]["skipped"]}
+    assert set(skipped) == {"c1.w", "c2.w", "c4.w"}
+    assert "residual" in skipped["c1.w"] and "residual" in skipped["c2.w"]
+    assert "graph output" in skipped["c4.w"]
+    assert [g["producer"] for g in rep["structure"]["groups"]] == ["c3.w"]
+    new = _inits(onnx.load(str(tmp_path / "out.onnx")))
+    assert new["c3.w"].shape == (3, 4, 1, 1) and new["c4.w"].shape == (2, 3, 1, 1) and new["c2.w"].shape == (4, 4, 3, 3)
+    assert any("leaves c1.w" in w for w in rep["warnings"])
+
+
+def test_torch_exported_cnn_runs_after_both_methods(tmp_path):
+    from sample_models.build_samples import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(64, 1, 12, 12)
+    export_onnx(net, x[:2], tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "calib.npz", input=x.numpy())
+    for structure in ("channels", "neurons"):
+        for config in (MagnitudeConfig(sparsity=0.5, structure=structure),
+                       SparseGPTConfig(sparsity=0.5, structure=structure)):
+            out = tmp_path / f"{config.method}_{structure}.onnx"
+            rep = compress(tmp_path / "cnn.onnx", config, tmp_path / "calib.npz", output=out, eval_data=tmp_path / "calib.npz",
+                           options=OPTS)
+            assert rep["status"] == "ok" and rep["structure"]["channels_removed"] == (8 if structure == "channels" else 8)
+            y = _run(out, x.numpy())
+            assert y.shape == (64, 4) and np.isfinite(y).all()
+            assert rep["structure"]["parameters"]["pruned"] < rep["structure"]["parameters"]["original"]
+
+
+def test_selection_helpers():
+    assert [removal_count(16, s) for s in (0.0, 0.3, 0.5, 0.99)] == [0, 5, 8, 15]
+    assert [removal_count(32, s, 8) for s in (0.0, 0.1, 0.3, 0.5, 0.99)] == [0, 0, 8, 16, 24]
+    assert removal_count(6, 0.5, 8) == 0
+    rows = torch.tensor([[3.0, 0.0], [0.1, 0.1], [1.0, 1.0], [0.0, 0.2]])
+    assert l2_select(rows, 2).tolist() == [0, 2]
+
+
+def test_config_refusals():
+    with pytest.raises(InvalidOptionError, match="--pattern does not apply to --structure"):
+        MagnitudeConfig(pattern="2:4", structure="channels")
+    with pytest.raises(InvalidOptionError, match="--structure must be one of"):
+        SparseGPTConfig(structure="heads")
+    with pytest.raises(InvalidOptionError, match="unknown key"):
+        config_from_dict({"method": "fls", "structure": "channels"})
+    with pytest.raises(InvalidOptionError, match="--channel-multiple applies to --structure"):
+        MagnitudeConfig(channel_multiple=8)
+    assert config_from_dict(SparseGPTConfig(structure="neurons").to_dict()) == SparseGPTConfig(structure="neurons")
+
+
+def test_no_prunable_group_is_unsupported(tmp_path):
+    rng = np.random.default_rng(4)
+    path = _save(_mlp(rng), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(20, 6)).astype(np.float32))
+    with pytest.raises(UnsupportedModelError, match="no channels group"):
+        compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+
+
+def test_sparse_storage_with_structure_is_refused(bn_cnn):
+    with pytest.raises(InvalidOptionError, match="--sparse-storage does not apply to --structure"):
+        compress(bn_cnn["model"], MagnitudeConfig(structure="channels"), bn_cnn["calib"],
+                 options=RunOptions(progress=False, sparse_storage=True))
+
+
+def test_cli_structure_refusals_exit_2(bn_cnn):
+    """Methods without a structured variant and structures not implemented are usage errors (exit 2)."""
+    common = [str(bn_cnn["model"]), "--data", str(bn_cnn["calib"]), "-o", str(bn_cnn["dir"] / "o.onnx")]
+    assert_one_line_error(run_cli("prune", *common, "-m", "fls", "--structure", "channels"), 2,
+                          "--structure does not apply to -m fls")
+    proc = run_cli("prune", *common, "-m", "sparsegpt", "--structure", "heads")
+    assert proc.returncode == 2 and "heads" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (bn_cnn["dir"] / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("base, change", [
+    (MagnitudeConfig(sparsity=0.5), dict(structure="channels")),
+    (SparseGPTConfig(sparsity=0.5), dict(structure="channels")),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(sequential=False)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(percdamp=1.0)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(max_rows_per_layer=16)),
+    (SparseGPTConfig(sparsity=0.5, structure="channels"), dict(exclude=("fc.w",))),
+    (MagnitudeConfig(sparsity=0.5, structure="channels"), dict(sparsity=0.3)),
+    (MagnitudeConfig(sparsity=0.3, structure="channels"), dict(channel_multiple=2)),
+], ids=["magnitude-structure", "sparsegpt-structure", "sequential", "percdamp", "max_rows", "exclude", "sparsity",
+        "channel_multiple"])
+def test_structured_knobs_change_the_result(bn_cnn, base, change):
+    def arrays(config):
+        rep = compress(bn_cnn["model"], config, bn_cnn["calib"], options=OPTS)
+        return _inits(rep.model)
+
+    a, b = arrays(base), arrays(base.replace(**change))
+    assert set(a) == set(b)
+    assert any(a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]) for k in a), change
+
+
+def test_3d_convolution_consumer_is_magnitude_only(tmp_path):
+    """Structured OBS captures 1-D/2-D convolution inputs only: a 3-D consumer leaves its group whole (with
+    the reason), while -m magnitude removes the channels."""
+    rng = np.random.default_rng(8)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3, 3)).astype(f), "c1.w"),
+             numpy_helper.from_array(rng.normal(size=(2, 4, 1, 1, 1)).astype(f), "c2.w")]
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1] * 6),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c2.w"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "c3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 4, 4, 4])], inits)
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "c3d.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(8, 1, 4, 4, 4)).astype(f))
+    with pytest.raises(UnsupportedModelError, match="3-D convolution"):
+        compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["c2.w"].shape == (2, 2, 1, 1, 1)
+    assert _run(rep.model, np.zeros((1, 1, 4, 4, 4), f)).shape == (1, 2, 4, 4, 4)
