@@ -218,7 +218,7 @@ def quality(bench: Bench, dense: np.ndarray, path: Path, inputs: dict[str, np.nd
         if labels is not None:
             q["accuracy"] = float((out.argmax(1) == labels).mean())
     if bench.extra.get("bernoulli"):
-        from fls_compress.verify import bernoulli_nll
+        from fls_compress.verification import bernoulli_nll
 
         q["bernoulli_nll"] = float(bernoulli_nll(out, next(iter(inputs.values()))).mean())
     if bench.extra.get("sentence"):

@@ -53,7 +53,7 @@ def main() -> None:
 
     from sample_models.datasets import load_mnist5k, split_train_test
     from fls_compress.quantize import quantize_model
-    from fls_compress.verify import bernoulli_nll
+    from fls_compress.verification import bernoulli_nll
     from sample_models.build_samples import (build_autoencoder, build_cnn, export_onnx, train_autoencoder,
                                              train_classifier)
 

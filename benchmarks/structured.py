@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from fls_compress import compress
     from fls_compress.configs import RunOptions, config_from_dict
     from fls_compress.structured.report import parameter_count
-    from fls_compress.verify import bernoulli_nll
+    from fls_compress.verification import bernoulli_nll
 
     import onnxruntime as ort
 

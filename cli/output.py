@@ -8,7 +8,7 @@ from fls_compress.report import Report
 
 
 def emit_report(report: Report) -> None:
-    from fls_compress.verify import summarize
+    from fls_compress.verification import summarize
 
     sp = report.get("sparsity")
     q = report.get("quantization")

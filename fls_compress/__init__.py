@@ -11,7 +11,7 @@ The library is organised by responsibility (data flows top to bottom):
 * :mod:`fls_compress.bridge` - ONNX -> PyTorch conversion (onnx2torch) with weight-name mapping.
 * :mod:`fls_compress.curvature` - inverse-Fisher estimators (FishLeg, oBERT/WoodFisher, M-FAC, iEF).
 * :mod:`fls_compress.pruning` - Optimal Brain Surgeon pruning and the baselines; the config -> handler registry.
-* :mod:`fls_compress.verify` - onnxruntime verification of the compressed model against the original.
+* :mod:`fls_compress.verification` - onnxruntime verification of the compressed model against the original.
 * :mod:`fls_compress.configs` - one typed config per method, the run options; :mod:`fls_compress.engine` - ``compress()``.
 """
 

@@ -172,7 +172,7 @@ def _run(
     pruned = outcome.model if outcome.model is not None else write_back(proto, outcome.arrays, sparse=opts.sparse_storage)
     t0 = time.perf_counter()
     with _staged(output, pruned) as staged_path:
-        from .verify import verify_models
+        from .verification import verify_models
 
         written = load_onnx(staged_path) if staged_path is not None else pruned
         # onnxruntime opens the files (protobuf cannot serialise >= 2 GiB); the input file holds the
@@ -298,7 +298,7 @@ def check_original(proto: onnx.ModelProto, path: Path | None) -> Any:
 
     from .errors import InvalidModelError
     from .io.onnx_model import prunable_initializers
-    from .verify import _session  # the one place that maps onnxruntime's load errors to exit codes
+    from .verification import _session  # the one place that maps onnxruntime's load errors to exit codes
 
     session = _session(proto, "original", path)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -409,7 +409,7 @@ def verify(original, compressed, data=None, *, labels=None, seed: int = 0, devic
     """Compare two ONNX models (paths or protos) with onnxruntime on ``data`` (synthetic if ``None``),
     with the latency block (``latency=False`` skips it; ``latency_runs`` defaults to RunOptions')."""
     from .io.calibration import load_calibration
-    from .verify import verify_models
+    from .verification import verify_models
 
     opts = RunOptions(latency=latency, latency_runs=RunOptions.default_of("latency_runs") if latency_runs is None else latency_runs)
     ref = original if isinstance(original, onnx.ModelProto) else load_onnx(original)

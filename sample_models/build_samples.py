@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from sample_models.datasets import load_mnist5k, split_train_test
-from fls_compress.verify import bernoulli_nll
+from fls_compress.verification import bernoulli_nll
 
 AE_SIZES: tuple[int, ...] = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 """Layer widths of the FishLeg benchmark autoencoder."""

@@ -295,7 +295,10 @@ def test_ray_executor_matches_local(tmp_path, zoo, local_run):
     for row in result.rows:
         assert row["status"] == "ok"
         ref = local_rows[row["name"]]
-        assert row["metrics"] == ref["metrics"]
+        timed = ("speedup_batch1", "speedup_eval_batch", "latency_verdict")  # wall-clock, differs run to run
+        assert {k: v for k, v in row["metrics"].items() if k not in timed} == {
+            k: v for k, v in ref["metrics"].items() if k not in timed}
+        assert all(k in row["metrics"] for k in timed[:2])
         assert row["output_sha256"] == ref["output_sha256"]
         assert all(row[k] == ref[k] for k in ("input_sha256", "data_sha256", "config_hash"))
     assert _models(tmp_path) == {k: v for k, v in _models(local_run[0]).items() if k in ("tiny_a_m50", "tiny_b_m50")}

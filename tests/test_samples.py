@@ -14,7 +14,7 @@ import torch
 
 from sample_models.datasets import load_digits_images, load_mnist5k, split_train_test
 from fls_compress.io.calibration import load_calibration
-from fls_compress.verify import bernoulli_nll, verify_models
+from fls_compress.verification import bernoulli_nll, verify_models
 from sample_models.build_samples import (
     AE_SIZES,
     build_all,

@@ -1,4 +1,4 @@
-"""onnxruntime verification of a compressed model against the original (fls_compress.verify).
+"""onnxruntime verification of a compressed model against the original (fls_compress.verification).
 
 Expected numbers are computed independently with numpy (float64) from the model weights.
 """
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fls_compress.errors import InvalidOptionError, VerificationError
 from fls_compress.io.calibration import CalibrationData
-from fls_compress.verify import summarize, verify_models
+from fls_compress.verification import summarize, verify_models
 
 IN, HIDDEN, OUT = 8, 16, 5
 
