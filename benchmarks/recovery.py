@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from fls_compress import RunOptions, compress  # noqa: E402
 from fls_compress.configs import config_types  # noqa: E402
 from fls_compress.progress import configure_logging  # noqa: E402
-from fls_compress.verify import bernoulli_nll  # noqa: E402
+from fls_compress.verification import bernoulli_nll  # noqa: E402
 from sample_models.build_samples import N_CALIB, N_TEST, SPLIT_SEED  # noqa: E402
 from sample_models.datasets import load_mnist5k, split_train_test  # noqa: E402
 
