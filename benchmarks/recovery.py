@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from fls_compress import RunOptions, compress  # noqa: E402
 from fls_compress.configs import config_types  # noqa: E402
-from fls_compress.progress import configure_logging  # noqa: E402
-from fls_compress.verification import bernoulli_nll  # noqa: E402
+from benchmarks.fls_ablation import _metric  # noqa: E402  (the same quality metric as the ablation)
+from fls_compress.progress import attach_cli_logging  # noqa: E402
 from sample_models.build_samples import N_CALIB, N_TEST, SPLIT_SEED  # noqa: E402
 from sample_models.datasets import load_mnist5k, split_train_test  # noqa: E402
 
@@ -64,19 +64,6 @@ def _train_images() -> tuple[np.ndarray, np.ndarray]:
     x, y = load_mnist5k()
     x_train, y_train, _, _ = split_train_test(x, y, N_TEST, seed=SPLIT_SEED)
     return x_train.astype(np.float32), y_train
-
-
-def _metric(model_key: str, path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    """Autoencoder: Bernoulli NLL per image; CNN: cross-entropy per image (both lower is better)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = x if model_key == "autoencoder" else x.reshape(-1, 1, 28, 28)
-    logits = sess.run(None, {sess.get_inputs()[0].name: feed})[0].astype(np.float64)
-    if model_key == "autoencoder":
-        return float(bernoulli_nll(logits, x).mean())
-    logz = np.logaddexp.reduce(logits, axis=1)
-    return float((logz - logits[np.arange(len(y)), y]).mean())
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -188,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    configure_logging(quiet=True)
+    attach_cli_logging(quiet=True)
     variants = list(range(len(VARIANTS))) if args.variants == "all" else [int(i) for i in args.variants.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     overrides = _parse_overrides(args.override)
