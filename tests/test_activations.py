@@ -127,3 +127,31 @@ def test_sequential_waves_see_the_new_weights_of_earlier_layers() -> None:
         torch.testing.assert_close(seen["W2"], torch.from_numpy(2 * r.T @ r / len(x)), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(new["W1"], w1 * np.float32(-2.0))
     assert model.SerializeToString() == before  # the caller's model is left as it was
+
+
+def test_capture_feeds_state_inputs_with_their_batch_on_a_later_axis():
+    """A recurrent state ``[2, N, 12]`` next to data ``[N, 10]``: the feeds hold samples on axis 0, capture
+    moves them to the state's batch axis (not a static batch of 2 cut from the wrong axis), and the
+    captured intermediate equals the numpy forward pass on every sample."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((10, 12)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"]),
+             helper.make_node("ReduceMean", ["state"], ["s"], axes=[0], keepdims=0),
+             helper.make_node("Add", ["h0", "s"], ["h1"]), helper.make_node("Tanh", ["h1"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "stateful", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10]),
+                                                  helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(rng.standard_normal((12, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    n = 7
+    x = rng.standard_normal((n, 10)).astype(np.float32)
+    state = rng.standard_normal((2, n, 12)).astype(np.float32)
+    feeds = {"x": x, "state": np.moveaxis(state, 1, 0)}  # samples first, as CalibrationData stores them
+    chunks = list(iter_activations(model, feeds, ["h", "state"], chunk=4))
+    assert [c["h"].shape[0] for c in chunks] == [4, 3]  # every sample, in chunks of 4 (no static batch of 2)
+    np.testing.assert_allclose(np.concatenate([c["h"] for c in chunks]), np.tanh(x @ w + state.mean(0)), rtol=1e-5, atol=1e-6)
+    assert chunks[0]["state"].shape == (2, 4, 12)  # a captured graph input comes in the model's layout
+    got = capture_layer_inputs(model, feeds, ["w2"])["w2"]
+    np.testing.assert_allclose(got, np.tanh(x @ w + state.mean(0)), rtol=1e-5, atol=1e-6)

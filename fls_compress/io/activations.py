@@ -147,11 +147,22 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
+def input_batch_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs whose batch axis is not the first (state ``[layers, N, hidden]``, see
+    :func:`~fls_compress.io.input_specs.graph_input_specs`): name -> axis. Feeds keep samples on axis 0."""
+    from .input_specs import graph_input_specs
+
+    return {spec.name: spec.batch_axis for spec in graph_input_specs(model) if spec.batch_axis}
+
+
 def _static_batch(model: onnx.ModelProto) -> int | None:
+    """A static size on some input's batch axis (the model then takes batches of exactly that size)."""
+    axes = input_batch_axes(model)
     for vi in _graph_inputs(model):
         dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
+        axis = axes.get(vi.name, 0)
+        if len(dims) > axis and dims[axis].HasField("dim_value") and dims[axis].dim_value > 0:
+            return int(dims[axis].dim_value)
     return None
 
 
@@ -234,8 +245,9 @@ class ActivationSession:
 
     def iterate(self, feeds: dict[str, np.ndarray], values: list[str], *, chunk: int = 64,
                 overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Run over the feeds in chunks of samples (``overrides``: new values of overridable
-        initializers); yield the requested values (graph inputs or exposed intermediates) per chunk."""
+        """Run over the feeds (samples on axis 0) in chunks of samples (``overrides``: new values of overridable
+        initializers); yield the requested values (graph inputs or exposed intermediates) per chunk, in the
+        model's layout (an input whose batch axis is not the first is fed with its samples moved there)."""
         feeds = prepare_feeds(self.model, feeds)
         unknown = sorted(set(overrides or {}) - self.overridable)
         if unknown:
@@ -249,8 +261,10 @@ class ActivationSession:
         if usable < n:
             log.warning("model takes batches of %d; using %d of %d calibration samples", step, usable, n)
         fixed = {k: np.ascontiguousarray(v) for k, v in (overrides or {}).items()}
+        axes = input_batch_axes(self.model)  # samples are on axis 0 of the feeds, on these axes in the model
         for start in range(0, usable, step):
-            part = {k: v[start : start + step] for k, v in feeds.items()}
+            part = {k: np.moveaxis(v[start : start + step], 0, axes[k]) if k in axes else v[start : start + step]
+                    for k, v in feeds.items()}
             got = dict(zip(wanted, self.session.run(wanted, {**part, **fixed}))) if wanted else {}
             yield {v: (part[v] if v in part else got[v]) for v in values}
 
