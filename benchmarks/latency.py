@@ -17,7 +17,9 @@ e.g. structured pruning):
   ``com.microsoft.MatMulNBits``, float activations; Conv weights stay int4 DequantizeLinear at opset 21);
 * ``ort quantize_static``: onnxruntime's static quantizer, QDQ, per-channel, U8S8, MinMax, same calibration;
 * ``ort quantize_dynamic``: onnxruntime's dynamic quantizer (int8 weights, per tensor);
-* ``2:4 sparsegpt``: ``prune --pattern 2:4 -m sparsegpt`` (dense kernels on onnxruntime CPU).
+* ``2:4 sparsegpt``: ``prune --pattern 2:4 -m sparsegpt`` (dense kernels on onnxruntime CPU);
+* ``structured 30% / 50%``: ``prune --structure channels`` (``neurons`` on models without Conv) with
+  ``-m sparsegpt`` (structured OBS) and, at 50%, ``-m magnitude`` (L2 norms, no compensation): smaller tensors.
 
 Every artifact is timed in ONE process with the same session options (CPU provider, 1 intra-op thread so
 that the other processes sharing this machine's two cores disturb the timings least, full graph
@@ -146,6 +148,24 @@ def row_24(bench: Bench, out: Path, seed: int) -> dict:
     return _ours(bench, out, SparseGPTConfig(pattern="2:4"), seed)
 
 
+def _structure(bench: Bench) -> str:
+    """``channels`` for models with convolutions, else ``neurons`` (Gemm/MatMul hidden units)."""
+    import onnx
+
+    graph = onnx.load(str(bench.model), load_external_data=False).graph
+    return "channels" if any(n.op_type == "Conv" for n in graph.node) else "neurons"
+
+
+def _structured(fraction: float, method: str):
+    def build(bench: Bench, out: Path, seed: int) -> dict:
+        from fls_compress import MagnitudeConfig, SparseGPTConfig
+
+        cls = SparseGPTConfig if method == "sparsegpt" else MagnitudeConfig
+        return _ours(bench, out, cls(sparsity=fraction, structure=_structure(bench)), seed)
+
+    return build
+
+
 def _reader(bench: Bench):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -189,6 +209,9 @@ ROW_BUILDERS: list[tuple[str, Callable[[Bench, Path, int], dict]]] = [
     ("ort quantize_static (QDQ, per-channel, U8S8)", row_ort_static),
     ("ort quantize_dynamic", row_ort_dynamic),
     ("2:4 sparsegpt", row_24),
+    ("structured 30% (sparsegpt OBS)", _structured(0.3, "sparsegpt")),
+    ("structured 50% (sparsegpt OBS)", _structured(0.5, "sparsegpt")),
+    ("structured 50% (magnitude L2)", _structured(0.5, "magnitude")),
 ]
 
 
