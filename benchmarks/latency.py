@@ -252,22 +252,16 @@ def quality(bench: Bench, dense: np.ndarray, path: Path, inputs: dict[str, np.nd
 
 
 def time_all(paths: dict[str, Path], inputs: dict[str, np.ndarray], runs: int) -> dict[str, dict[int, float]]:
-    """Median ms per artifact and batch, all artifacts alternating in one process."""
+    """Median ms per artifact and batch, all artifacts alternating in one process
+    (:func:`fls_compress.latency.time_sessions`, 2 warm-up runs)."""
+    from fls_compress.latency import time_sessions
+
     sessions = {k: _session(p) for k, p in paths.items()}
     result: dict[str, dict[int, float]] = {k: {} for k in paths}
     for batch in BATCHES:
-        feed = {k: v[:batch] for k, v in inputs.items()}
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(2):
-            for s in sessions.values():
-                s.run(None, feed)
-        for _ in range(runs):
-            for k, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feed)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+        timed = time_sessions(sessions, {k: v[:batch] for k, v in inputs.items()}, runs=runs, warmup=2)
         for k in paths:
-            result[k][batch] = float(np.median(times[k]))
+            result[k][batch] = timed[k]["median_ms"]
     return result
 
 
