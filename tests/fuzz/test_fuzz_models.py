@@ -116,7 +116,7 @@ def test_inputs_that_overflow_the_model_are_bad_data(capsys, files, outdir, tmp_
 
 def test_non_finite_verification_fails_like_a_gate():
     """The backstop for a compressed model whose outputs overflow: a report holding NaN/Inf is exit 6."""
-    from fls_compress.engine import non_finite_outputs
+    from fls_compress.gates import non_finite_outputs
 
     ok = {"outputs": {"y": {"max_abs_error": 0.5, "cosine_similarity": 0.9, "shape": [3]}}}
     bad = {"outputs": {"y": {"max_abs_error": 0.5, "cosine_similarity": float("nan")}}}
