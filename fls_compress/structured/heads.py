@@ -123,7 +123,7 @@ def _back(graph: GraphIndex, probes: list[Probe], value: str, stop: set[str], pr
 def _forward_consumer(graph: GraphIndex, value: str, sites: set[str]) -> tuple[int, int]:
     """(node index, input features) of the output projection read by the attention output ``value``."""
     while True:
-        readers = graph.readers.get(value, [])
+        readers = [r for r in graph.readers.get(value, []) if graph.nodes[r].op_type != "Shape"]  # shapes: heads_plan
         if len(readers) != 1:
             raise Reject(f"the attention output '{value}' is read by {len(readers)} nodes (expected one path to Wo)")
         node = graph.nodes[readers[0]]
