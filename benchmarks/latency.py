@@ -19,7 +19,9 @@ e.g. structured pruning):
 * ``ort quantize_dynamic``: onnxruntime's dynamic quantizer (int8 weights, per tensor);
 * ``2:4 sparsegpt``: ``prune --pattern 2:4 -m sparsegpt`` (dense kernels on onnxruntime CPU);
 * ``structured 30% / 50%``: ``prune --structure channels`` (``neurons`` on models without Conv) with
-  ``-m sparsegpt`` (structured OBS) and, at 50%, ``-m magnitude`` (L2 norms, no compensation): smaller tensors.
+  ``-m sparsegpt`` (structured OBS) and, at 50%, ``-m magnitude`` (L2 norms, no compensation): smaller tensors;
+* ``structured heads 30% / 50%``: ``prune --structure heads`` (models with attention only: MiniLM) with
+  ``-m sparsegpt`` (structured OBS on Wo) and ``-m magnitude`` (L2 norm of each head's weights).
 
 Every artifact is timed in ONE process with the same session options (CPU provider, 1 intra-op thread so
 that the other processes sharing this machine's two cores disturb the timings least, full graph
@@ -166,6 +168,26 @@ def _structured(fraction: float, method: str):
     return build
 
 
+class NotApplicable(Exception):
+    """A row that does not exist for this model (e.g. attention heads on a CNN): left out of its table."""
+
+
+def _heads(fraction: float, method: str):
+    """``prune --structure heads`` rows, for models with attention (a Softmax) only."""
+    def build(bench: Bench, out: Path, seed: int) -> dict:
+        import onnx
+
+        from fls_compress import MagnitudeConfig, SparseGPTConfig
+
+        graph = onnx.load(str(bench.model), load_external_data=False).graph
+        if not any(n.op_type == "Softmax" for n in graph.node):
+            raise NotApplicable("no attention")
+        cls = SparseGPTConfig if method == "sparsegpt" else MagnitudeConfig
+        return _ours(bench, out, cls(sparsity=fraction, structure="heads"), seed)
+
+    return build
+
+
 def _reader(bench: Bench):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -212,6 +234,10 @@ ROW_BUILDERS: list[tuple[str, Callable[[Bench, Path, int], dict]]] = [
     ("structured 30% (sparsegpt OBS)", _structured(0.3, "sparsegpt")),
     ("structured 50% (sparsegpt OBS)", _structured(0.5, "sparsegpt")),
     ("structured 50% (magnitude L2)", _structured(0.5, "magnitude")),
+    ("structured heads 30% (sparsegpt OBS)", _heads(0.3, "sparsegpt")),
+    ("structured heads 30% (magnitude L2)", _heads(0.3, "magnitude")),
+    ("structured heads 50% (sparsegpt OBS)", _heads(0.5, "sparsegpt")),
+    ("structured heads 50% (magnitude L2)", _heads(0.5, "magnitude")),
 ]
 
 
@@ -281,6 +307,8 @@ def run_model(name: str, work: Path, seed: int, runs: int, rows: list[str] | Non
         t0 = time.perf_counter()
         try:
             made = builder(bench, path, seed)
+        except NotApplicable:
+            continue
         except Exception as exc:  # noqa: BLE001 - a row that cannot be built is reported, not fatal
             out_rows.append({"model": name, "row": row_name, "status": f"failed: {type(exc).__name__}: {str(exc)[:200]}",
                              "seconds": time.perf_counter() - t0})

@@ -327,7 +327,7 @@ def test_config_refusals():
     with pytest.raises(InvalidOptionError, match="--pattern does not apply to --structure"):
         MagnitudeConfig(pattern="2:4", structure="channels")
     with pytest.raises(InvalidOptionError, match="--structure must be one of"):
-        SparseGPTConfig(structure="heads")
+        SparseGPTConfig(structure="layers")
     with pytest.raises(InvalidOptionError, match="unknown key"):
         config_from_dict({"method": "fls", "structure": "channels"})
     with pytest.raises(InvalidOptionError, match="--channel-multiple applies to --structure"):
@@ -350,12 +350,12 @@ def test_sparse_storage_with_structure_is_refused(bn_cnn):
 
 
 def test_cli_structure_refusals_exit_2(bn_cnn):
-    """Methods without a structured variant and structures not implemented are usage errors (exit 2)."""
+    """Methods without a structured variant and unknown structures are usage errors (exit 2)."""
     common = [str(bn_cnn["model"]), "--data", str(bn_cnn["calib"]), "-o", str(bn_cnn["dir"] / "o.onnx")]
     assert_one_line_error(run_cli("prune", *common, "-m", "fls", "--structure", "channels"), 2,
                           "--structure does not apply to -m fls")
-    proc = run_cli("prune", *common, "-m", "sparsegpt", "--structure", "heads")
-    assert proc.returncode == 2 and "heads" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("prune", *common, "-m", "sparsegpt", "--structure", "layers")
+    assert proc.returncode == 2 and "layers" in proc.stderr and "Traceback" not in proc.stderr
     assert not (bn_cnn["dir"] / "o.onnx").exists()
 
 

@@ -227,7 +227,7 @@ class FishLegFit(Config):
                                min=1, max=1_000_000)
 
 
-STRUCTURES = ("none", "channels", "neurons")
+STRUCTURES = ("none", "channels", "neurons", "heads")
 
 
 @dataclass(frozen=True)
@@ -239,10 +239,12 @@ class Structured(Config):
     structure: str = knob(
         "none", "Remove whole groups and shrink the ONNX tensors: channels (Conv output channels, with their bias, "
         "BatchNorm and the next layer's input channels), neurons (Gemm/MatMul hidden units); --sparsity is then the "
-        "fraction of each group removed. magnitude ranks by the L2 norm, sparsegpt by structured OBS on the next "
-        "layer's Hessian and compensates it. none: unstructured zeros.", choices=STRUCTURES)
+        "fraction of each group removed; heads (attention heads: Wq/Wk/Wv columns, Wo's input rows and the Reshape "
+        "targets that hold the head count; at least one head kept per block). magnitude ranks by the L2 norm, "
+        "sparsegpt by structured OBS on the next layer's Hessian (Wo for heads) and compensates it. none: "
+        "unstructured zeros.", choices=STRUCTURES)
     channel_multiple: int = knob(
-        1, "With --structure: keep a multiple of this many channels / neurons in every group (the multiple nearest "
+        1, "With --structure: keep a multiple of this many channels / neurons / heads in every group (the multiple nearest "
         "the --sparsity target, at least one multiple; onnxruntime's CPU convolutions run fastest at multiples of 8 "
         "or 16, see benchmarks/results/structured.md).", min=1, max=65536)
 
@@ -251,7 +253,7 @@ class Structured(Config):
         if self.structure != "none" and getattr(self, "pattern", None) is not None:
             raise InvalidOptionError("--pattern does not apply to --structure (whole channels/neurons are removed)")
         if self.structure == "none" and self.channel_multiple != 1:
-            raise InvalidOptionError("--channel-multiple applies to --structure channels|neurons only")
+            raise InvalidOptionError("--channel-multiple applies to --structure channels|neurons|heads only")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``prune --structure channels|neurons``: remove whole channels / neurons and shrink the ONNX tensors.
+"""``prune --structure channels|neurons``: remove whole channels / neurons and shrink the ONNX tensors
+(``heads``: :mod:`.heads_stage`).
 
 Groups (:mod:`~fls_compress.structured.groups`) are processed in graph order. Each loses
 ``round(sparsity * size)`` of its channels (the same fraction in every group), chosen by
@@ -49,6 +50,10 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     selection = SELECTION.get(type(config))
     if selection is None:  # the config classes without a ``structure`` knob never get here
         raise InvalidOptionError(f"--structure is not implemented for -m {config.method}")
+    if config.structure == "heads":
+        from .heads_stage import run_heads
+
+        return run_heads(model, config, calib, opts, selection)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     analysis = find_groups(work, config.structure)
