@@ -45,7 +45,7 @@ from ..io.activations import (
     to_matrix,
     usable_samples,
 )
-from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported, count_rows, layer_input_rows
+from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported, count_rows
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
 from .selection import allocate_counts, nm_groupable, nm_layout
@@ -162,8 +162,7 @@ def sweep_layers(
                     stats[n].plan(int(math.ceil(per_chunk * usable / max(chunk_n, 1))))
             for n in wave:
                 for use in uses[n]:
-                    for x in layer_input_rows(sites[n], use, acts[use.activation]):
-                        stats[n].add(x)
+                    stats[n].add_activation(sites[n], use, acts[use.activation])
         for n in wave:
             new = np.asarray(transform(n, sites[n], uses[n], stats[n], current[n]))
             if new.shape != current[n].shape or new.dtype != current[n].dtype:
