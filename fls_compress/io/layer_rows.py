@@ -2,8 +2,8 @@
 
 :func:`layer_input_rows` turns an activation captured by :mod:`fls_compress.io.activations` into rows
 of X in the (out, in) matrix view: MatMul ``X @ W`` -> X flattened to (-1, in); ``W @ X`` -> the last
-two axes swapped; Gemm -> A (A^T when ``transA=1``); Conv (1-D/2-D) -> im2col
-(``torch.nn.functional.unfold``) with the node's kernel_shape / strides / pads / dilations / auto_pad,
+two axes swapped; Gemm -> A (A^T when ``transA=1``); Conv (1-D/2-D) -> im2col (the patches
+``torch.nn.functional.unfold`` gives, gathered by index) with the node's kernel_shape / strides / pads / dilations / auto_pad,
 one block per group (``group > 1`` and depthwise included). :class:`RowStatistics` accumulates X^T X
 per group chunk by chunk, never holding X whole; :meth:`RowStatistics.add_activation` builds only the
 rows it keeps (a subsampled Conv's patches are gathered at the kept positions, not unfolded whole).
@@ -81,12 +81,12 @@ def _padded_2d(site: PrunableSite, use: LayerUse, x: torch.Tensor):
 
 
 def _im2col(site: PrunableSite, use: LayerUse, x: torch.Tensor) -> torch.Tensor:
-    """Conv input (N, C, *spatial) -> (groups, N * L, C/groups * prod(kernel)), unfold column order."""
-    x, kernel, strides, dil = _padded_2d(site, use, x)
-    cols = F.unfold(x, kernel_size=kernel, dilation=dil, stride=strides)  # (N, C*prod(k), L)
-    n, ck, length = cols.shape
-    g = conv_groups(site, use)
-    return cols.transpose(1, 2).reshape(n * length, g, ck // g).transpose(0, 1)
+    """Conv input (N, C, *spatial) -> (groups, N * L, C/groups * prod(kernel)), unfold column order
+    (equal to ``torch.nn.functional.unfold``'s patches; gathered, which is many times faster on CPU)."""
+    xp, kernel, strides, dil = _padded_2d(site, use, x)
+    out_h = (xp.shape[2] - (kernel[0] - 1) * dil[0] - 1) // strides[0] + 1
+    out_w = (xp.shape[3] - (kernel[1] - 1) * dil[1] - 1) // strides[1] + 1
+    return _patches_at(site, use, x, torch.arange(x.shape[0] * max(out_h, 0) * max(out_w, 0)))
 
 
 def _patches_at(site: PrunableSite, use: LayerUse, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
