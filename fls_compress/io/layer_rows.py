@@ -43,6 +43,21 @@ DEFAULT_MAX_ROWS = 65536
 _ROW_CHUNK_FLOATS = 2e7  # elements of X processed at once
 #: rows per float32 X^T X block (see the module doc for the error bound this length gives)
 GRAM_BLOCK = 4096
+_SYM_BLOCK = 512  # column block of the lower-triangle X^T X products (wider layers compute ~half)
+
+
+def _lower_gram(out: torch.Tensor, x: torch.Tensor) -> None:
+    """out += X^T X for x (groups, rows, cols), computed on the block lower triangle only when cols spans
+    two or more blocks of _SYM_BLOCK (the blocks above are left for :meth:`RowStatistics._flush` to mirror):
+    the same sums, (p + 1) / 2p of the work for p blocks."""
+    cols = int(x.shape[-1])
+    if cols < 2 * _SYM_BLOCK:
+        out.baddbmm_(x.transpose(1, 2), x)
+        return
+    for g in range(int(x.shape[0])):
+        xg = x[g]
+        for i in range(0, cols, _SYM_BLOCK):
+            out[g, i:, i : i + _SYM_BLOCK].addmm_(xg[:, i:].T, xg[:, i : i + _SYM_BLOCK])
 
 
 def _conv_geometry(site: PrunableSite, use: LayerUse, spatial_in: list[int]):
@@ -89,9 +104,12 @@ def _im2col(site: PrunableSite, use: LayerUse, x: torch.Tensor) -> torch.Tensor:
     return _patches_at(site, use, x, torch.arange(x.shape[0] * max(out_h, 0) * max(out_w, 0)))
 
 
-def _patches_at(site: PrunableSite, use: LayerUse, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _patches_at(site: PrunableSite, use: LayerUse, x: torch.Tensor, rows: torch.Tensor,
+                channels_last: bool = False) -> torch.Tensor:
     """The rows ``rows`` (indices n * L + l into this chunk's :func:`_im2col` rows) of the patch matrix,
-    gathered from the padded input without unfolding the others: (groups, len(rows), C/groups * prod(kernel))."""
+    gathered from the padded input without unfolding the others: (groups, len(rows), C/groups * prod(kernel)).
+    ``channels_last`` (one group only): columns in (kh, kw, C) order instead of unfold's (C, kh, kw), which
+    saves a copy; :func:`channels_last_order` maps them back."""
     xp, kernel, strides, dil = _padded_2d(site, use, x)
     out_h = (xp.shape[2] - (kernel[0] - 1) * dil[0] - 1) // strides[0] + 1
     out_w = (xp.shape[3] - (kernel[1] - 1) * dil[1] - 1) // strides[1] + 1
@@ -100,9 +118,17 @@ def _patches_at(site: PrunableSite, use: LayerUse, x: torch.Tensor, rows: torch.
     wi = (pos % out_w)[:, None] * strides[1] + torch.arange(kernel[1]) * dil[1]  # (R, kw)
     cl = xp.permute(0, 2, 3, 1)  # channels last: each gathered element is a contiguous C-vector
     patches = cl[n[:, None, None], hi[:, :, None], wi[:, None, :]]  # (R, kh, kw, C)
+    if channels_last and conv_groups(site, use) == 1:
+        return patches.reshape(1, len(rows), -1)
     flat = patches.permute(0, 3, 1, 2).reshape(len(rows), -1)  # unfold's column order (C, kh, kw)
     g = conv_groups(site, use)
     return flat.reshape(len(rows), g, -1).transpose(0, 1)
+
+
+def channels_last_order(site: PrunableSite) -> torch.Tensor:
+    """perm with unfold column j = channels-last column perm[j] (see :func:`_patches_at`)."""
+    c, k = int(site.shape[1]), int(math.prod(site.shape[2:]))
+    return (torch.arange(k)[None, :] * c + torch.arange(c)[:, None]).reshape(-1)
 
 
 def conv_supported(site: PrunableSite) -> bool:
@@ -159,7 +185,8 @@ class RowStatistics:
         if max_rows is not None and max_rows < 1:
             raise InvalidOptionError(f"max_rows_per_layer must be >= 1, got {max_rows}")
         self.h = torch.zeros(groups, cols, cols, dtype=torch.float64) if full else None
-        self.sq = torch.zeros(groups, cols, dtype=torch.float64)
+        self._sq = None if full else torch.zeros(groups, cols, dtype=torch.float64)
+        self._perm: torch.Tensor | None = None  # rows arrive with columns permuted (channels-last patches)
         self.max_rows = max_rows
         self.seed = int(seed)
         self.rows_total = 0  # rows seen in the stream
@@ -179,6 +206,22 @@ class RowStatistics:
     def subsampled(self) -> bool:
         return self._keep is not None
 
+    @property
+    def sq(self) -> torch.Tensor:
+        """diag(X^T X) per group (groups, cols): summed exactly from the rows with ``full=False``, else
+        the diagonal of the accumulated X^T X."""
+        if self._sq is None:
+            self._flush()
+            d = self.h.diagonal(dim1=1, dim2=2)  # type: ignore[union-attr]
+        else:
+            d = self._sq
+        return d if self._perm is None else d[:, self._perm]
+
+    def _order(self, perm: torch.Tensor | None) -> None:
+        if self.rows_used and (perm is None) != (self._perm is None):
+            raise RuntimeError("RowStatistics: rows in two column orders")
+        self._perm = perm
+
     def add(self, x: torch.Tensor) -> None:
         """Add a (groups, rows, cols) block of consecutive stream rows."""
         if not self._planned:
@@ -190,6 +233,7 @@ class RowStatistics:
             if hi == lo:
                 return
             x = x[:, torch.from_numpy(self._keep[lo:hi] - start)]
+        self._order(None)
         self._accumulate(x)
 
     def _accumulate(self, x: torch.Tensor) -> None:
@@ -203,19 +247,25 @@ class RowStatistics:
                 if b.dtype == torch.float32:
                     if self._partial is None:
                         self._partial = torch.zeros(self.h.shape, dtype=torch.float32)
-                    self._partial.baddbmm_(b.transpose(1, 2), b)
+                    _lower_gram(self._partial, b)
                     self._partial_rows += int(b.shape[1])
                     if self._partial_rows >= GRAM_BLOCK:
                         self._flush()
                 else:
                     self.h.baddbmm_(b.transpose(1, 2), b.double())
-            bd = b.double()
-            self.sq += (bd * bd).sum(dim=1)
+            if self._sq is not None:
+                bd = b.double()
+                self._sq += (bd * bd).sum(dim=1)
         self.rows_used += n
 
     def _flush(self) -> None:
         if self._partial is not None and self._partial_rows:
             self.h += self._partial  # type: ignore[operator]
+            cols = self._partial.shape[-1]
+            if cols >= 2 * _SYM_BLOCK:  # mirror the strictly lower blocks _lower_gram left out above
+                for i in range(0, cols - _SYM_BLOCK, _SYM_BLOCK):
+                    j = i + _SYM_BLOCK
+                    self.h[:, i:j, j:] += self._partial[:, j:, i:j].transpose(1, 2)  # type: ignore[index]
             self._partial.zero_()
         self._partial_rows = 0
 
@@ -224,7 +274,7 @@ class RowStatistics:
 
         Same rows and order as :meth:`add` over :func:`layer_input_rows`; when subsampling, a Conv's
         kept rows are gathered directly (:func:`_patches_at`) instead of unfolding every patch."""
-        if self._keep is None or site.op_type != "Conv":
+        if site.op_type != "Conv":
             for x in layer_input_rows(site, use, activation):
                 self.add(x)
             return
@@ -235,13 +285,21 @@ class RowStatistics:
             a = a.float()
         start, n = self.rows_total, count_rows(site, use, tuple(a.shape))
         self.rows_total += n
-        lo, hi = np.searchsorted(self._keep, [start, start + n])
-        if hi > lo:
-            self._accumulate(_patches_at(site, use, a, torch.from_numpy(self._keep[lo:hi] - start)))
+        if self._keep is not None:
+            lo, hi = np.searchsorted(self._keep, [start, start + n])
+            rows = torch.from_numpy(self._keep[lo:hi] - start)
+        else:
+            rows = torch.arange(n)
+        last = conv_groups(site, use) == 1
+        self._order(channels_last_order(site) if last else None)
+        step = max(int(_ROW_CHUNK_FLOATS // max(self.h.shape[-1] if self.h is not None else 1, 1)), 1)
+        for s in range(0, len(rows), step):
+            self._accumulate(_patches_at(site, use, a, rows[s : s + step], channels_last=last))
 
     def hessian(self, group: int = 0) -> torch.Tensor:
         """H = 2 X^T X / n over the rows used (SparseGPT's / GPTQ's scale)."""
         if self.h is None:
             raise RuntimeError("RowStatistics(full=False) holds only the diagonal")
         self._flush()
-        return 2.0 * self.h[group] / max(self.rows_used, 1)
+        h = self.h[group] if self._perm is None else self.h[group][self._perm][:, self._perm]
+        return 2.0 * h / max(self.rows_used, 1)

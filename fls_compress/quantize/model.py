@@ -309,4 +309,5 @@ def range_candidates(model: onnx.ModelProto, names: list[str] | None) -> list[st
                 out.append(y)
                 if len(readers.get(y, [])) == 1 and readers[y][0].op_type == "Relu":
                     out.append(readers[y][0].output[0])
-    return [t for t in dict.fromkeys(out) if t in producer]
+    graph_inputs = {vi.name for vi in graph.input} - inits
+    return [t for t in dict.fromkeys(out) if t in producer or t in graph_inputs]
