@@ -167,8 +167,10 @@ def obs_sweep(
         loss += 0.5 * (errs**2).sum(1)
         W[:, i1:i2] = cols_.T
         if i2 < cols:
-            lazy = errs @ U[i1:i2, i2:]
-            W[:, i2:] -= lazy if scale is None else lazy * scale[:, i2:]
+            if scale is None:  # in place: no (rows, remaining) temporary per block
+                W[:, i2:].addmm_(errs, U[i1:i2, i2:], alpha=-1)
+            else:
+                W[:, i2:] -= (errs @ U[i1:i2, i2:]) * scale[:, i2:]
     return SweepResult(W, pruned, loss)
 
 
