@@ -48,8 +48,8 @@ _SYM_BLOCK = 512  # column block of the lower-triangle X^T X products (wider lay
 
 def _lower_gram(out: torch.Tensor, x: torch.Tensor) -> None:
     """out += X^T X for x (groups, rows, cols), computed on the block lower triangle only when cols spans
-    two or more blocks of _SYM_BLOCK (the blocks above are left for :meth:`RowStatistics._flush` to mirror):
-    the same sums, (p + 1) / 2p of the work for p blocks."""
+    two or more blocks of _SYM_BLOCK (the blocks above stay zero until :func:`_mirrored`): the same sums,
+    (p + 1) / 2p of the work for p blocks."""
     cols = int(x.shape[-1])
     if cols < 2 * _SYM_BLOCK:
         out.baddbmm_(x.transpose(1, 2), x)
@@ -173,6 +173,18 @@ def layer_input_rows(site: PrunableSite, use: LayerUse, activation: np.ndarray) 
         yield rows[s : s + step].unsqueeze(0)
 
 
+def _mirrored(h: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix from what :func:`_lower_gram` accumulated (blocks above the diagonal
+    blocks copied from below; a new tensor)."""
+    cols = int(h.shape[-1])
+    full = h.clone()
+    if cols >= 2 * _SYM_BLOCK:
+        for i in range(0, cols - _SYM_BLOCK, _SYM_BLOCK):
+            j = i + _SYM_BLOCK
+            full[i:j, j:] = h[j:, i:j].T
+    return full
+
+
 class RowStatistics:
     """Streaming X^T X per group (float64; or only diag(X^T X) with ``full=False``) of one layer.
 
@@ -212,7 +224,7 @@ class RowStatistics:
         the diagonal of the accumulated X^T X."""
         if self._sq is None:
             self._flush()
-            d = self.h.diagonal(dim1=1, dim2=2)  # type: ignore[union-attr]
+            d = self.h.diagonal(dim1=1, dim2=2).clone()  # type: ignore[union-attr]
         else:
             d = self._sq
         return d if self._perm is None else d[:, self._perm]
@@ -252,7 +264,7 @@ class RowStatistics:
                     if self._partial_rows >= GRAM_BLOCK:
                         self._flush()
                 else:
-                    self.h.baddbmm_(b.transpose(1, 2), b.double())
+                    _lower_gram(self.h, b.double())
             if self._sq is not None:
                 bd = b.double()
                 self._sq += (bd * bd).sum(dim=1)
@@ -261,11 +273,6 @@ class RowStatistics:
     def _flush(self) -> None:
         if self._partial is not None and self._partial_rows:
             self.h += self._partial  # type: ignore[operator]
-            cols = self._partial.shape[-1]
-            if cols >= 2 * _SYM_BLOCK:  # mirror the strictly lower blocks _lower_gram left out above
-                for i in range(0, cols - _SYM_BLOCK, _SYM_BLOCK):
-                    j = i + _SYM_BLOCK
-                    self.h[:, i:j, j:] += self._partial[:, j:, i:j].transpose(1, 2)  # type: ignore[index]
             self._partial.zero_()
         self._partial_rows = 0
 
@@ -301,5 +308,7 @@ class RowStatistics:
         if self.h is None:
             raise RuntimeError("RowStatistics(full=False) holds only the diagonal")
         self._flush()
-        h = self.h[group] if self._perm is None else self.h[group][self._perm][:, self._perm]
+        h = _mirrored(self.h[group])
+        if self._perm is not None:
+            h = h[self._perm][:, self._perm]
         return 2.0 * h / max(self.rows_used, 1)
