@@ -159,9 +159,10 @@ def obs_sweep(
                     target = torch.where(gone_t[j], zero, target)
                 err = torch.sub(col, target, out=errs_t[j])
                 err /= dvec[j] if diag_t is None else diag_t[j]
-                if j + 1 < c:
-                    row_u = ub[j, j + 1:, None] if scale_t is None else ub[j, j + 1:, None] * scale_t[j + 1:]
-                    cols_[j + 1:] -= row_u * err[None, :]
+                if j + 1 < c and scale_t is None:
+                    cols_[j + 1:].addr_(ub[j, j + 1:], err, alpha=-1)  # rank-1 update in place (BLAS ger)
+                elif j + 1 < c:
+                    cols_[j + 1:] -= (ub[j, j + 1:, None] * scale_t[j + 1:]) * err[None, :]
                 cols_[j] = target  # exactly 0 / exactly on the grid
         errs = errs_t.T
         loss += 0.5 * (errs**2).sum(1)
