@@ -25,22 +25,25 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float = 0.01) -> torch.Te
     (The reference implementations set H_jj = 1 and zero those weights; an absolute 1 can make dead
     inputs look MORE important than live ones when activations are small, and zeroing them changes
     the model off the calibration set.)
+
+    One Cholesky factorisation and one triangular inverse: with P the reversal permutation and
+    P (H + damp I) P = L L^T (lower L), (H + damp I)^-1 = P L^-T L^-1 P = U^T U for U = P L^-1 P,
+    which is upper triangular with a positive diagonal, i.e. THE upper Cholesky factor of the inverse
+    (unique). This costs n^3/3 + n^3 flops instead of the n^3/3 + 2 n^3 + n^3/3 of factorising,
+    inverting and factorising the inverse again (GPTQ's reference code), and never needs the second
+    factorisation to succeed.
     """
-    h = h.to(torch.float64).clone()
+    h = h.to(torch.float64)
     mean = float(h.diagonal().clamp_min(0).mean())
     if not mean > 0:
         mean = 1.0
     eye = torch.eye(h.shape[0], dtype=h.dtype)
+    flipped = h.flip(0, 1)  # P H P, P the reversal permutation
     damp = max(percdamp * mean, 1e-10 * mean)
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        chol, info = torch.linalg.cholesky_ex(flipped + damp * eye)
         if int(info) == 0:
-            # H^-1 by two triangular solves against I (BLAS-3); torch.cholesky_inverse (LAPACK potri) is
-            # several times slower at the widths of real layers (4096: tens of seconds)
-            h_inv = torch.cholesky_solve(eye, chol)
-            upper, info2 = torch.linalg.cholesky_ex(0.5 * (h_inv + h_inv.T), upper=True)
-            if int(info2) == 0:
-                return upper
+            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
         damp *= 10.0
         log.debug("layer Hessian: Cholesky failed, damping raised to %.3e", damp)
     raise UnsupportedModelError("the layer Hessian could not be factorised")

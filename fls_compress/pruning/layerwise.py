@@ -25,7 +25,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -45,8 +45,10 @@ from ..io.activations import (
     to_matrix,
     usable_samples,
 )
-from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported, count_rows, layer_input_rows
+from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported, count_rows
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
+from ..io.wave_capture import ChainedCapture, has_subgraphs
+from ..stage_clock import StageClock
 from .base import ProgressFn, PruneResult, PruneStep, Pruner, SparsitySpec
 from .selection import allocate_counts, nm_groupable, nm_layout
 
@@ -68,8 +70,8 @@ class LayerRows:
         return self.used < self.total
 
 
-def _dependencies(model: onnx.ModelProto, uses: dict[str, list[LayerUse]]) -> dict[str, set[str]]:
-    """For every layer, the other layers whose weights influence its input activations."""
+def tensor_dependencies(model: onnx.ModelProto, uses: dict[str, list[LayerUse]]) -> dict[str, frozenset[str]]:
+    """For every tensor computed by a node, the layers whose weights influence it."""
     consumers: dict[int, set[str]] = {}
     for name, us in uses.items():
         for use in us:
@@ -84,6 +86,13 @@ def _dependencies(model: onnx.ModelProto, uses: dict[str, list[LayerUse]]) -> di
         fd = frozenset(d)
         for out in node.output:
             deps[out] = fd
+    return deps
+
+
+def _dependencies(model: onnx.ModelProto, uses: dict[str, list[LayerUse]]) -> dict[str, set[str]]:
+    """For every layer, the other layers whose weights influence its input activations."""
+    deps = tensor_dependencies(model, uses)
+    empty: frozenset[str] = frozenset()
     return {name: set().union(*(deps.get(u.activation, empty) for u in us)) - {name} for name, us in uses.items()}
 
 
@@ -104,6 +113,16 @@ def layer_waves(model: onnx.ModelProto, uses: dict[str, list[LayerUse]], sequent
     return waves
 
 
+def _waves_ordered(waves: list[list[str]], deps: dict[str, set[str]]) -> bool:
+    """Every layer's input depends only on layers of earlier waves (not so for a cycle via a tied weight)."""
+    done: set[str] = set()
+    for wave in waves:
+        if any(not deps[n] <= done for n in wave):
+            return False
+        done |= set(wave)
+    return True
+
+
 def sweep_layers(
     model: onnx.ModelProto,
     feeds: dict[str, np.ndarray],
@@ -118,13 +137,24 @@ def sweep_layers(
     seed: int = 0,
     progress: ProgressFn | None = None,
     label: str = "layer-wise",
+    observe: Callable[[str, np.ndarray], None] | None = None,
+    observed: Sequence[str] = (),
+    clock: StageClock | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, LayerRows]]:
     """Apply ``transform`` to every named weight from its captured input statistics (wave by wave).
 
     ``arrays`` overrides initial weight values (ONNX layout). Returns the new arrays and the rows of
     X used per layer. Row subsampling: the stream length of each layer is extrapolated from the first
     chunk (rows are proportional to samples), then :class:`RowStatistics` keeps ``max_rows`` of them.
+
+    Sequential waves are captured chained (:mod:`fls_compress.io.wave_capture`: each node runs once);
+    otherwise, or past the chain's cache budget, one session runs the whole model per wave with the
+    changed weights fed. ``observe(tensor, chunk)`` receives every chunk of each tensor of ``observed``
+    computed with the final weights of every layer it depends on, while chained (at the wave after its
+    last such layer, or one closing pass); a tensor it received nothing for is the caller's to compute.
+    ``clock`` gets the stages ``capture`` (onnxruntime), ``hessian`` (rows, X^T X), ``transform``.
     """
+    clock = clock or StageClock()
     work = densify_sparse_initializers(model) if model.graph.sparse_initializer else model
     inits = {t.name: t for t in work.graph.initializer}
     sites, uses = layer_sites(work, list(names))
@@ -137,35 +167,53 @@ def sweep_layers(
     n_samples = int(next(iter(feeds.values())).shape[0]) if feeds else 0
     waves = layer_waves(work, uses, sequential)
     all_values = [u.activation for n in names for u in uses[n]]
-    session = ActivationSession(work, all_values, overridable=list(names)) if names else None
-    if session is not None and set(names) - session.overridable:
-        raise UnsupportedModelError("onnxruntime does not let the layer weights be fed (IR version < 4?); "
-                                    "re-export the model with IR version >= 4")
+    chain = None
+    if names and sequential and not has_subgraphs(work) and _waves_ordered(waves, _dependencies(work, uses)):
+        chain = ChainedCapture(work, feeds, chunk=chunk)
+    session: ActivationSession | None = None
+    tdeps = tensor_dependencies(work, uses)
+    pending = list(dict.fromkeys(observed)) if chain is not None and observe is not None else []
     rows_info: dict[str, LayerRows] = {}
+    done_layers: set[str] = set()
     done = 0
     for wave in waves:
         values = [u.activation for n in wave for u in uses[n]]
+        ready = [t for t in pending if tdeps.get(t, frozenset()) <= done_layers]
+        pending = [t for t in pending if t not in ready]
         stats = {}
         for n in wave:
             cols = to_matrix(sites[n], uses[n][0], current[n]).shape[1]
             layer_seed = (int(seed) * 1_000_003 + zlib.crc32(n.encode())) % 2**32
             stats[n] = RowStatistics(conv_groups(sites[n], uses[n][0]), cols, full=full, max_rows=max_rows, seed=layer_seed)
+        with clock("capture"):
+            chunks = chain.run(values + ready, current) if chain is not None else None
+        if chunks is None:
+            chain, ready, pending = None, [], []
+            if session is None:
+                with clock("capture"):
+                    session = ActivationSession(work, all_values, overridable=list(names))
+                if set(names) - session.overridable:
+                    raise UnsupportedModelError("onnxruntime does not let the layer weights be fed (IR version < 4?); "
+                                                "re-export the model with IR version >= 4")
+            chunks = session.iterate(feeds, values, chunk=chunk, overrides=fed)
         first = True
-        assert session is not None
-        for acts in session.iterate(feeds, values, chunk=chunk, overrides=fed):
-            if first:
-                first = False
-                chunk_n = int(np.asarray(next(iter(acts.values()))).shape[0]) if acts else 1
-                _, usable = usable_samples(work, n_samples, chunk)
+        for acts in clock.iterate("capture", chunks):
+            for t in ready:
+                observe(t, acts[t])  # type: ignore[misc]
+            with clock("hessian"):
+                if first:
+                    first = False
+                    chunk_n = int(np.asarray(next(iter(acts.values()))).shape[0]) if acts else 1
+                    _, usable = usable_samples(work, n_samples, chunk)
+                    for n in wave:
+                        per_chunk = sum(count_rows(sites[n], u, tuple(acts[u.activation].shape)) for u in uses[n])
+                        stats[n].plan(int(math.ceil(per_chunk * usable / max(chunk_n, 1))))
                 for n in wave:
-                    per_chunk = sum(count_rows(sites[n], u, tuple(acts[u.activation].shape)) for u in uses[n])
-                    stats[n].plan(int(math.ceil(per_chunk * usable / max(chunk_n, 1))))
-            for n in wave:
-                for use in uses[n]:
-                    for x in layer_input_rows(sites[n], use, acts[use.activation]):
-                        stats[n].add(x)
+                    for use in uses[n]:
+                        stats[n].add_activation(sites[n], use, acts[use.activation])
         for n in wave:
-            new = np.asarray(transform(n, sites[n], uses[n], stats[n], current[n]))
+            with clock("transform"):
+                new = np.asarray(transform(n, sites[n], uses[n], stats[n], current[n]))
             if new.shape != current[n].shape or new.dtype != current[n].dtype:
                 raise ValueError(f"{label}: transform changed the shape/dtype of {n!r}")
             current[n] = new
@@ -178,6 +226,13 @@ def sweep_layers(
             done += 1
             if progress:
                 progress(f"{label}: layer {done}/{len(names)} ({n})")
+        done_layers |= set(wave)
+    if chain is not None and pending:  # tensors that depend on the last wave: one closing pass
+        with clock("capture"):
+            chunks = chain.run(pending, current)
+        for acts in clock.iterate("capture", chunks) if chunks is not None else ():
+            for t in pending:
+                observe(t, acts[t])  # type: ignore[misc]
     return current, rows_info
 
 

@@ -128,9 +128,14 @@ def obs_sweep(
         ub = U[i1:i2, i1:i2]
         sb = None if scale is None else scale[:, i1:i2]
         block = W[:, i1:i2].clone()
-        diag = ub.diagonal().expand(rows, c) if sb is None else ub.diagonal()[None, :] * sb
         # [U_r]_ii may vanish only for a zero row scale (a weight with zero inverse curvature)
-        diag = torch.where(diag.abs() < tiny, torch.full_like(diag, tiny), diag)
+        if sb is None:  # one value per column, shared by every row: kept a vector until `select` needs rows
+            dvec = ub.diagonal().clone()
+            dvec = torch.where(dvec.abs() < tiny, torch.full_like(dvec, tiny), dvec)
+            diag = dvec.expand(rows, c)
+        else:
+            diag = ub.diagonal()[None, :] * sb
+            diag = torch.where(diag.abs() < tiny, torch.full_like(diag, tiny), diag)
         gone = pruned[:, i1:i2]
         if select is not None:
             chosen = select(block, diag**2, i1, i2)
@@ -141,26 +146,32 @@ def obs_sweep(
         # the block column-major (row j of `cols_` is column j, contiguous): each step reads one column and
         # updates the columns after it, so this layout keeps both in contiguous memory (same arithmetic)
         cols_ = block.T.contiguous()
-        gone_t, diag_t = gone.T.contiguous(), diag.T.contiguous()
+        gone_t = gone.T.contiguous()
+        any_gone = bool(gone.any())
+        diag_t = None if sb is None else diag.T.contiguous()
         scale_t = None if sb is None else sb.T.contiguous()
         errs_t = torch.zeros(c, rows, dtype=dtype, device=device)
         with _one_thread(device):
             for j in range(c):
                 col = cols_[j]
                 target = col if quantize is None else quantize(col, i1 + j).to(dtype=dtype, device=device)
-                target = torch.where(gone_t[j], zero, target)
-                err = (col - target) / diag_t[j]
-                if j + 1 < c:
-                    row_u = ub[j, j + 1:, None] if scale_t is None else ub[j, j + 1:, None] * scale_t[j + 1:]
-                    cols_[j + 1:] -= row_u * err[None, :]
+                if any_gone:
+                    target = torch.where(gone_t[j], zero, target)
+                err = torch.sub(col, target, out=errs_t[j])
+                err /= dvec[j] if diag_t is None else diag_t[j]
+                if j + 1 < c and scale_t is None:
+                    cols_[j + 1:].addr_(ub[j, j + 1:], err, alpha=-1)  # rank-1 update in place (BLAS ger)
+                elif j + 1 < c:
+                    cols_[j + 1:] -= (ub[j, j + 1:, None] * scale_t[j + 1:]) * err[None, :]
                 cols_[j] = target  # exactly 0 / exactly on the grid
-                errs_t[j] = err
         errs = errs_t.T
         loss += 0.5 * (errs**2).sum(1)
         W[:, i1:i2] = cols_.T
         if i2 < cols:
-            lazy = errs @ U[i1:i2, i2:]
-            W[:, i2:] -= lazy if scale is None else lazy * scale[:, i2:]
+            if scale is None:  # in place: no (rows, remaining) temporary per block
+                W[:, i2:].addmm_(errs, U[i1:i2, i2:], alpha=-1)
+            else:
+                W[:, i2:] -= (errs @ U[i1:i2, i2:]) * scale[:, i2:]
     return SweepResult(W, pruned, loss)
 
 

@@ -190,10 +190,13 @@ def add_activation_qdq(
     calibration: str = "minmax",
     num_samples: int = 512,
     chunk: int = 64,
+    known_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, float | str]]:
     """A copy of ``model`` with the integer-kernel QDQ placement of the module doc for the listed
-    consumers (node as it appears in ``model``, input position of its activation)."""
-    parse_calibration(calibration)
+    consumers (node as it appears in ``model``, input position of its activation). ``known_ranges``:
+    minmax ranges already measured on this model's activations (e.g. during GPTQ's capture); only the
+    other tensors are calibrated here (minmax calibration only)."""
+    kind, _ = parse_calibration(calibration)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -203,7 +206,10 @@ def add_activation_qdq(
                     len(missing), ", ".join(missing))
     feeds = {k: np.asarray(v)[:num_samples] for k, v in calib_inputs.items()}
     roots = list(dict.fromkeys(root[t] for t in rewire))
-    ranges = activation_ranges(model, feeds, roots, calibration, chunk=chunk)
+    ranges = {r: known_ranges[r] for r in roots if kind == "minmax" and known_ranges and r in known_ranges}
+    missing_roots = [r for r in roots if r not in ranges]
+    if missing_roots:
+        ranges.update(activation_ranges(model, feeds, missing_roots, calibration, chunk=chunk))
     params = {t: uint8_params(*ranges[root[t]]) for t in rewire}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
     taken |= {n.name for n in graph.node}
@@ -240,6 +246,7 @@ def add_activation_qdq(
         "activation_qdq_skipped": ", ".join(missing),
         "activation_calibration": f"{calibration} over {samples} samples, uint8 per tensor",
         "activation_ranges_calibrated": float(len(roots)),
+        "activation_ranges_from_capture": float(len(roots) - len(missing_roots)),
         "int32_biases": float(biases),
         "float_output_convs": ", ".join(float_outputs),
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ from ..io.layer_rows import DEFAULT_MAX_ROWS, RowStatistics, conv_supported
 from ..io.onnx_model import PrunableSite, densify_sparse_initializers, read_initializer_arrays
 from ..pruning.layerwise import rows_info_fields, sweep_layers
 from ..pruning.selection import allocate_counts, nm_groupable, nm_layout, parse_pattern
+from ..stage_clock import StageClock
 from .gptq import fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
 from .grid import Grid, QuantSpec
 from .qdq import QuantizedWeight, refuse_quantized, write_qdq
@@ -80,8 +81,16 @@ def quantize_weights(
     max_rows_per_layer: int | None = DEFAULT_MAX_ROWS,
     sequential: bool = True,
     chunk: int = 64,
+    range_tensors: Sequence[str] = (),
+    ranges: dict[str, tuple[float, float]] | None = None,
+    clock: StageClock | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float | str]]:
-    """Integer codes (matrix view) of every float32 Conv/Gemm/MatMul weight (or ``names``) and an info dict."""
+    """Integer codes (matrix view) of every float32 Conv/Gemm/MatMul weight (or ``names``) and an info dict.
+
+    ``ranges``: filled with (min, max) over the calibration samples of each of ``range_tensors`` that
+    the chained ``gptq`` capture computed on the model with the final weights (no extra pass), see
+    :func:`~fls_compress.pruning.layerwise.sweep_layers`. ``clock`` receives the stage times."""
+    clock = clock or StageClock()
     if method not in METHODS:
         raise InvalidOptionError(f"quantization method must be one of {', '.join(METHODS)}, got {method!r}")
     spec = QuantSpec(int(bits), bool(symmetric), str(granularity))
@@ -183,8 +192,14 @@ def quantize_weights(
             values[n] = quantize_groups(n, site, us[0], mats[n], stats)
             return from_matrix(site, us[0], values[n]).astype(arr.dtype)
 
+        def observe(t: str, a: np.ndarray) -> None:
+            if ranges is not None and a.size:
+                lo, hi = ranges.get(t, (np.inf, -np.inf))
+                ranges[t] = (min(lo, float(a.min())), max(hi, float(a.max())))
+
         _, rows = sweep_layers(work, feeds, active, transform, full=True, sequential=sequential, chunk=chunk,
-                               max_rows=max_rows_per_layer, seed=seed, label="gptq")
+                               max_rows=max_rows_per_layer, seed=seed, label="gptq", observe=observe,
+                               observed=list(range_tensors) if ranges is not None else [], clock=clock)
         info.update(rows_info_fields(rows))
         info["num_samples"] = float(len(next(iter(prepare_feeds(work, feeds).values()))))
         info["sequential"] = "yes" if sequential else "no"
@@ -223,11 +238,19 @@ def quantize_model(
         raise InvalidOptionError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if matmul_format not in MATMUL_FORMATS:
         raise InvalidOptionError(f"matmul_format must be one of {', '.join(MATMUL_FORMATS)}, got {matmul_format!r}")
-    weights, info = quantize_weights(model, calib_inputs, **options)  # type: ignore[arg-type]
-    work = densify_sparse_initializers(model)
-    sites, uses = layer_sites(work, list(weights))
-    out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise,
-                           prefer_nbits=matmul_format == "auto")
+    clock = StageClock()
+    # minmax ranges of 8-bit layers' activations come out of gptq's capture when it is chained (the tensors
+    # it computes there already carry the final weights of every layer they depend on)
+    reuse = activations == "int8" and act_calibration == "minmax" and int(options.get("bits", 8)) == 8  # type: ignore[call-overload]
+    captured: dict[str, tuple[float, float]] | None = {} if reuse else None
+    candidates = range_candidates(model, options.get("names")) if reuse else []  # type: ignore[arg-type]
+    weights, info = quantize_weights(model, calib_inputs, range_tensors=candidates, ranges=captured, clock=clock,
+                                     **options)  # type: ignore[arg-type]
+    with clock("write_qdq"):
+        work = densify_sparse_initializers(model)
+        sites, uses = layer_sites(work, list(weights))
+        out, opset = write_qdq(work, weights, sites, uses, allow_opset_raise=allow_opset_raise,
+                               prefer_nbits=matmul_format == "auto")
     info.update({k: (v if isinstance(v, str) else float(v) if not isinstance(v, bool) else ("yes" if v else "no"))
                  for k, v in opset.items()})
     nbits = set(str(opset.get("matmul_nbits_weights", "")).split(", ")) - {""}
@@ -248,8 +271,43 @@ def quantize_model(
                      "(onnxruntime accuracy_level 4), not with static ranges", len(nbits))
         consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
                      for n in weights if n not in nbits for u in uses[n]]
-        out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
-                                           num_samples=int(options.get("num_samples", 512)))  # type: ignore[arg-type]
+        with clock("act_ranges"):
+            out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
+                                               num_samples=int(options.get("num_samples", 512)),  # type: ignore[call-overload]
+                                               known_ranges=captured)
         info.update(act_info)
         info["nbits_dynamic_int8_layers"] = float(len(nbits))
+    info.update(clock.fields())
     return out, info
+
+
+def range_candidates(model: onnx.ModelProto, names: list[str] | None) -> list[str]:
+    """Tensors whose activation range the int8 QDQ placement may read (a superset of
+    :func:`fls_compress.quantize.activations.plan`'s roots): each layer's input and the tensors above it
+    through value-preserving operators, and every Conv's output and that of its only consumer if a Relu."""
+    from .activations import VALUE_PRESERVING
+
+    work = densify_sparse_initializers(model)
+    _, uses = layer_sites(work, names)
+    graph = work.graph
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for v in node.input:
+            readers.setdefault(v, []).append(node)
+    out: list[str] = []
+    for us in uses.values():
+        for use in us:
+            t = use.activation
+            out.append(t)
+            while (p := producer.get(t)) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in inits:
+                t = p.input[0]
+                out.append(t)
+            if use.node.op_type == "Conv" and use.node.output:
+                y = use.node.output[0]
+                out.append(y)
+                if len(readers.get(y, [])) == 1 and readers[y][0].op_type == "Relu":
+                    out.append(readers[y][0].output[0])
+    graph_inputs = {vi.name for vi in graph.input} - inits
+    return [t for t in dict.fromkeys(out) if t in producer or t in graph_inputs]
