@@ -125,6 +125,7 @@ class RowStatistics:
             raise InvalidOptionError(f"max_rows_per_layer must be >= 1, got {max_rows}")
         self.h = torch.zeros(groups, cols, cols, dtype=torch.float64) if full else None
         self.sq = torch.zeros(groups, cols, dtype=torch.float64)
+        self.sum = torch.zeros(groups, cols, dtype=torch.float64)  # column sums (the mean, for shrinkage)
         self.max_rows = max_rows
         self.seed = int(seed)
         self.rows_total = 0  # rows seen in the stream
@@ -157,6 +158,7 @@ class RowStatistics:
         if self.h is not None:
             self.h += torch.bmm(x.transpose(1, 2), x)
         self.sq += (x * x).sum(dim=1)
+        self.sum += x.sum(dim=1)
         self.rows_used += int(x.shape[1])
 
     def hessian(self, group: int = 0) -> torch.Tensor:
