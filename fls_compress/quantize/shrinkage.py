@@ -50,7 +50,7 @@ def layer_hessian(stats: RowStatistics, group: int, shrinkage: str) -> tuple[tor
         return h, 0.0
     mu = stats.sum[group] / n
     cov = h / 2.0 - torch.outer(mu, mu)
-    rho = oas_coefficient(cov, n)
     p = cov.shape[0]
+    rho = oas_coefficient(cov, n)
     shrunk = (1.0 - rho) * cov + (rho * float(torch.trace(cov)) / p) * torch.eye(p, dtype=cov.dtype)
     return 2.0 * (shrunk + torch.outer(mu, mu)), rho
