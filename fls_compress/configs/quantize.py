@@ -63,7 +63,7 @@ class QuantizeConfig(PruneConfig):
     activations: str = knob("none", "Also quantize the layers' input activations: int8 (static uint8 QDQ, calibrated "
                             "ranges) or int8-dynamic (MatMul/Gemm inputs quantized per call, onnxruntime's "
                             "DynamicQuantizeMatMul; Conv inputs static).", choices=("none", "int8", "int8-dynamic"))
-    act_calibration: str = knob("minmax", "Activation ranges for --activations int8: minmax, percentile[:P] "
+    act_calibration: str = knob("minmax", "Static activation ranges (--activations int8; int8-dynamic: its Conv layers): minmax, percentile[:P] "
                                 "(default P 99.99), entropy (KL-divergence threshold) or mse (least expected squared error).")
     matmul_format: str = knob("auto", "4-bit MatMul weights: auto writes onnxruntime's com.microsoft.MatMulNBits (its "
                               "4-bit kernel), qdq a DequantizeLinear (portable ONNX, opset 21).", choices=("auto", "qdq"))

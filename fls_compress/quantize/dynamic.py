@@ -55,9 +55,9 @@ def _eligible(node: onnx.NodeProto, weight: str) -> bool:
     return not a.get("transA", 0) and a.get("alpha", 1.0) == 1.0 and (len(node.input) < 3 or a.get("beta", 1.0) == 1.0)
 
 
-def add_dynamic_activations(model: onnx.ModelProto, weights: list[str]) -> tuple[onnx.ModelProto, dict[str, float | str]]:
+def add_dynamic_activations(model: onnx.ModelProto, weights: list[str]) -> tuple[onnx.ModelProto, dict[str, float | str], list[str]]:
     """A copy of the QDQ ``model`` with the listed 8-bit weights' MatMul/Gemm layers rewritten as above;
-    returns it and ``{"dynamic_int8_layers": count, "dynamic_skipped": names}``."""
+    returns it, ``{"dynamic_int8_layers": count, "dynamic_skipped": names}`` and the skipped weights."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -144,4 +144,4 @@ def add_dynamic_activations(model: onnx.ModelProto, weights: list[str]) -> tuple
     if skipped:
         log.warning("int8-dynamic: %d weight(s) keep a DequantizeLinear weight and a float product (not an X @ W MatMul "
                     "or a plain Gemm with a per-channel/per-tensor 8-bit grid): %s", len(skipped), ", ".join(skipped))
-    return out, {"dynamic_int8_layers": float(rewritten), "dynamic_skipped": ", ".join(skipped)}
+    return out, {"dynamic_int8_layers": float(rewritten), "dynamic_skipped": ", ".join(skipped)}, skipped

@@ -256,11 +256,10 @@ def quantize_model(
         if activations == "int8-dynamic":
             from .dynamic import add_dynamic_activations
 
-            out, dyn_info = add_dynamic_activations(out, [n for n in static if sites[n].op_type in ("MatMul", "Gemm")])
+            candidates = [n for n in static if sites[n].op_type in ("MatMul", "Gemm")]
+            out, dyn_info, not_dynamic = add_dynamic_activations(out, candidates)
             info.update(dyn_info)
-            rewritten = {n for n in static if sites[n].op_type in ("MatMul", "Gemm")} - \
-                set(str(dyn_info["dynamic_skipped"]).split(", "))
-            static = [n for n in static if n not in rewritten]
+            static = [n for n in static if n not in candidates or n in not_dynamic]
             info["static_activation_layers"] = ", ".join(static)
             if static:
                 log.info("activations=int8-dynamic: %d layer(s) (Conv, or a form DynamicQuantizeMatMul cannot take) "
