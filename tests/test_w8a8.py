@@ -117,8 +117,7 @@ def test_int8_dynamic_matches_per_call_quantization_and_fuses(tmp_path) -> None:
     assert census["integer_kernels"] == {"DynamicQuantizeMatMul": 2} and not census["float_layer_kernels"]
 
 
-def test_int8_dynamic_keeps_static_ranges_for_convolutions(tmp_path) -> None:
-    rng = np.random.default_rng(6)
+def _conv_gemm(rng):
     wc = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
     wg = rng.standard_normal((5, 4 * 4 * 4)).astype(np.float32)
     graph = helper.make_graph(
@@ -131,6 +130,12 @@ def test_int8_dynamic_keeps_static_ranges_for_convolutions(tmp_path) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    return model
+
+
+def test_int8_dynamic_keeps_static_ranges_for_convolutions(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    model = _conv_gemm(rng)
     x = rng.standard_normal((16, 2, 4, 4)).astype(np.float32)
     q, info = quantize_model(model, {"x": x}, method="rtn", bits=8, activations="int8-dynamic")
     assert info["dynamic_int8_layers"] == 1.0 and info["static_activation_layers"] == "Wc"
@@ -141,6 +146,17 @@ def test_int8_dynamic_keeps_static_ranges_for_convolutions(tmp_path) -> None:
     ref = _run(model, {"x": x})
     got = _run(q, {"x": x})
     assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
+
+
+def test_int4_convolutions_keep_float_inputs_under_int8_activations() -> None:
+    rng = np.random.default_rng(10)
+    model = _conv_gemm(rng)
+    x = rng.standard_normal((16, 2, 4, 4)).astype(np.float32)
+    q, info = quantize_model(model, {"x": x}, method="rtn", bits=4, activations="int8")
+    assert info["float_activation_layers"] == "Wc" and info["matmul_nbits_weights"] == "Wg"
+    assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)  # no integer kernel takes an int4 Conv
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert [a.i for a in nbits[0].attribute if a.name == "accuracy_level"] == [4]
 
 
 def test_int8_dynamic_needs_no_calibration_without_convolutions() -> None:

@@ -252,7 +252,13 @@ def quantize_model(
                     node.attribute.append(helper.make_attribute("accuracy_level", 4))
             log.info("activations=%s: the %d MatMulNBits layer(s) quantize their inputs to int8 per block at run time "
                      "(onnxruntime accuracy_level 4), not with static ranges", activations, len(nbits))
-        static = [n for n in weights if n not in nbits]
+        static = [n for n in weights if n not in nbits and weights[n].grid.spec.bits == 8]
+        unfused = [n for n in weights if n not in nbits and n not in static]
+        info["float_activation_layers"] = ", ".join(unfused)
+        if unfused:  # no onnxruntime integer kernel takes 4-bit Conv / DequantizeLinear weights
+            log.warning("activations=%s: %d 4-bit layer(s) that are not MatMulNBits keep float inputs (a quantized "
+                        "input would not run in an integer kernel, only add error and time): %s", activations,
+                        len(unfused), ", ".join(unfused))
         if activations == "int8-dynamic":
             from .dynamic import add_dynamic_activations
 
