@@ -11,10 +11,14 @@ e.g. structured pruning):
 * ``dense``: the model itself;
 * ``ours int8 W8A8``: ``quantize --bits 8 --activations int8 -m gptq`` (per-channel int8 weights, uint8
   static activations, the integer-kernel QDQ placement);
-* ``ours int8 W8A8 (entropy ranges)``: the same with ``--act-calibration entropy``;
-* ``ours int4 MatMulNBits``: ``quantize --bits 4 --granularity block:32 -m gptq`` (per-channel on the CNN and
-  autoencoder, whose 9 / 784 input columns no block of 32 divides; MatMul and Gemm weights as
-  ``com.microsoft.MatMulNBits``, float activations; Conv weights stay int4 DequantizeLinear at opset 21);
+* ``ours int8 W8A8 (entropy ranges)`` / ``(mse ranges)``: the same with ``--act-calibration entropy`` / ``mse``;
+* ``ours int8 W8A8 dynamic``: ``quantize --bits 8 --activations int8-dynamic -m gptq`` (MatMul/Gemm inputs
+  quantized per call: onnxruntime's DynamicQuantizeMatMul; Conv inputs static);
+* ``ours int4 MatMulNBits``: ``quantize --bits 4 --granularity block:32 -m gptq`` (MatMul and Gemm weights as
+  ``com.microsoft.MatMulNBits``, a shorter last block where 32 does not divide K; float activations, i.e.
+  accuracy_level 0; Conv weights stay int4 DequantizeLinear at opset 21);
+* ``ours int4 MatMulNBits + int8 activations``: the same with ``--activations int8`` (MatMulNBits
+  ``accuracy_level`` 4: its input quantized to int8 per block at run time, int8 dot products);
 * ``ort quantize_static``: onnxruntime's static quantizer, QDQ, per-channel, U8S8, MinMax, same calibration;
 * ``ort quantize_dynamic``: onnxruntime's dynamic quantizer (int8 weights, per tensor);
 * ``2:4 sparsegpt``: ``prune --pattern 2:4 -m sparsegpt`` (dense kernels on onnxruntime CPU);
@@ -68,14 +72,13 @@ class Bench:
 # ----------------------------------------------------------------------------- models
 def prepare_cnn(work: Path, seed: int) -> Bench:
     s = ROOT / "sample_models"
-    return Bench("cnn", s / "mnist_cnn.onnx", s / "mnist_cnn_calib.npz", s / "mnist_cnn_test.npz", work,
-                 {"int4_granularity": "per-channel"})  # conv1 has 9 input columns: no block size divides them
+    return Bench("cnn", s / "mnist_cnn.onnx", s / "mnist_cnn_calib.npz", s / "mnist_cnn_test.npz", work)
 
 
 def prepare_autoencoder(work: Path, seed: int) -> Bench:
     s = ROOT / "sample_models"
     return Bench("autoencoder", s / "mnist_autoencoder.onnx", s / "mnist_autoencoder_calib.npz",
-                 s / "mnist_autoencoder_test.npz", work, {"bernoulli": True, "int4_granularity": "per-channel"})
+                 s / "mnist_autoencoder_test.npz", work, {"bernoulli": True})
 
 
 def prepare_wide_mlp(work: Path, seed: int) -> Bench:
@@ -138,10 +141,28 @@ def row_w8a8_entropy(bench: Bench, out: Path, seed: int) -> dict:
     return _ours(bench, out, GPTQConfig(bits=8, activations="int8", act_calibration="entropy"), seed)
 
 
+def row_w8a8_mse(bench: Bench, out: Path, seed: int) -> dict:
+    from fls_compress import GPTQConfig
+
+    return _ours(bench, out, GPTQConfig(bits=8, activations="int8", act_calibration="mse"), seed)
+
+
+def row_w8a8_dynamic(bench: Bench, out: Path, seed: int) -> dict:
+    from fls_compress import GPTQConfig
+
+    return _ours(bench, out, GPTQConfig(bits=8, activations="int8-dynamic"), seed)
+
+
 def row_int4_nbits(bench: Bench, out: Path, seed: int) -> dict:
     from fls_compress import GPTQConfig
 
-    return _ours(bench, out, GPTQConfig(bits=4, granularity=bench.extra.get("int4_granularity", "block:32")), seed)
+    return _ours(bench, out, GPTQConfig(bits=4, granularity="block:32"), seed)
+
+
+def row_int4_nbits_int8(bench: Bench, out: Path, seed: int) -> dict:
+    from fls_compress import GPTQConfig
+
+    return _ours(bench, out, GPTQConfig(bits=4, granularity="block:32", activations="int8"), seed)
 
 
 def row_24(bench: Bench, out: Path, seed: int) -> dict:
@@ -227,7 +248,10 @@ ROW_BUILDERS: list[tuple[str, Callable[[Bench, Path, int], dict]]] = [
     ("dense", row_dense),
     ("ours int8 W8A8 (gptq)", row_w8a8),
     ("ours int8 W8A8 (gptq, entropy ranges)", row_w8a8_entropy),
+    ("ours int8 W8A8 (gptq, mse ranges)", row_w8a8_mse),
+    ("ours int8 W8A8 dynamic (gptq)", row_w8a8_dynamic),
     ("ours int4 MatMulNBits (gptq)", row_int4_nbits),
+    ("ours int4 MatMulNBits + int8 activations (gptq)", row_int4_nbits_int8),
     ("ort quantize_static (QDQ, per-channel, U8S8)", row_ort_static),
     ("ort quantize_dynamic", row_ort_dynamic),
     ("2:4 sparsegpt", row_24),

@@ -132,7 +132,8 @@ CASES = [
     (RTNConfig, dict(bits=4), "bits", 8),
     (RTNConfig, dict(bits=4), "granularity", "per-tensor"),
     (RTNConfig, dict(bits=4), "symmetric", False),
-    (RTNConfig, dict(bits=4), "activations", "int8"),
+    (RTNConfig, dict(bits=8), "activations", "int8"),  # 4-bit: every layer is MatMulNBits (accuracy_level only)
+    (RTNConfig, dict(bits=8, activations="int8"), "activations", "int8-dynamic"),
     (RTNConfig, dict(bits=4), "sparsity", 0.5),
     (RTNConfig, dict(bits=4), "pattern", "2:4"),
     (RTNConfig, dict(bits=4), "exclude", ("w1",)),
@@ -142,6 +143,7 @@ CASES = [
     (GPTQConfig, dict(bits=4), "act_order", True),
     (GPTQConfig, dict(bits=4, sparsity=0.8), "sequential", False),
     (GPTQConfig, dict(bits=4), "max_rows_per_layer", 8),
+    (GPTQConfig, dict(bits=4), "hessian_shrinkage", "none"),
     (FLSQuantConfig, dict(bits=4, fit_steps=10), "likelihood", "gaussian"),
     (FLSQuantConfig, dict(bits=4, fit_steps=10), "output_name", "hidden"),
     (FLSQuantConfig, dict(bits=4, fit_steps=10), "damping", 0.5),

@@ -34,8 +34,8 @@ DEFAULT_PERCENTILE = 99.99
 
 
 def parse_calibration(value: str) -> tuple[str, float | None]:
-    """``minmax`` | ``percentile`` | ``percentile:P`` (50 < P <= 100) | ``entropy`` -> (method, P)."""
-    if value in ("minmax", "entropy"):
+    """``minmax`` | ``percentile`` | ``percentile:P`` (50 < P <= 100) | ``entropy`` | ``mse`` -> (method, P)."""
+    if value in ("minmax", "entropy", "mse"):
         return value, None
     if value == "percentile":
         return value, DEFAULT_PERCENTILE
@@ -46,7 +46,7 @@ def parse_calibration(value: str) -> tuple[str, float | None]:
             p = float("nan")
         if 50.0 < p <= 100.0:
             return "percentile", p
-    raise InvalidOptionError(f"--act-calibration must be minmax, entropy, percentile or percentile:P with "
+    raise InvalidOptionError(f"--act-calibration must be minmax, entropy, mse, percentile or percentile:P with "
                              f"50 < P <= 100, got {value!r}")
 
 
@@ -60,10 +60,11 @@ class QuantizeConfig(PruneConfig):
     bits: int = knob(8, "Weight bits: 8 or 4.", min=4, max=8)
     granularity: str = knob("per-channel", "Scale granularity: per-channel, per-tensor or block:G (G input columns per scale).")
     symmetric: bool = knob(True, "Symmetric grid (int8/int4, zero point 0) or asymmetric (uint8/uint4 with zero point).")
-    activations: str = knob("none", "Also quantize the layers' input activations (static int8 QDQ, calibrated ranges).",
-                            choices=("none", "int8"))
-    act_calibration: str = knob("minmax", "Activation ranges for --activations int8: minmax, percentile[:P] "
-                                "(default P 99.99) or entropy (KL-divergence threshold).")
+    activations: str = knob("none", "Also quantize the layers' input activations: int8 (static uint8 QDQ, calibrated "
+                            "ranges) or int8-dynamic (MatMul/Gemm inputs quantized per call, onnxruntime's "
+                            "DynamicQuantizeMatMul; Conv inputs static).", choices=("none", "int8", "int8-dynamic"))
+    act_calibration: str = knob("minmax", "Static activation ranges (--activations int8; int8-dynamic: its Conv layers): minmax, percentile[:P] "
+                                "(default P 99.99), entropy (KL-divergence threshold) or mse (least expected squared error).")
     matmul_format: str = knob("auto", "4-bit MatMul weights: auto writes onnxruntime's com.microsoft.MatMulNBits (its "
                               "4-bit kernel), qdq a DequantizeLinear (portable ONNX, opset 21).", choices=("auto", "qdq"))
 
@@ -73,8 +74,9 @@ class QuantizeConfig(PruneConfig):
             raise InvalidOptionError(f"--bits must be 4 or 8, got {self.bits}")
         parse_granularity(self.granularity)
         parse_calibration(self.act_calibration)
-        if self.act_calibration != "minmax" and self.activations != "int8":
-            raise InvalidOptionError("--act-calibration chooses activation ranges: it needs --activations int8")
+        if self.act_calibration != "minmax" and self.activations == "none":
+            raise InvalidOptionError("--act-calibration chooses activation ranges: it needs --activations int8 "
+                                     "(or int8-dynamic, for its Conv layers)")
         if self.matmul_format != "auto" and self.bits != 4:
             raise InvalidOptionError("--matmul-format applies to 4-bit weights (--bits 4)")
 
@@ -107,6 +109,9 @@ class GPTQConfig(QuantizeConfig, ActivationCapture):
     percdamp: float = knob(0.01, "Damping of the layer Hessian, as a fraction of its mean diagonal.", min=0.0, max=10.0)
     lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
     act_order: bool = knob(False, "Quantize columns in order of decreasing Hessian diagonal (GPTQ act-order).")
+    hessian_shrinkage: str = knob("oas", "Layer Hessian estimate: oas shrinks its covariance part towards isotropy "
+                                  "as far as the calibration rows are few for the layer width (Chen et al. 2010); "
+                                  "none uses 2 X^T X / n as is.", choices=("oas", "none"))
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,7 @@ class RowStatistics:
         self.h = torch.zeros(groups, cols, cols, dtype=torch.float64) if full else None
         self._sq = None if full else torch.zeros(groups, cols, dtype=torch.float64)
         self._perm: torch.Tensor | None = None  # rows arrive with columns permuted (channels-last patches)
+        self._sum = torch.zeros(groups, cols, dtype=torch.float64)  # column sums (the mean, for shrinkage)
         self.max_rows = max_rows
         self.seed = int(seed)
         self.rows_total = 0  # rows seen in the stream
@@ -228,6 +229,11 @@ class RowStatistics:
         else:
             d = self._sq
         return d if self._perm is None else d[:, self._perm]
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """Column sums of the rows used, per group (groups, cols), in the layer's column order."""
+        return self._sum if self._perm is None else self._sum[:, self._perm]
 
     def _order(self, perm: torch.Tensor | None) -> None:
         if self.rows_used and (perm is None) != (self._perm is None):
@@ -268,6 +274,7 @@ class RowStatistics:
             if self._sq is not None:
                 bd = b.double()
                 self._sq += (bd * bd).sum(dim=1)
+            self._sum += b.sum(dim=1, dtype=torch.float64)
         self.rows_used += n
 
     def _flush(self) -> None:

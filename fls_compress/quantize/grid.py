@@ -10,7 +10,8 @@ and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"
   ``symmetric=False``: unsigned codes in [0, 2^b - 1], s = (max - min) / (2^b - 1), z = round(-min / s),
   with the range widened to contain 0 so that 0 (a pruned weight) is exactly representable;
 * granularity ``"tensor"`` (one s, z), ``"channel"`` (one per output row of the matrix view) or
-  ``"block:g"`` (one per row and each run of g consecutive input columns; g must divide in).
+  ``"block:g"`` (one per row and each run of g consecutive input columns; when g does not divide the
+  columns the last block of a row is shorter, as ONNX blocked DequantizeLinear takes ceil(in / g) scales).
 
 Scales are float32 and values are computed exactly as ``DequantizeLinear`` computes them, so
 ``dequantize(codes)`` equals ``quantize(w)`` bit for bit in float32 and the exported model reproduces
@@ -85,14 +86,14 @@ class Grid:
             raise ValueError("Grid.fit expects a 2-D (out, in) matrix")
         rows, cols = w.shape
         g = spec.block
-        if g is not None and cols % g:
-            raise InvalidOptionError(f"block size {g} does not divide the {cols} input columns of a weight")
         if spec.granularity == "tensor":
             lo, hi = np.full((rows, 1), w.min(initial=0.0)), np.full((rows, 1), w.max(initial=0.0))
             size = cols
         else:
             size = cols if g is None else g
-            parts = w.reshape(rows, cols // size, size)
+            groups = -(-cols // size)  # a last, shorter block when g does not divide the columns
+            padded = np.concatenate([w, np.zeros((rows, groups * size - cols))], axis=1) if groups * size > cols else w
+            parts = padded.reshape(rows, groups, size)
             lo, hi = parts.min(axis=2), parts.max(axis=2)
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)  # 0 must be on the grid
         if spec.symmetric:
@@ -110,9 +111,9 @@ class Grid:
 
     # --------------------------------------------------------------------------------------------
     def _expand(self, a: np.ndarray, cols: int) -> np.ndarray:
-        if a.shape[1] * self.group_size != cols:
+        if a.shape[1] != -(-cols // self.group_size):
             raise ValueError(f"grid covers {a.shape[1] * self.group_size} columns, got {cols}")
-        return np.repeat(a, self.group_size, axis=1)
+        return np.repeat(a, self.group_size, axis=1)[:, :cols]
 
     def codes(self, w: np.ndarray) -> np.ndarray:
         """Integer codes (int32) of a full (out, in) matrix."""

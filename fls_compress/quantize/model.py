@@ -4,7 +4,8 @@
 Hessians from onnxruntime-captured inputs, wave by wave as in :mod:`fls_compress.pruning.layerwise`)
 or ``fls`` (a caller-supplied inverse-curvature factor per layer); :func:`quantize_model` also writes
 the QDQ model (:mod:`fls_compress.quantize.qdq`) and, with ``activations="int8"``, adds static
-activation QDQ (:mod:`fls_compress.quantize.activations`).
+activation QDQ (:mod:`fls_compress.quantize.activations`); with ``activations="int8-dynamic"`` MatMul/Gemm
+inputs are quantized per call (:mod:`fls_compress.quantize.dynamic`) and Conv inputs statically.
 
 Sparsity with quantisation: ``sparsity`` s prunes ceil(s * total) weights, split uniformly over the
 layers (largest remainder, as SparseGPT); ``pattern`` "N:M" prunes N of every M along the reduction
@@ -33,11 +34,12 @@ from ..stage_clock import StageClock
 from .gptq import fls_quantize_matrix, gptq_quantize_matrix, rtn_quantize_matrix
 from .grid import Grid, QuantSpec
 from .qdq import QuantizedWeight, refuse_quantized, write_qdq
+from .shrinkage import SHRINKAGE, layer_hessian
 
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "fls")
-ACTIVATIONS = ("none", "int8")
+ACTIVATIONS = ("none", "int8", "int8-dynamic")
 MATMUL_FORMATS = ("auto", "qdq")
 
 
@@ -84,6 +86,7 @@ def quantize_weights(
     range_tensors: Sequence[str] = (),
     ranges: dict[str, tuple[float, float]] | None = None,
     clock: StageClock | None = None,
+    shrinkage: str = "oas",
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float | str]]:
     """Integer codes (matrix view) of every float32 Conv/Gemm/MatMul weight (or ``names``) and an info dict.
 
@@ -101,6 +104,8 @@ def quantize_weights(
         raise InvalidOptionError(f"sparsity must be in [0, 1), got {sparsity}")
     if act_order and method != "gptq":
         raise InvalidOptionError("act_order is a GPTQ option (columns ordered by the layer Hessian)")
+    if shrinkage not in SHRINKAGE:
+        raise InvalidOptionError(f"hessian shrinkage must be one of {', '.join(SHRINKAGE)}, got {shrinkage!r}")
     if not percdamp >= 0 or block_size < 1:
         raise InvalidOptionError("percdamp must be >= 0 and block_size >= 1")
     refuse_quantized(model)
@@ -118,10 +123,7 @@ def quantize_weights(
     active = [n for n in sites if n not in skipped]
     mats = {n: to_matrix(sites[n], uses[n][0], arrays[n]).astype(np.float64) for n in active}
     grids = {}
-    for n in active:
-        if spec.block is not None and mats[n].shape[1] % spec.block:
-            raise InvalidOptionError(f"granularity block:{spec.block} does not divide the {mats[n].shape[1]} input "
-                                     f"columns of {n!r}; choose a divisor or per-channel")
+    for n in active:  # block:g with g not dividing the columns: the last block of a row is shorter
         grids[n] = Grid.fit(mats[n], spec)
     layout = {n: nm_layout(sites[n].op_type, sites[n].shape, mats[n].shape[1]) for n in active}
     counts = {n: 0 for n in active}
@@ -138,6 +140,7 @@ def quantize_weights(
     layer_nm = {n: (None if n in dense else nm) for n in active}
     values: dict[str, np.ndarray] = {}
     losses: dict[str, float] = {}
+    rhos: dict[str, float] = {}
 
     def quantize_groups(n: str, site: PrunableSite, use: LayerUse, mat: np.ndarray, stats: RowStatistics | None) -> np.ndarray:
         g = conv_groups(site, use)
@@ -153,7 +156,8 @@ def quantize_weights(
             order = layout[n][1] if layer_nm[n] is not None else None
             if method == "gptq":
                 assert stats is not None
-                res = gptq_quantize_matrix(w, stats.hessian(gi), sub, percdamp=percdamp, use_act_order=act_order,
+                h, rhos[n] = layer_hessian(stats, gi, shrinkage)
+                res = gptq_quantize_matrix(w, h, sub, percdamp=percdamp, use_act_order=act_order,
                                            col_order=order, prune_count=group_counts[gi], nm=layer_nm[n],
                                            block_size=block_size)
             else:
@@ -203,6 +207,10 @@ def quantize_weights(
         info.update(rows_info_fields(rows))
         info["num_samples"] = float(len(next(iter(prepare_feeds(work, feeds).values()))))
         info["sequential"] = "yes" if sequential else "no"
+        info["hessian_shrinkage"] = shrinkage
+        if shrinkage != "none" and rhos:
+            info["hessian_shrinkage_max"] = float(max(rhos.values()))
+            info["hessian_shrinkage_mean"] = float(sum(rhos.values()) / len(rhos))
 
     result: dict[str, QuantizedWeight] = {}
     for n in active:
@@ -241,7 +249,7 @@ def quantize_model(
     clock = StageClock()
     # minmax ranges of 8-bit layers' activations come out of gptq's capture when it is chained (the tensors
     # it computes there already carry the final weights of every layer they depend on)
-    reuse = activations == "int8" and act_calibration == "minmax" and int(options.get("bits", 8)) == 8  # type: ignore[call-overload]
+    reuse = activations in ("int8", "int8-dynamic") and act_calibration == "minmax" and int(options.get("bits", 8)) == 8  # type: ignore[call-overload]
     captured: dict[str, tuple[float, float]] | None = {} if reuse else None
     candidates = range_candidates(model, options.get("names")) if reuse else []  # type: ignore[arg-type]
     weights, info = quantize_weights(model, calib_inputs, range_tensors=candidates, ranges=captured, clock=clock,
@@ -258,24 +266,43 @@ def quantize_model(
     if opset.get("nbits_fallback"):
         info["fallback"] = "opset kept: 4-bit MatMul weights as com.microsoft.MatMulNBits (onnxruntime only)"
     info["activations"] = activations
-    if activations == "int8":
+    if activations in ("int8", "int8-dynamic"):
         from .activations import add_activation_qdq
 
-        if not calib_inputs:
-            raise InvalidDataError("activations=int8 needs calibration inputs for the activation ranges")
         if nbits:  # MatMulNBits quantizes its input itself: int8 per block at run time (accuracy_level 4)
             for node in out.graph.node:
                 if node.op_type == "MatMulNBits":
                     node.attribute.append(helper.make_attribute("accuracy_level", 4))
-            log.info("activations=int8: the %d MatMulNBits layer(s) quantize their inputs to int8 per block at run time "
-                     "(onnxruntime accuracy_level 4), not with static ranges", len(nbits))
-        consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0)
-                     for n in weights if n not in nbits for u in uses[n]]
-        with clock("act_ranges"):
-            out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
-                                               num_samples=int(options.get("num_samples", 512)),  # type: ignore[call-overload]
-                                               known_ranges=captured)
-        info.update(act_info)
+            log.info("activations=%s: the %d MatMulNBits layer(s) quantize their inputs to int8 per block at run time "
+                     "(onnxruntime accuracy_level 4), not with static ranges", activations, len(nbits))
+        static = [n for n in weights if n not in nbits and weights[n].grid.spec.bits == 8]
+        unfused = [n for n in weights if n not in nbits and n not in static]
+        info["float_activation_layers"] = ", ".join(unfused)
+        if unfused:  # no onnxruntime integer kernel takes 4-bit Conv / DequantizeLinear weights
+            log.warning("activations=%s: %d 4-bit layer(s) that are not MatMulNBits keep float inputs (a quantized "
+                        "input would not run in an integer kernel, only add error and time): %s", activations,
+                        len(unfused), ", ".join(unfused))
+        if activations == "int8-dynamic":
+            from .dynamic import add_dynamic_activations
+
+            candidates = [n for n in static if sites[n].op_type in ("MatMul", "Gemm")]
+            out, dyn_info, not_dynamic = add_dynamic_activations(out, candidates)
+            info.update(dyn_info)
+            static = [n for n in static if n not in candidates or n in not_dynamic]
+            info["static_activation_layers"] = ", ".join(static)
+            if static:
+                log.info("activations=int8-dynamic: %d layer(s) (Conv, or a form DynamicQuantizeMatMul cannot take) "
+                         "get static int8 activation ranges: %s", len(static), ", ".join(static))
+        if static:
+            if not calib_inputs:
+                raise InvalidDataError(f"activations={activations} needs calibration inputs for the static activation "
+                                       "ranges" + (" of its Conv layers" if activations == "int8-dynamic" else ""))
+            consumers = [(u.node, 1 - u.weight_position if u.node.op_type == "MatMul" else 0) for n in static for u in uses[n]]
+            with clock("act_ranges"):
+                out, act_info = add_activation_qdq(out, dict(calib_inputs), consumers, calibration=act_calibration,
+                                                   num_samples=int(options.get("num_samples", 512)),  # type: ignore[call-overload]
+                                                   known_ranges=captured)
+            info.update(act_info)
         info["nbits_dynamic_int8_layers"] = float(len(nbits))
     info.update(clock.fields())
     return out, info

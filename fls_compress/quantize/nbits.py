@@ -8,8 +8,13 @@ specification; a Gemm's B in either layout is the (N, K) code matrix, its bias M
 ``scales`` float [N * K / block], optional ``zero_points`` uint8 [N * ceil((K / block) / 2)] packed
 the same way (absent: 8). Signed codes c in [-8, 7] are stored as c + 8 with the default zero point
 8, so the dequantised values (code - zero_point) * scale are those of the grid. ``block_size`` must be
-a power of two >= 16: a ``block:g`` grid needs such a g; per-channel / per-tensor grids use the
-largest power of two in [16, 128] dividing K (their scale repeated over the blocks of a row).
+a power of two >= 16: a ``block:g`` grid needs such a g; per-channel / per-tensor grids (their scale
+repeated over the blocks of a row) use :data:`CHANNEL_BLOCK` = 128, or for K < 128 the smallest power of
+two >= max(K, 16): the fastest block on onnxruntime 1.32's x86 kernels (benchmarks/nbits_choice.py,
+docs/design/w8a8.md: at batch 64 with accuracy_level 4, block 128 ran the wide MLP 1.80x and the MNIST
+autoencoder 1.34x faster than dense, block 32 1.53x / 1.05x). B holds ceil(K / block_size) blocks per column: when the block does not divide K the
+last block is padded with codes of value 0 (the zero point), which the kernel reads but multiplies by
+nothing (A has K columns), so every 4-bit MatMul/Gemm weight can be written as MatMulNBits.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ from .grid import Grid
 DOMAIN = "com.microsoft"
 
 
+#: MatMulNBits block of a per-channel / per-tensor grid (K >= 128; the last block padded when 128 does not divide K)
+CHANNEL_BLOCK = 128
+
+
 def nbits_block(grid: Grid, k: int) -> int | None:
     """The MatMulNBits block size that expresses ``grid`` over K columns, or None."""
     g = grid.spec.block
     if g is not None:
         return g if g >= 16 and g & (g - 1) == 0 else None
-    for b in (128, 64, 32, 16):
-        if k % b == 0:
-            return b
-    return None
+    b = 16
+    while b < min(k, CHANNEL_BLOCK):
+        b *= 2
+    return b
 
 
 def _gemm_bias_ok(node: onnx.NodeProto, n: int, inits: dict[str, onnx.TensorProto] | None) -> bool:
@@ -65,7 +74,7 @@ def nbits_supported(site: PrunableSite, uses: list[LayerUse], grid: Grid, name: 
     else:
         k = site.shape[0]
     if nbits_block(grid, int(k)) is None:
-        return "block size must be a power of two >= 16 dividing K"
+        return "block size must be a power of two >= 16"
     return None
 
 
@@ -82,12 +91,15 @@ def write_matmul_nbits(graph: onnx.GraphProto, name: str, codes: np.ndarray, gri
     block = nbits_block(grid, k)
     if block is None:
         raise UnsupportedModelError(f"{name!r}: no MatMulNBits block size fits")
-    blocks = k // block
+    blocks = -(-k // block)
     if grid.group_size == block:  # block:g grid
         scale, zero = grid.scale, grid.zero_point
     else:  # per-channel / per-tensor: the row's one scale repeated over its blocks
         scale, zero = np.repeat(grid.scale, blocks, axis=1), np.repeat(grid.zero_point, blocks, axis=1)
     stored = codes + 8 if grid.spec.symmetric else codes
+    if blocks * block > k:  # pad the last block with the code of 0 (the zero point of its block)
+        pad = np.repeat((zero[:, -1:] + 8) if grid.spec.symmetric else zero[:, -1:], blocks * block - k, axis=1)
+        stored = np.concatenate([stored, pad], axis=1)
     b_name, s_name = unique(f"{name}_nbits"), unique(f"{name}_nbits_scale")
     graph.initializer.append(numpy_helper.from_array(_pack(stored.reshape(n, blocks, block)), b_name))
     graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1), dtype=np.float32), s_name))

@@ -51,13 +51,13 @@ def run_quantizer(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibra
     options: dict[str, object] = {"num_samples": opts.num_calibration}
     if isinstance(config, GPTQConfig):
         options.update(percdamp=config.percdamp, block_size=config.lazy_block, sequential=config.sequential,
-                       max_rows_per_layer=config.max_rows_per_layer)
+                       max_rows_per_layer=config.max_rows_per_layer, shrinkage=config.hessian_shrinkage)
     if isinstance(config, FLSQuantConfig):
         t0 = time.perf_counter()
         curvature, fit_info, likelihood, convert_s = fls_curvature(model, config, calib, device, opts)
         options.update(block_size=config.lazy_block)
         log.info("fls: FishLeg curvature for %d weights in %.1fs", len(curvature), time.perf_counter() - t0)
-    needs_data = config.method == "gptq" or config.activations == "int8"
+    needs_data = config.method == "gptq" or config.activations != "none"
     from ..bridge.prep import constants_to_initializers
     from ..pruning.stage import bind_constants
 
