@@ -15,7 +15,7 @@ from fls_compress.io.activations import ActivationSession, LayerUse, layer_sites
 from fls_compress.io.layer_rows import GRAM_BLOCK, RowStatistics, _im2col, _padded_2d, _patches_at, layer_input_rows
 from fls_compress.io.sites import PrunableSite
 from fls_compress.io.wave_capture import ChainedCapture
-from fls_compress.pruning.hessian import damped_inverse_cholesky
+from fls_compress.pruning.hessian import damped_inverse_cholesky, lower_triangular_inverse
 
 U32 = 2.0**-24
 
@@ -92,6 +92,18 @@ def test_inverse_cholesky_from_one_factorisation_is_the_upper_factor_of_the_damp
     # the reference construction (GPTQ's code): chol(H) -> H^-1 -> upper chol of H^-1; unique factor
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_triangular_inverse_equals_the_triangular_solve() -> None:
+    rng = np.random.default_rng(3)
+    for n in (1, 256, 257, 701):  # base case, first split, odd splits two levels down
+        a = torch.from_numpy(rng.standard_normal((n, n + 5)))
+        low = torch.linalg.cholesky(a @ a.T / n + 0.01 * torch.eye(n, dtype=torch.float64))
+        inv = lower_triangular_inverse(low)
+        assert torch.equal(inv, inv.tril())
+        eye = torch.eye(n, dtype=torch.float64)
+        torch.testing.assert_close(inv, torch.linalg.solve_triangular(low, eye, upper=False), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(low @ inv, eye, rtol=0, atol=1e-9)
 
 
 def _branchy_model() -> onnx.ModelProto:

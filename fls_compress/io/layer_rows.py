@@ -274,7 +274,9 @@ class RowStatistics:
             if self._sq is not None:
                 bd = b.double()
                 self._sq += (bd * bd).sum(dim=1)
-            self._sum += b.sum(dim=1, dtype=torch.float64)
+            # column sums as a (groups, 1, rows) x (groups, rows, cols) product: one BLAS pass over the block
+            ones = torch.ones(b.shape[0], 1, b.shape[1], dtype=b.dtype)
+            self._sum += torch.bmm(ones, b)[:, 0].double()
         self.rows_used += n
 
     def _flush(self) -> None:

@@ -199,7 +199,8 @@ def quantize_weights(
         def observe(t: str, a: np.ndarray) -> None:
             if ranges is not None and a.size:
                 lo, hi = ranges.get(t, (np.inf, -np.inf))
-                ranges[t] = (min(lo, float(a.min())), max(hi, float(a.max())))
+                amin, amax = torch.aminmax(torch.from_numpy(np.ascontiguousarray(a)))  # one pass, threaded
+                ranges[t] = (min(lo, float(amin)), max(hi, float(amax)))
 
         _, rows = sweep_layers(work, feeds, active, transform, full=True, sequential=sequential, chunk=chunk,
                                max_rows=max_rows_per_layer, seed=seed, label="gptq", observe=observe,

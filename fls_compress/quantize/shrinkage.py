@@ -32,7 +32,7 @@ def oas_coefficient(cov: torch.Tensor, n: int) -> float:
     """OAS's rho for a p x p sample covariance from n rows (eq. 23 of Chen et al. 2010)."""
     p = cov.shape[0]
     tr = float(torch.trace(cov))
-    tr2 = float((cov * cov).sum())
+    tr2 = float(torch.linalg.vector_norm(cov)) ** 2
     denom = (n + 1.0 - 2.0 / p) * (tr2 - tr * tr / p)
     if p < 2 or denom <= 0.0:  # already isotropic (or one column): shrinking changes nothing
         return 1.0 if p >= 2 else 0.0
@@ -49,8 +49,10 @@ def layer_hessian(stats: RowStatistics, group: int, shrinkage: str) -> tuple[tor
     if shrinkage == "none" or n < 2:
         return h, 0.0
     mu = stats.sum[group] / n
-    cov = h / 2.0 - torch.outer(mu, mu)
+    outer = torch.outer(mu, mu)
+    cov = h.mul_(0.5).sub_(outer)  # in place: h is this call's own tensor (p x p float64, one copy)
     p = cov.shape[0]
     rho = oas_coefficient(cov, n)
-    shrunk = (1.0 - rho) * cov + (rho * float(torch.trace(cov)) / p) * torch.eye(p, dtype=cov.dtype)
-    return 2.0 * (shrunk + torch.outer(mu, mu)), rho
+    target = rho * float(torch.trace(cov)) / p
+    cov.mul_(1.0 - rho).diagonal().add_(target)
+    return cov.add_(outer).mul_(2.0), rho
