@@ -146,7 +146,7 @@ def test_chained_capture_equals_whole_model_capture_and_runs_each_node_once() ->
 
 def test_w8a8_ranges_read_off_the_gptq_capture_equal_a_separate_minmax_pass() -> None:
     from fls_compress.quantize.act_ranges import activation_ranges, uint8_params
-    from fls_compress.quantize.model import quantize_model
+    from fls_compress.quantize.model import quantize_model, range_candidates
 
     model = onnx.load("sample_models/mnist_cnn.onnx")
     calib = {k: v[:96] for k, v in np.load("sample_models/mnist_cnn_calib.npz").items() if k != "labels"}
@@ -156,6 +156,8 @@ def test_w8a8_ranges_read_off_the_gptq_capture_equal_a_separate_minmax_pass() ->
     weights_only, _ = quantize_model(model, calib, method="gptq", bits=8, activations="none", num_samples=96)
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     roots = [n[: -len("_act_scale")] for n in inits if n.endswith("_act_scale")]
+    candidates = range_candidates(model, None)  # the capture hands back the chains' roots only
+    assert set(candidates) <= set(roots) and len(candidates) == info["activation_ranges_calibrated"]
     separate = activation_ranges(weights_only, calib, roots)
     for r in roots:
         scale, zero = uint8_params(*separate[r])

@@ -310,15 +310,18 @@ def quantize_model(
 
 
 def range_candidates(model: onnx.ModelProto, names: list[str] | None) -> list[str]:
-    """Tensors whose activation range the int8 QDQ placement may read (a superset of
-    :func:`fls_compress.quantize.activations.plan`'s roots): each layer's input and the tensors above it
-    through value-preserving operators, and every Conv's output and that of its only consumer if a Relu."""
+    """Tensors whose activation range the int8 QDQ placement reads: the roots of
+    :func:`fls_compress.quantize.activations.plan` (each layer input followed up through value-preserving
+    operators to the tensor the chain starts from, and every Conv's output, or that of its only consumer
+    if a Relu). Only roots: the tensors along a chain share the root's range, so capturing them too would
+    make onnxruntime hand back (and the observer scan) the same values several times."""
     from .activations import VALUE_PRESERVING
 
     work = densify_sparse_initializers(model)
     _, uses = layer_sites(work, names)
     graph = work.graph
     inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -328,14 +331,13 @@ def range_candidates(model: onnx.ModelProto, names: list[str] | None) -> list[st
     for us in uses.values():
         for use in us:
             t = use.activation
-            out.append(t)
             while (p := producer.get(t)) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in inits:
                 t = p.input[0]
-                out.append(t)
+            out.append(t)
             if use.node.op_type == "Conv" and use.node.output:
                 y = use.node.output[0]
+                if y not in outputs and len(readers.get(y, [])) == 1 and readers[y][0].op_type == "Relu":
+                    y = readers[y][0].output[0]
                 out.append(y)
-                if len(readers.get(y, [])) == 1 and readers[y][0].op_type == "Relu":
-                    out.append(readers[y][0].output[0])
     graph_inputs = {vi.name for vi in graph.input} - inits
     return [t for t in dict.fromkeys(out) if t in producer or t in graph_inputs]
