@@ -126,14 +126,17 @@ def _row_ort(model: Path, calib: Path, out: Path) -> dict:
     return {"total_s": wall, "total_cpu_s": cpu, "comparable_s": wall, "comparable_cpu_s": cpu}
 
 
-def _row_ours(method: str, model: Path, calib: Path, held: Path, out: Path) -> dict:
+def _row_ours(method: str, model: Path, calib: Path, held: Path, out: Path, device: str = "cpu") -> dict:
     import torch  # noqa: F401 - imported before the clock starts, as onnxruntime.quantization above
 
     from fls_compress import GPTQConfig, RTNConfig, RunOptions, compress
+    from fls_compress.configs.quantize import FLSQuantConfig
 
-    config = (GPTQConfig if method == "gptq" else RTNConfig)(bits=8, activations="int8")
+    config = {"gptq": GPTQConfig, "rtn": RTNConfig, "fls": FLSQuantConfig}[method](bits=8, activations="int8")
+    if device == "cuda":  # CUDA context and kernels warmed outside the clock, as the imports
+        torch.ones(1, device="cuda").sum().item()
     w0, c0 = time.perf_counter(), time.process_time()
-    rep = compress(model, config, calib, output=out, eval_data=held, options=RunOptions(seed=0, progress=False))
+    rep = compress(model, config, calib, output=out, eval_data=held, options=RunOptions(seed=0, progress=False, device=device))
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     t, c, info = rep["timing_s"], rep.get("timing_cpu_s", {}), rep.get("method_info", {})
     row = {"total_s": wall, "total_cpu_s": cpu}
@@ -174,6 +177,9 @@ def _row_cli(model: Path, calib: Path, held: Path, out: Path, pythonpath: str) -
 
 
 ROWS = ["ort quantize_static", "ours rtn W8A8", "ours gptq W8A8", "CLI gptq W8A8"]
+#: not in the default set: FLS (the CLI's default method) fits FishLeg's Q with Fisher-vector products,
+#: minutes on 2 CPU cores for the byte classifier; ``--rows ...,"ours fls W8A8" --device cuda`` on a GPU
+OPTIONAL_ROWS = ["ours fls W8A8"]
 
 
 def child(args: argparse.Namespace) -> int:
@@ -183,17 +189,18 @@ def child(args: argparse.Namespace) -> int:
     elif args.child == "CLI gptq W8A8":
         row = _row_cli(model, calib, held, out, args.pythonpath)
     else:
-        row = _row_ours(args.child.split()[1], model, calib, held, out)
+        row = _row_ours(args.child.split()[1], model, calib, held, out, args.device)
     row["size_bytes"] = out.stat().st_size
     print(json.dumps(row))
     return 0
 
 
 # ----------------------------------------------------------------------------- driver
-def run_row(row: str, paths: tuple[Path, Path, Path], artifact: Path, pythonpath: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", row, "--model", str(paths[0]), "--calib", str(paths[1]),
+def run_row(row: str, paths: tuple[Path, Path, Path], artifact: Path, pythonpath: str, device: str = "cpu") -> dict:
+    cmd = [sys.executable, __file__, "--child", row, "--device", device, "--model", str(paths[0]), "--calib", str(paths[1]),
            "--held", str(paths[2]), "--artifact", str(artifact), "--pythonpath", pythonpath]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
+    path = os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's path
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode:
         return {"status": f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"}
     return {"status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -209,8 +216,9 @@ def _f(v, spec: str = ".1f") -> str:
 def render(result: dict) -> str:
     repeat = max((r.get("repeats", 1) for r in result["rows"]), default=1)
     lines = ["# Quantize cost: W8A8 next to onnxruntime quantize_static", "",
-             f"onnxruntime {result['onnxruntime']}, torch {result['torch']}, {result['cpu_count']} CPU cores shared with "
-             "other jobs (wall times carry their load; CPU = process CPU seconds, all threads). Each row in a fresh "
+             f"onnxruntime {result['onnxruntime']}, torch {result['torch']}, {result['cpu_count']} CPU cores"
+             + (f", our rows calibrating on {result['gpu']} (CUDA)" if result.get("gpu") else "")
+             + " (wall times carry the machine's load; CPU = process CPU seconds, all threads). Each row in a fresh "
              f"process, rows interleaved, the fastest of {repeat} run(s) per row; imports outside the clock except for "
              "the CLI row. `comparable` = what quantize_static does "
              "(load, quantize, write; ours: compress() minus verification and latency). Cells: wall s / CPU s.", ""]
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS + OPTIONAL_ROWS))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where our rows calibrate (RunOptions.device)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="runs per row (interleaved); the fastest is reported")
     ap.add_argument("--pythonpath", default=str(ROOT), help="checkout whose fls_compress our rows run (default: this one)")
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     models, rows = args.models.split(","), args.rows.split(",")
-    unknown = sorted(set(models) - set(MODELS)) + sorted(set(rows) - set(ROWS))
+    unknown = sorted(set(models) - set(MODELS)) + sorted(set(rows) - set(ROWS + OPTIONAL_ROWS))
     if unknown:
         ap.error(f"unknown model(s)/row(s): {', '.join(unknown)}")
     results = []
@@ -262,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
             best: dict[str, dict] = {}
             for rep in range(args.repeat):  # rows interleaved; per row the run with the least comparable/total wall
                 for i, row in enumerate(rows):
-                    got = {"model": name, "row": row, **run_row(row, paths, work / f"{i}.onnx", args.pythonpath)}
+                    got = {"model": name, "row": row, **run_row(row, paths, work / f"{i}.onnx", args.pythonpath, args.device)}
                     print(json.dumps(got), file=sys.stderr, flush=True)
                     key = "comparable_s" if "comparable_s" in got else "total_s"
                     if row not in best or (got["status"] == "ok" and (best[row]["status"] != "ok" or got[key] < best[row][key])):
                         best[row] = {**got, "repeats": args.repeat}
             results += [best[row] for row in rows]
-    result = {"onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None
+    result = {"onnxruntime": ort.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(), "device": args.device, "gpu": gpu,
               "pythonpath": args.pythonpath, "rows": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"quantize_cost{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -47,7 +47,7 @@ def select_global(
     pruned = sum(int((~m).sum()) for m in masks.values())
     k = max(math.ceil(target_sparsity * total - 1e-9) - pruned, 0)  # never fall short of the target
     flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores.values()])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)  # masks stay on the weights' device
     finite = int(torch.isfinite(flat).sum())
     k = min(k, finite)
     if k > 0:
@@ -147,6 +147,7 @@ def select_n_of_m(
         dead = ~w.to_matrix(masks[name])
         perm = nm_column_order(channels, kernel)
         if perm is not None:
+            perm = perm.to(mat.device)
             mat, dead = mat[:, perm], dead[:, perm]
         rows, cols = mat.shape
         groups = mat.reshape(rows, cols // m, m)
@@ -154,7 +155,7 @@ def select_n_of_m(
         # count what is already pruned in each group; prune the rest up to N by lowest score
         order = torch.argsort(groups.masked_fill(already, float("-inf")), dim=-1)
         rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(m).expand_as(order).contiguous())
+        rank.scatter_(-1, order, torch.arange(m, device=order.device).expand_as(order).contiguous())
         chosen = ((rank < n) & ~already).reshape(rows, cols)
         if perm is not None:
             chosen = chosen[:, torch.argsort(perm)]
