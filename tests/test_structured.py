@@ -234,6 +234,32 @@ def test_greedy_obs_after_several_removals_is_the_refit_on_what_remains(b):
     assert len(costs) == 3 and all(np.isfinite(costs))
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_lazy_eliminations_across_flushes_equal_the_refit_and_the_restricted_inverse(b, monkeypatch):
+    """Downdates of H^-1 kept as low-rank factors and applied every LAZY_REMOVALS removals (here 2, so
+    most removals happen between flushes): the weights are still the least-squares refit on what remains,
+    and the final H^-1 is the inverse of H restricted to the remaining columns (zero elsewhere)."""
+    import fls_compress.structured.selection as selection
+
+    monkeypatch.setattr(selection, "LAZY_REMOVALS", 2)
+    rng = np.random.default_rng(11)
+    n, blocks, out = 400, 12, 5
+    x = rng.normal(size=(n, blocks * b)) @ rng.normal(size=(blocks * b, blocks * b)) * 0.3 + rng.normal(size=(n, blocks * b))
+    w = rng.normal(size=(out, blocks * b))
+    h = 2.0 * x.T @ x / n
+    system = ConsumerSystem(torch.from_numpy(w.copy()), damped_inverse(torch.from_numpy(h), 0.0), b, False)
+    keep, costs = obs_select([system], blocks, 7)  # 7 removals: 3 flushes of 2 and one at the end
+    cols = [c for c in range(blocks * b) if c // b in keep.tolist()]
+    gone = [c for c in range(blocks * b) if c not in cols]
+    refit, *_ = np.linalg.lstsq(x[:, cols], x @ w.T, rcond=None)
+    np.testing.assert_allclose(system.full().numpy()[:, cols], refit.T, rtol=1e-7, atol=1e-9)
+    assert np.abs(system.full().numpy()[:, gone]).max() == 0.0
+    hinv = system.hinv.numpy()
+    np.testing.assert_allclose(hinv[np.ix_(cols, cols)], np.linalg.inv(h[np.ix_(cols, cols)]), rtol=1e-8, atol=1e-10)
+    assert np.abs(hinv[gone]).max() == 0.0 and np.abs(hinv[:, gone]).max() == 0.0
+    assert len(costs) == 7 and all(np.isfinite(costs))
+
+
 def test_sparsegpt_neurons_compensate_consumer_with_bias_exactly(tmp_path):
     """End to end: -m sparsegpt --structure neurons removes one hidden unit and refits the next Gemm's
     remaining weights and its bias by least squares on the captured activations (percdamp 0)."""

@@ -83,35 +83,76 @@ def damped_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
-def _block_costs(system: ConsumerSystem, size: int, alive: torch.Tensor) -> torch.Tensor:
-    """E_S of every channel (``inf`` for removed ones): 1/2 tr(((H^-1)_SS)^-1 W_S^T W_S), batched, from the
-    b x b Gram of each block's columns (no solve with the output rows as right-hand sides)."""
-    b = system.block
-    if b == 1:
-        diag = torch.diagonal(system.hinv)[:size]
-        cost = 0.5 * system.w[:, :size].pow(2).sum(dim=0) / torch.where(alive, diag, torch.ones_like(diag))
-    else:
-        idx = torch.arange(size)
-        hss = system.hinv[: size * b, : size * b].reshape(size, b, size, b)[idx, :, idx, :]  # (C, b, b)
-        hss[~alive] = torch.eye(b, dtype=hss.dtype)
-        ws = system.w[:, : size * b].reshape(-1, size, b)
-        gram = torch.einsum("orb,orc->rbc", ws, ws)
-        cost = 0.5 * (torch.linalg.inv(hss) * gram).sum(dim=(1, 2))
-    return torch.where(alive, cost, torch.full_like(cost, float("inf")))
+#: removals whose H^-1 downdates wait as low-rank factors before one matrix product applies them
+LAZY_REMOVALS = 64
 
 
-def _remove(system: ConsumerSystem, channel: int) -> None:
-    """The OBS update of ``w`` and the block elimination of ``hinv`` for one channel (module docstring)."""
-    b = system.block
-    cols = slice(channel * b, (channel + 1) * b)
-    hss = system.hinv[cols, cols]
-    inv = 1.0 / hss if b == 1 else torch.linalg.inv(hss)
-    coef = inv @ system.hinv[cols]  # ((H^-1)_SS)^-1 (H^-1)_{S,:}
-    system.w -= system.w[:, cols] @ coef
-    system.hinv -= system.hinv[:, cols] @ coef
-    system.w[:, cols] = 0.0
-    system.hinv[cols, :] = 0.0
-    system.hinv[:, cols] = 0.0
+class _Elimination:
+    """The running block elimination of one consumer's ``hinv``, applied lazily (as GPTQ's lazy batch
+    updates, Frantar et al. 2023, sec. 4 step 2): the current inverse is ``hinv - V V^T``, where each
+    removal of a channel S appends V_S = (H^-1)_{:,S} L^-T with L L^T = (H^-1)_SS (the eq. 9 downdate
+    as a rank-b product), and ``hinv`` is rewritten only every :data:`LAZY_REMOVALS` removals. A removal
+    then costs O(n k b) for its current columns instead of the O(n^2) rewrite of H^-1 (n = columns).
+    The diagonal b x b blocks the costs read are kept current on their own."""
+
+    def __init__(self, system: ConsumerSystem, size: int):
+        self.system, self.size, b = system, size, system.block
+        n = system.hinv.shape[0]
+        self.v = system.hinv.new_zeros(n, LAZY_REMOVALS * b)
+        self.k = 0
+        self.dead = torch.zeros(n, dtype=torch.bool)
+        if b == 1:
+            self.blocks = torch.diagonal(system.hinv)[:size].clone()  # (C,)
+        else:
+            idx = torch.arange(size)
+            self.blocks = system.hinv[: size * b, : size * b].reshape(size, b, size, b)[idx, :, idx, :].clone()  # (C, b, b)
+
+    def costs(self, alive: torch.Tensor) -> torch.Tensor:
+        """E_S of every channel (``inf`` for removed ones): 1/2 tr(((H^-1)_SS)^-1 W_S^T W_S), batched, from
+        the b x b Gram of each block's columns (no solve with the output rows as right-hand sides)."""
+        system, size, b = self.system, self.size, self.system.block
+        if b == 1:
+            cost = 0.5 * torch.linalg.vector_norm(system.w[:, :size], dim=0).square() / torch.where(alive, self.blocks, torch.ones_like(self.blocks))
+        else:
+            hss = self.blocks.clone()
+            hss[~alive] = torch.eye(b, dtype=hss.dtype)
+            ws = system.w[:, : size * b].reshape(-1, size, b)
+            gram = torch.einsum("orb,orc->rbc", ws, ws)
+            cost = 0.5 * (torch.linalg.inv(hss) * gram).sum(dim=(1, 2))
+        return torch.where(alive, cost, torch.full_like(cost, float("inf")))
+
+    def remove(self, channel: int) -> None:
+        """The OBS update of ``w`` (OBC eq. 8) and the eq. 9 downdate, as the factor V_S, for one channel."""
+        system, b = self.system, self.system.block
+        cols = slice(channel * b, (channel + 1) * b)
+        v = self.v[:, : self.k]
+        h_s = system.hinv[:, cols] - v @ v[cols].T  # current (H^-1)_{:,S}
+        h_s[self.dead] = 0.0  # removed columns are exactly out of the system
+        low = torch.linalg.cholesky(h_s[cols])
+        v_s = torch.linalg.solve_triangular(low, h_s.T, upper=False).T  # (H^-1)_{:,S} L^-T
+        z = torch.linalg.solve_triangular(low, system.w[:, cols].T, upper=False).T  # W_S L^-T
+        system.w.addmm_(z, v_s.T, alpha=-1.0)  # dW = -W_S ((H^-1)_SS)^-1 (H^-1)_{S,:}
+        system.w[:, cols] = 0.0
+        part = v_s[: self.size * b]
+        if b == 1:
+            self.blocks -= part[:, 0] ** 2
+        else:
+            part = part.reshape(self.size, b, b)
+            self.blocks -= torch.einsum("cik,cjk->cij", part, part)
+        self.dead[cols] = True
+        self.v[:, self.k : self.k + b] = v_s
+        self.k += b
+        if self.k == self.v.shape[1]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the pending downdates to ``hinv`` (removed rows and columns exactly zero)."""
+        if self.k:
+            v = self.v[:, : self.k]
+            self.system.hinv.addmm_(v, v.T, alpha=-1.0)
+            self.k = 0
+        self.system.hinv[self.dead, :] = 0.0
+        self.system.hinv[:, self.dead] = 0.0
 
 
 def obs_select(systems: list[ConsumerSystem], size: int, count: int) -> tuple[torch.Tensor, list[float]]:
@@ -123,13 +164,16 @@ def obs_select(systems: list[ConsumerSystem], size: int, count: int) -> tuple[to
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        runs = [_Elimination(s, size) for s in systems]
         for _ in range(count):
-            total = sum(_block_costs(s, size, alive) for s in systems)
+            total = sum(r.costs(alive) for r in runs)
             best = int(torch.argmin(total))  # first minimum: deterministic
             costs.append(float(total[best]))
-            for s in systems:
-                _remove(s, best)
+            for r in runs:
+                r.remove(best)
             alive[best] = False
+        for r in runs:
+            r.flush()
     finally:
         torch.set_num_threads(threads)
     return torch.nonzero(alive).reshape(-1), costs
