@@ -258,6 +258,22 @@ def test_lazy_eliminations_across_flushes_equal_the_refit_and_the_restricted_inv
     np.testing.assert_allclose(hinv[np.ix_(cols, cols)], np.linalg.inv(h[np.ix_(cols, cols)]), rtol=1e-8, atol=1e-10)
     assert np.abs(hinv[gone]).max() == 0.0 and np.abs(hinv[:, gone]).max() == 0.0
     assert len(costs) == 7 and all(np.isfinite(costs))
+    # every greedy step against brute force: the block whose removal (after the earlier ones) raises the
+    # refit error least, and that increase as its cost (H = 2 X^T X / n: cost = increase of mean sq. error)
+    alive, target = list(range(blocks)), x @ w.T
+
+    def refit_error(kept: list[int]) -> float:
+        c = [k for k in range(blocks * b) if k // b in kept]
+        v, *_ = np.linalg.lstsq(x[:, c], target, rcond=None)
+        return float(((x[:, c] @ v - target) ** 2).sum() / n)
+
+    for step in range(7):
+        base = refit_error(alive)
+        errs = {r: refit_error([a for a in alive if a != r]) - base for r in alive}
+        best = min(errs, key=errs.get)
+        assert costs[step] == pytest.approx(errs[best], rel=1e-6)
+        alive.remove(best)
+    assert alive == keep.tolist()
 
 
 def test_sparsegpt_neurons_compensate_consumer_with_bias_exactly(tmp_path):

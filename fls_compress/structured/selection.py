@@ -88,71 +88,86 @@ LAZY_REMOVALS = 64
 
 
 class _Elimination:
-    """The running block elimination of one consumer's ``hinv``, applied lazily (as GPTQ's lazy batch
-    updates, Frantar et al. 2023, sec. 4 step 2): the current inverse is ``hinv - V V^T``, where each
-    removal of a channel S appends V_S = (H^-1)_{:,S} L^-T with L L^T = (H^-1)_SS (the eq. 9 downdate
-    as a rank-b product), and ``hinv`` is rewritten only every :data:`LAZY_REMOVALS` removals. A removal
-    then costs O(n k b) for its current columns instead of the O(n^2) rewrite of H^-1 (n = columns).
-    The diagonal b x b blocks the costs read are kept current on their own."""
+    """The running block elimination of one consumer, applied lazily (as GPTQ's lazy batch updates,
+    Frantar et al. 2023, sec. 4 step 2). Removing channel S with L L^T = (H^-1)_SS appends
+
+        V_S = (H^-1)_{:,S} L^-T   and   Z_S = W_S L^-T,
+
+    so that the eq. 9 downdate is ``H^-1 - V_S V_S^T`` and the eq. 8 update ``W - Z_S V_S^T``; the current
+    H^-1 and W are ``hinv - V V^T`` and ``w - Z V^T``, rewritten only every :data:`LAZY_REMOVALS`
+    removals by one matrix product each. Between rewrites a removal costs one pass over W (W^T Z_S, for
+    the costs) and O(n k b), instead of rewriting the n x n H^-1 and the out x n W. The costs' inputs,
+    the diagonal b x b blocks of H^-1 and the b x b Grams W_c^T W_c of each channel's columns, are kept
+    current by the same rank-b terms."""
 
     def __init__(self, system: ConsumerSystem, size: int):
         self.system, self.size, b = system, size, system.block
-        n = system.hinv.shape[0]
+        n, out = system.hinv.shape[0], system.w.shape[0]
         self.v = system.hinv.new_zeros(n, LAZY_REMOVALS * b)
+        self.z = system.w.new_zeros(out, LAZY_REMOVALS * b)
         self.k = 0
         self.dead = torch.zeros(n, dtype=torch.bool)
+        idx = torch.arange(size)
         if b == 1:
             self.blocks = torch.diagonal(system.hinv)[:size].clone()  # (C,)
+            self.grams = torch.linalg.vector_norm(system.w[:, :size], dim=0).square()  # (C,)
         else:
-            idx = torch.arange(size)
             self.blocks = system.hinv[: size * b, : size * b].reshape(size, b, size, b)[idx, :, idx, :].clone()  # (C, b, b)
+            ws = system.w[:, : size * b].reshape(-1, size, b)
+            self.grams = torch.einsum("orb,orc->rbc", ws, ws)  # (C, b, b)
 
     def costs(self, alive: torch.Tensor) -> torch.Tensor:
         """E_S of every channel (``inf`` for removed ones): 1/2 tr(((H^-1)_SS)^-1 W_S^T W_S), batched, from
         the b x b Gram of each block's columns (no solve with the output rows as right-hand sides)."""
-        system, size, b = self.system, self.size, self.system.block
+        b = self.system.block
         if b == 1:
-            cost = 0.5 * torch.linalg.vector_norm(system.w[:, :size], dim=0).square() / torch.where(alive, self.blocks, torch.ones_like(self.blocks))
+            cost = 0.5 * self.grams / torch.where(alive, self.blocks, torch.ones_like(self.blocks))
         else:
             hss = self.blocks.clone()
             hss[~alive] = torch.eye(b, dtype=hss.dtype)
-            ws = system.w[:, : size * b].reshape(-1, size, b)
-            gram = torch.einsum("orb,orc->rbc", ws, ws)
-            cost = 0.5 * (torch.linalg.inv(hss) * gram).sum(dim=(1, 2))
+            cost = 0.5 * (torch.linalg.inv(hss) * self.grams).sum(dim=(1, 2))
         return torch.where(alive, cost, torch.full_like(cost, float("inf")))
 
     def remove(self, channel: int) -> None:
-        """The OBS update of ``w`` (OBC eq. 8) and the eq. 9 downdate, as the factor V_S, for one channel."""
-        system, b = self.system, self.system.block
+        """The OBS update (OBC eq. 8) and the eq. 9 downdate of one channel, as the factors Z_S and V_S."""
+        system, b, size = self.system, self.system.block, self.size
         cols = slice(channel * b, (channel + 1) * b)
-        v = self.v[:, : self.k]
+        v, z = self.v[:, : self.k], self.z[:, : self.k]
         h_s = system.hinv[:, cols] - v @ v[cols].T  # current (H^-1)_{:,S}
         h_s[self.dead] = 0.0  # removed columns are exactly out of the system
         low = torch.linalg.cholesky(h_s[cols])
         v_s = torch.linalg.solve_triangular(low, h_s.T, upper=False).T  # (H^-1)_{:,S} L^-T
-        z = torch.linalg.solve_triangular(low, system.w[:, cols].T, upper=False).T  # W_S L^-T
-        system.w.addmm_(z, v_s.T, alpha=-1.0)  # dW = -W_S ((H^-1)_SS)^-1 (H^-1)_{S,:}
-        system.w[:, cols] = 0.0
-        part = v_s[: self.size * b]
-        if b == 1:
-            self.blocks -= part[:, 0] ** 2
+        w_s = system.w[:, cols] - z @ v[cols].T  # current W_S
+        z_s = torch.linalg.solve_triangular(low, w_s.T, upper=False).T  # W_S L^-T
+        p = system.w.T @ z_s - v @ (z.T @ z_s)  # W^T Z_S of the current W
+        q = z_s.T @ z_s
+        pc, vc = p[: size * b], v_s[: size * b]
+        if b == 1:  # W_c^T W_c -> (W_c - Z_S v_c)^T (W_c - Z_S v_c), v_c the channel's row of V_S
+            self.blocks -= vc[:, 0] ** 2
+            self.grams += vc[:, 0] * (vc[:, 0] * q[0, 0] - 2.0 * pc[:, 0])
         else:
-            part = part.reshape(self.size, b, b)
-            self.blocks -= torch.einsum("cik,cjk->cij", part, part)
+            pc, vc = pc.reshape(size, b, b), vc.reshape(size, b, b)
+            self.blocks -= torch.einsum("cik,cjk->cij", vc, vc)
+            cross = torch.einsum("cik,cjk->cij", pc, vc)
+            self.grams += torch.einsum("cik,kl,cjl->cij", vc, q, vc) - cross - cross.transpose(1, 2)
         self.dead[cols] = True
         self.v[:, self.k : self.k + b] = v_s
+        self.z[:, self.k : self.k + b] = z_s
         self.k += b
         if self.k == self.v.shape[1]:
             self.flush()
 
     def flush(self) -> None:
-        """Apply the pending downdates to ``hinv`` (removed rows and columns exactly zero)."""
+        """Apply the pending updates to ``w`` and ``hinv`` (removed columns, and rows of ``hinv``, exactly zero)."""
+        system = self.system
         if self.k:
-            v = self.v[:, : self.k]
-            self.system.hinv.addmm_(v, v.T, alpha=-1.0)
+            v, z = self.v[:, : self.k], self.z[:, : self.k]
+            system.hinv.addmm_(v, v.T, alpha=-1.0)
+            system.w.addmm_(z, v.T, alpha=-1.0)
             self.k = 0
-        self.system.hinv[self.dead, :] = 0.0
-        self.system.hinv[:, self.dead] = 0.0
+        system.hinv[self.dead, :] = 0.0
+        system.hinv[:, self.dead] = 0.0
+        system.w[:, self.dead] = 0.0
 
 
 def obs_select(systems: list[ConsumerSystem], size: int, count: int) -> tuple[torch.Tensor, list[float]]:
