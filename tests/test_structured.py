@@ -176,6 +176,28 @@ def test_silu_and_reduce_mean_pass_channels_through(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_with_constant_nodes_passes_neurons_through(tmp_path):
+    """A transformer feed-forward block as torch's legacy exporter writes it: MatMul + Add -> GELU in its
+    erf form with its scalars as Constant nodes (Div, Erf, Add, Mul, Mul) -> MatMul + Add. Scalar Constant
+    operands are not per-channel: the hidden neurons are one removable group, and a magnitude prune equals
+    the original with the second layer's rows of the removed neurons zeroed."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 6)).eval()
+    path = tmp_path / "ffn.onnx"
+    torch.onnx.export(net, (torch.randn(2, 5, 6),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    model = onnx.load(path)
+    assert any(n.op_type == "Constant" for n in model.graph.node) and any(n.op_type == "Erf" for n in model.graph.node)
+    analysis = find_groups(model, "neurons")
+    assert len(analysis.groups) == 1 and analysis.groups[0].size == 12
+    x = np.random.default_rng(3).normal(size=(40, 5, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="neurons"), tmp_path / "calib.npz", options=OPTS)
+    assert rep["structure"]["channels_removed"] == 6
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _mlp(rng, hidden: int = 8, d_in: int = 6, d_out: int = 3) -> onnx.ModelProto:
     f = np.float32
     inits = [numpy_helper.from_array(rng.normal(size=(hidden, d_in)).astype(f), "w1"),

@@ -101,14 +101,16 @@ class Walker:
         """A constant operand broadcast against the activation: nothing to do when it does not vary along
         the channel axis (size 1 there, or absent); one :class:`Slice` when it has one entry per channel."""
         g = self.graph
-        if name not in g.inits:
+        if name not in g.inits and name not in g.constants:
             raise Reject(f"{role} '{name}' of node {g.labels[index]} is not an initializer")
-        dims = g.dims(name)
+        dims = g.dims(name) if name in g.inits else list(np.asarray(g.const_value(name)).shape)
         pos = len(dims) + axis  # axis < 0 counts from the end: numpy broadcasting aligns the right
         if rank is not None and len(dims) > rank:
             raise Reject(f"{role} '{name}' has more dimensions than the activation")
         if pos < 0 or dims[pos] == 1:
             return
+        if name not in g.inits:  # a Constant node (e.g. GELU's 1/sqrt(2) as exported) that varies per channel
+            raise Reject(f"{role} '{name}' of node {g.labels[index]} is a per-channel Constant node (not rewritten)")
         if dims[pos] != self.size:
             raise Reject(f"{role} '{name}' (shape {dims}) does not broadcast per channel")
         g.own(name, index, role)
@@ -176,7 +178,7 @@ class Walker:
             if op == "PRelu" and node.input[0] != value:
                 raise Reject(f"{where} reads the channels as its slope")
             for v in dict.fromkeys(others):
-                if v in g.inits:
+                if v in g.inits or v in g.constants:
                     self.vector(i, v, axis, rank, "constant")
                 else:
                     self.pending.setdefault(v, (axis, block, where))
