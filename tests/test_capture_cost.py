@@ -144,12 +144,15 @@ def test_chained_capture_equals_whole_model_capture_and_runs_each_node_once() ->
     assert ChainedCapture(model, {"x": x}, chunk=16, budget_bytes=0).run(["s"], current) is None
 
 
-def test_w8a8_ranges_read_off_the_gptq_capture_equal_a_separate_minmax_pass() -> None:
+def test_w8a8_ranges_read_off_the_gptq_capture_equal_a_separate_minmax_pass(tmp_path) -> None:
     from fls_compress.quantize.act_ranges import activation_ranges, uint8_params
     from fls_compress.quantize.model import quantize_model, range_candidates
 
-    model = onnx.load("sample_models/mnist_cnn.onnx")
-    calib = {k: v[:96] for k, v in np.load("sample_models/mnist_cnn_calib.npz").items() if k != "labels"}
+    from .models import small_cnn
+
+    cnn = small_cnn(tmp_path, epochs=1)  # built here: a fresh clone has no sample_models/*.onnx
+    model = onnx.load(cnn["model"])
+    calib = {k: v[:96] for k, v in np.load(cnn["calib"]).items() if k != "labels"}
     q, info = quantize_model(model, calib, method="gptq", bits=8, activations="int8", num_samples=96)
     assert info["activation_ranges_from_capture"] == info["activation_ranges_calibrated"] > 0
     assert all(info[f"time_{s}_s"] >= 0 for s in ("capture", "hessian", "transform", "write_qdq", "act_ranges"))
