@@ -9,12 +9,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fls_compress.configs import RunOptions, config_types
+from fls_compress.configs import DEFAULT_METHODS, RunOptions, config_types
 
 from .options import knob_params, plain, split_knobs, with_signature
 from .output import emit_report
-
-DEFAULT_METHOD = {"prune": "fls", "quantize": "fls"}
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -44,7 +42,7 @@ def register(app: typer.Typer, command: str) -> None:
     method_enum = Enum(f"{command}_method", {name: name for name in types}, type=str)  # type: ignore[misc]
     run_names = [f.name for f in RunOptions.knobs()]
     params = path_params(command) + [
-        inspect.Parameter("method", _KW, default=method_enum(DEFAULT_METHOD[command]), annotation=Annotated[
+        inspect.Parameter("method", _KW, default=method_enum(DEFAULT_METHODS[command]), annotation=Annotated[
             method_enum, typer.Option("--method", "-m", help=f"{command.capitalize()} method (see `fls-compress methods`).",
                                       rich_help_panel="Pruning target" if command == "prune" else "Quantization")]),
     ] + knob_params(classes) + knob_params([RunOptions], list_methods=False)

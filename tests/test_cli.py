@@ -179,6 +179,22 @@ def test_typer_cli_runner_sees_the_same_commands(mlp):
     assert res.exit_code == 0 and "FishLeg Surgeon (fls)" in res.output and "--fit-steps" in res.output
 
 
+def test_quantize_defaults_to_gptq_and_prune_to_fls(mlp, tmp_path):
+    """One default table for the CLI and job specs (benchmarks/results/quantize_default.md chose gptq)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from fls_compress.configs import FLSConfig, GPTQConfig, config_from_dict
+
+    assert type(config_from_dict({"bits": 8}, command="quantize")) is GPTQConfig
+    assert type(config_from_dict({"sparsity": 0.5}, command="prune")) is FLSConfig
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    res = CliRunner().invoke(app, ["quantize", str(mlp["model"]), "-o", str(out), "--bits", "8", "--data",
+                                   str(mlp["dir"] / "calib.npz"), "--report", str(rep), "--no-progress", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(rep.read_text())["method"] == "gptq"
+
+
 @pytest.mark.slow
 def test_failure_after_parsing_still_writes_a_report(mlp, tmp_path):
     rep = tmp_path / "r.json"
