@@ -98,10 +98,7 @@ def _padded_2d(site: PrunableSite, use: LayerUse, x: torch.Tensor):
 def _im2col(site: PrunableSite, use: LayerUse, x: torch.Tensor) -> torch.Tensor:
     """Conv input (N, C, *spatial) -> (groups, N * L, C/groups * prod(kernel)), unfold column order
     (equal to ``torch.nn.functional.unfold``'s patches; gathered, which is many times faster on CPU)."""
-    xp, kernel, strides, dil = _padded_2d(site, use, x)
-    out_h = (xp.shape[2] - (kernel[0] - 1) * dil[0] - 1) // strides[0] + 1
-    out_w = (xp.shape[3] - (kernel[1] - 1) * dil[1] - 1) // strides[1] + 1
-    return _patches_at(site, use, x, torch.arange(x.shape[0] * max(out_h, 0) * max(out_w, 0)))
+    return _patches_at(site, use, x, torch.arange(count_rows(site, use, tuple(x.shape))))
 
 
 def _patches_at(site: PrunableSite, use: LayerUse, x: torch.Tensor, rows: torch.Tensor,

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .act_ranges import activation_ranges, parse_calibration, uint8_params
+from .qdq import unique_name
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ VALUE_PRESERVING = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squ
 _INT32 = np.iinfo(np.int32)
 
 
-class _Graph:
+class TensorGraph:
     """Producer / consumer indices of a graph's tensors."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -58,13 +59,31 @@ class _Graph:
         return None if i is None else self.graph.node[i]
 
 
-def _weight_dq(g: _Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+def value_chain(g: TensorGraph, tensor: str) -> list[str]:
+    """``tensor`` and the tensors above it through value-preserving operators (not from initializers): the
+    values along the chain are those of its last element, the root, so they share its activation range."""
+    chain = [tensor]
+    while (p := g.node_of(chain[-1])) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in g.inits:
+        chain.append(p.input[0])
+    return chain
+
+
+def conv_output(g: TensorGraph, node: onnx.NodeProto) -> str:
+    """The tensor a Conv's quantized output is taken at: its output, or its only consumer's if a Relu."""
+    y = node.output[0]
+    uses = g.consumers.get(y, [])
+    if y not in g.outputs and len(uses) == 1 and g.graph.node[uses[0][0]].op_type == "Relu":
+        y = g.graph.node[uses[0][0]].output[0]
+    return y
+
+
+def _weight_dq(g: TensorGraph, node: onnx.NodeProto) -> onnx.NodeProto | None:
     """The DequantizeLinear producing the layer's weight input (input 1), if any."""
     dq = g.node_of(node.input[1]) if len(node.input) > 1 else None
     return dq if dq is not None and dq.op_type == "DequantizeLinear" else None
 
 
-def _is_8bit(g: _Graph, dq: onnx.NodeProto | None) -> bool:
+def _is_8bit(g: TensorGraph, dq: onnx.NodeProto | None) -> bool:
     codes = g.inits.get(dq.input[0]) if dq is not None else None
     return codes is not None and codes.data_type in (TensorProto.INT8, TensorProto.UINT8)
 
@@ -79,7 +98,7 @@ def _attr(node: onnx.NodeProto, key: str, default: object) -> object:
 def plan(model: onnx.ModelProto, consumers: list[tuple[onnx.NodeProto, int]]):
     """Which tensors get Q/DQ: ``{tensor: (params root, [(node index, input position) to rewire])}``,
     the layer node indices, and the names of layers whose output stays float (graph outputs)."""
-    g = _Graph(model.graph)
+    g = TensorGraph(model.graph)
     rewire: dict[str, set[tuple[int, int]]] = {}
     root: dict[str, str] = {}
     layers: list[int] = []
@@ -90,13 +109,10 @@ def plan(model: onnx.ModelProto, consumers: list[tuple[onnx.NodeProto, int]]):
             missing.append(node.name or node.op_type)
             continue
         layers.append(idx)
-        t = model.graph.node[idx].input[pos]
-        rewire.setdefault(t, set()).add((idx, pos))
-        chain = [t]
-        while (p := g.node_of(t)) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in g.inits:
-            t = p.input[0]
-            rewire.setdefault(t, set()).add((g.producer[p.output[0]], 0))
-            chain.append(t)
+        chain = value_chain(g, model.graph.node[idx].input[pos])
+        rewire.setdefault(chain[0], set()).add((idx, pos))
+        for below, t in zip(chain, chain[1:]):  # t is read (input 0) by the producer of the tensor below it
+            rewire.setdefault(t, set()).add((g.producer[below], 0))
         for c in chain:
             root[c] = chain[-1]
     float_outputs: list[str] = []
@@ -104,10 +120,7 @@ def plan(model: onnx.ModelProto, consumers: list[tuple[onnx.NodeProto, int]]):
         node = model.graph.node[idx]
         if node.op_type != "Conv" or not _is_8bit(g, _weight_dq(g, node)):
             continue
-        y = node.output[0]
-        uses = g.consumers.get(y, [])
-        if y not in g.outputs and len(uses) == 1 and model.graph.node[uses[0][0]].op_type == "Relu":
-            y = model.graph.node[uses[0][0]].output[0]
+        y = conv_output(g, node)
         if y in g.outputs or not g.consumers.get(y):
             float_outputs.append(node.name or y)
             continue
@@ -116,19 +129,11 @@ def plan(model: onnx.ModelProto, consumers: list[tuple[onnx.NodeProto, int]]):
     return rewire, root, list(dict.fromkeys(layers)), missing, float_outputs
 
 
-def _unique(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 def quantize_biases(model: onnx.ModelProto, layers: list[int], act_scale: dict[str, float], taken: set[str]) -> int:
     """Int32 bias codes + DequantizeLinear (scale s_x * s_w) for the 8-bit Conv/Gemm layers of ``layers``
     whose input activation has the scale ``act_scale`` (the tensor the layer reads before rewiring);
     returns how many biases were quantised."""
-    g = _Graph(model.graph)
+    g = TensorGraph(model.graph)
     new_nodes, replaced = [], set()
     for idx in layers:
         node = model.graph.node[idx]
@@ -156,8 +161,8 @@ def quantize_biases(model: onnx.ModelProto, layers: list[int], act_scale: dict[s
             log.warning("int8 activations: bias of %s exceeds int32 at scale s_x*s_w and is clipped", node.name or node.op_type)
         codes = np.clip(raw, _INT32.min, _INT32.max).astype(np.int32)
         base = node.input[2]
-        c_name, s_name, z_name = (_unique(taken, f"{base}_{s}") for s in ("int32", "int32_scale", "int32_zero_point"))
-        out_name = _unique(taken, f"{base}_int32_dequantized")
+        c_name, s_name, z_name = (unique_name(taken, f"{base}_{s}") for s in ("int32", "int32_scale", "int32_zero_point"))
+        out_name = unique_name(taken, f"{base}_int32_dequantized")
         scale_arr = np.asarray(scale, dtype=np.float32).reshape(-1) if per_channel else np.float32(scale.reshape(-1)[0])
         model.graph.initializer.extend([
             numpy_helper.from_array(codes, c_name),
@@ -166,7 +171,7 @@ def quantize_biases(model: onnx.ModelProto, layers: list[int], act_scale: dict[s
         ])
         attrs = {"axis": 0} if per_channel else {}
         new_nodes.append(helper.make_node("DequantizeLinear", [c_name, s_name, z_name], [out_name],
-                                          name=_unique(taken, f"{base}_int32_DequantizeLinear"), **attrs))
+                                          name=unique_name(taken, f"{base}_int32_DequantizeLinear"), **attrs))
         replaced.add(node.input[2])
         node.input[2] = out_name
     if new_nodes:
@@ -220,7 +225,7 @@ def add_activation_qdq(
     pairs: dict[str, list[onnx.NodeProto]] = {}
     for value, uses in rewire.items():
         scale, zero = params[value]
-        s_name, z_name, q_name, dq_name = (_unique(taken, f"{value}_act_{s}")
+        s_name, z_name, q_name, dq_name = (unique_name(taken, f"{value}_act_{s}")
                                            for s in ("scale", "zero_point", "quantized", "dequantized"))
         graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
         graph.initializer.append(numpy_helper.from_array(np.array(zero, dtype=np.uint8), z_name))

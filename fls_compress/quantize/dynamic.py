@@ -28,19 +28,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .qdq import unique_name
+
 log = logging.getLogger(__name__)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _unique(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def _eligible(node: onnx.NodeProto, weight: str) -> bool:
@@ -91,7 +85,6 @@ def add_dynamic_activations(model: onnx.ModelProto, weights: list[str]) -> tuple
             continue
         codes = numpy_helper.to_array(codes_t)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        zero = numpy_helper.to_array(inits[dq.input[2]])
         for node in layers:
             trans_b = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
             axis = int(da.get("axis", 1))
@@ -101,28 +94,28 @@ def add_dynamic_activations(model: onnx.ModelProto, weights: list[str]) -> tuple
         else:
             for node in layers:
                 trans_b = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
-                w_name = _unique(taken, f"{name}_kn" if trans_b else f"{name}_codes")
+                w_name = unique_name(taken, f"{name}_kn" if trans_b else f"{name}_codes")
                 graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes.T if trans_b else codes), w_name))
                 x = node.input[0]
                 if x not in quantized_inputs:
-                    names = tuple(_unique(taken, f"{x}_dyn_{s}") for s in ("quantized", "scale", "zero_point"))
+                    names = tuple(unique_name(taken, f"{x}_dyn_{s}") for s in ("quantized", "scale", "zero_point"))
                     quantized_inputs[x] = names  # type: ignore[assignment]
                     dql[x] = helper.make_node("DynamicQuantizeLinear", [x], list(names),
-                                              name=_unique(taken, f"{x}_DynamicQuantizeLinear"))
+                                              name=unique_name(taken, f"{x}_DynamicQuantizeLinear"))
                 xq, xs, xz = quantized_inputs[x]
                 base = node.name or node.output[0]
-                sc, prod, cast, y = (_unique(taken, f"{base}_{s}") for s in ("scales", "int32", "float", "scaled"))
+                sc, prod, cast, y = (unique_name(taken, f"{base}_{s}") for s in ("scales", "int32", "float", "scaled"))
                 has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
                 nodes = [
-                    helper.make_node("Mul", [xs, dq.input[1]], [sc], name=_unique(taken, f"{base}_scales_Mul")),
+                    helper.make_node("Mul", [xs, dq.input[1]], [sc], name=unique_name(taken, f"{base}_scales_Mul")),
                     helper.make_node("MatMulInteger", [xq, w_name, xz, dq.input[2]], [prod],
-                                     name=_unique(taken, f"{base}_MatMulInteger")),
-                    helper.make_node("Cast", [prod], [cast], to=TensorProto.FLOAT, name=_unique(taken, f"{base}_Cast")),
+                                     name=unique_name(taken, f"{base}_MatMulInteger")),
+                    helper.make_node("Cast", [prod], [cast], to=TensorProto.FLOAT, name=unique_name(taken, f"{base}_Cast")),
                     helper.make_node("Mul", [cast, sc], [y if has_bias else node.output[0]],
-                                     name=_unique(taken, f"{base}_Mul")),
+                                     name=unique_name(taken, f"{base}_Mul")),
                 ]
                 if has_bias:
-                    nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]], name=_unique(taken, f"{base}_bias_Add")))
+                    nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]], name=unique_name(taken, f"{base}_bias_Add")))
                 replace[id(node)] = nodes
                 rewritten += 1
             drop_nodes.add(id(dq))

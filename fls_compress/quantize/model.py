@@ -315,29 +315,16 @@ def range_candidates(model: onnx.ModelProto, names: list[str] | None) -> list[st
     operators to the tensor the chain starts from, and every Conv's output, or that of its only consumer
     if a Relu). Only roots: the tensors along a chain share the root's range, so capturing them too would
     make onnxruntime hand back (and the observer scan) the same values several times."""
-    from .activations import VALUE_PRESERVING
+    from .activations import TensorGraph, conv_output, value_chain
 
     work = densify_sparse_initializers(model)
     _, uses = layer_sites(work, names)
-    graph = work.graph
-    inits = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for v in node.input:
-            readers.setdefault(v, []).append(node)
+    g = TensorGraph(work.graph)
     out: list[str] = []
     for us in uses.values():
         for use in us:
-            t = use.activation
-            while (p := producer.get(t)) is not None and p.op_type in VALUE_PRESERVING and p.input and p.input[0] not in inits:
-                t = p.input[0]
-            out.append(t)
+            out.append(value_chain(g, use.activation)[-1])
             if use.node.op_type == "Conv" and use.node.output:
-                y = use.node.output[0]
-                if y not in outputs and len(readers.get(y, [])) == 1 and readers[y][0].op_type == "Relu":
-                    y = readers[y][0].output[0]
-                out.append(y)
-    graph_inputs = {vi.name for vi in graph.input} - inits
-    return [t for t in dict.fromkeys(out) if t in producer or t in graph_inputs]
+                out.append(conv_output(g, use.node))
+    graph_inputs = {vi.name for vi in work.graph.input} - set(g.inits)
+    return [t for t in dict.fromkeys(out) if t in g.producer or t in graph_inputs]

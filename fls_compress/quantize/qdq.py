@@ -132,7 +132,8 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return out
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken`` (which then holds it)."""
     name, i = base, 1
     while name in taken:
         name, i = f"{base}_{i}", i + 1
@@ -218,7 +219,7 @@ def write_qdq(
         if name in nbits:
             if tensor.data_type != TensorProto.FLOAT:
                 raise UnsupportedModelError(f"weight {name!r}: only float32 weights can be written as MatMulNBits")
-            write_matmul_nbits(graph, name, q.codes, q.grid, uses[name], lambda base: _unique(base, taken))
+            write_matmul_nbits(graph, name, q.codes, q.grid, uses[name], lambda base: unique_name(taken, base))
             drop.add(name)
             continue
         if tensor.data_type != TensorProto.FLOAT:
@@ -238,24 +239,24 @@ def write_qdq(
             if axis == 0:
                 scale, zero = scale.T, zero.T
             attrs = {"axis": axis, "block_size": int(spec.block)}
-        codes_name = _unique(f"{name}_quantized", taken)
-        scale_name = _unique(f"{name}_scale", taken)
+        codes_name = unique_name(taken, f"{name}_quantized")
+        scale_name = unique_name(taken, f"{name}_scale")
         graph.initializer.append(code_tensor(codes_name, onnx_type, np_type, codes))
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), scale_name))
         inputs = [codes_name, scale_name]
         # an explicit zero point also for symmetric int8 (all zeros): onnxruntime's Gemm QDQ selector fuses
         # DequantizeLinear -> Gemm into QGemm only when the weight's DequantizeLinear has one
         if not spec.symmetric or spec.bits == 8:
-            zp_name = _unique(f"{name}_zero_point", taken)
+            zp_name = unique_name(taken, f"{name}_zero_point")
             graph.initializer.append(code_tensor(zp_name, onnx_type, np_type, zero))
             inputs.append(zp_name)
-        dq_out = _unique(f"{name}_dequantized_2d", taken) if conv_block else name
+        dq_out = unique_name(taken, f"{name}_dequantized_2d") if conv_block else name
         new_nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_out],
-                                          name=_unique(f"{name}_DequantizeLinear", taken), **attrs))
+                                          name=unique_name(taken, f"{name}_DequantizeLinear"), **attrs))
         if conv_block:
-            shape_name = _unique(f"{name}_shape", taken)
+            shape_name = unique_name(taken, f"{name}_shape")
             graph.initializer.append(numpy_helper.from_array(np.array(site.shape, dtype=np.int64), shape_name))
-            new_nodes.append(helper.make_node("Reshape", [dq_out, shape_name], [name], name=_unique(f"{name}_Reshape", taken)))
+            new_nodes.append(helper.make_node("Reshape", [dq_out, shape_name], [name], name=unique_name(taken, f"{name}_Reshape")))
         drop.add(name)
     kept = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]

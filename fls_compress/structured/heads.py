@@ -33,7 +33,7 @@ import onnx
 from ..io.onnx_model import prunable_initializers
 from .shapes import Probe
 from .types import Consumer, Reject, Skipped
-from .walk import UNARY, GraphIndex, attr
+from .walk import GraphIndex, attr
 
 LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Flatten", "Cast", "Identity", "Dropout"}
 ARITH = {"Add", "Sub", "Mul", "Div"}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 
 import numpy as np
 import onnx
@@ -34,11 +33,11 @@ from ..configs.pruning import PruneConfig
 from ..errors import UnsupportedModelError
 from ..io.activations import ActivationSession, prepare_feeds
 from ..io.calibration import CalibrationData
-from ..io.onnx_model import model_size_bytes, prunable_initializers
 from ..progress import stage_progress
 from .groups import consumer_slice
 from .heads import HeadGroup, find_head_groups
 from .heads_rewrite import apply, plan
+from .report import stage_outcome
 from .rewrite import read, replace_initializer
 from .selection import l2_select, obs_select, removal_count
 from .shapes import probe
@@ -75,7 +74,7 @@ def _disagreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions, selection: str):
     """Prune the attention heads of ``model``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model."""
-    from ..pruning.stage import Outcome, bind_constants
+    from ..pruning.stage import bind_constants
     from .stage import _compensated, _systems, capture_hessians
 
     work = onnx.ModelProto()
@@ -155,25 +154,8 @@ def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationDat
             "no heads group of this graph can be removed safely"
             + (" (" + "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "") + ")"
                if skipped else " (no multi-head attention block found: MatMul(Q, K^T) -> Softmax -> MatMul(P, V))"))
-    sites = prunable_initializers(model)
-    layers = {s.name: (int(math.prod(s.shape)), list(s.shape), s.op_type) for s in sites}
-    info = {
-        "structure": "heads", "selection": selection, "groups": info_groups,
-        "skipped": [s.to_dict() for s in skipped], "shapes": {k: {"before": b, "after": a} for k, (b, a) in shapes.items()},
-        "allocation": "the same fraction of heads in every attention block"
-                      + (f", kept counts rounded to multiples of {config.channel_multiple}" if config.channel_multiple > 1 else ""),
-        "probe_batches": [p.size for p in probes],
-    }
-    if selection == "obs":
-        info.update(sequential=bool(config.sequential), percdamp=config.percdamp,
-                    max_rows_per_layer=config.max_rows_per_layer,
-                    lazy_block="not used: structured OBS removes whole heads greedily (no lazy column blocks)")
-    else:
-        info["scope"] = "not used: structured pruning removes the same fraction of heads in every block"
-    if model_size_bytes(work) < 2**31 - 1:
-        onnx.checker.check_model(work)
-    excluded = sorted(s.name for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in config.exclude))
-    return Outcome(arrays={}, layers=layers, excluded=excluded, steps=[{"target": config.target}], info=info, model=work)
+    return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
+                         unit="heads", group="attention block", extra={"probe_batches": [p.size for p in probes]})
 
 
 def _reference(work: onnx.ModelProto, group: HeadGroup, removed: list[int], new_values: dict[str, np.ndarray]):

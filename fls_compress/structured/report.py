@@ -14,6 +14,37 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return dense + sum(int(math.prod(s.dims)) for s in model.graph.sparse_initializer)
 
 
+def stage_outcome(model: onnx.ModelProto, work: onnx.ModelProto, config, *, selection: str, groups: list[dict],
+                  skipped: list, shapes: dict, unit: str, group: str, extra: dict[str, Any] | None = None):
+    """The :class:`~fls_compress.pruning.stage.Outcome` of a structured stage (``unit`` removed from every
+    ``group``, e.g. channels / group, heads / attention block): the new model ``work`` (checked by onnx when
+    it serialises, under 2 GiB; above, verification still loads it) and the method_info that
+    :func:`structure_sections` turns into the report's sections."""
+    from ..io.onnx_model import model_size_bytes, prunable_initializers
+    from ..pruning.stage import Outcome, is_excluded
+
+    sites = prunable_initializers(model)
+    layers = {s.name: (int(math.prod(s.shape)), list(s.shape), s.op_type) for s in sites}
+    info = {
+        "structure": config.structure, "selection": selection, "groups": groups,
+        "skipped": [s.to_dict() for s in skipped], "shapes": {k: {"before": b, "after": a} for k, (b, a) in shapes.items()},
+        "allocation": f"the same fraction of {unit} in every {group}"
+                      + (f", kept counts rounded to multiples of {config.channel_multiple}" if config.channel_multiple > 1 else ""),
+        **(extra or {}),
+    }
+    if selection == "obs":
+        removed = "channel blocks" if unit == "channels" else unit
+        info.update(sequential=bool(config.sequential), percdamp=config.percdamp,
+                    max_rows_per_layer=config.max_rows_per_layer,
+                    lazy_block=f"not used: structured OBS removes whole {removed} greedily (no lazy column blocks)")
+    else:
+        info["scope"] = f"not used: structured pruning removes the same fraction of {unit} in every {group}"
+    if model_size_bytes(work) < 2**31 - 1:
+        onnx.checker.check_model(work)
+    excluded = sorted(s.name for s in sites if is_excluded(s.name, config.exclude))
+    return Outcome(arrays={}, layers=layers, excluded=excluded, steps=[{"target": config.target}], info=info, model=work)
+
+
 def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto,
                        latency: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``sparsity``, ``structure``) report sections; the speed note quotes the report's ``latency`` block

@@ -32,9 +32,9 @@ from ..errors import InvalidOptionError, UnsupportedModelError
 from ..io.activations import ActivationSession, from_matrix, layer_sites, prepare_feeds, to_matrix, usable_samples
 from ..io.calibration import CalibrationData
 from ..io.layer_rows import RowStatistics, count_rows, layer_input_rows
-from ..io.onnx_model import model_size_bytes, prunable_initializers
 from ..progress import stage_progress
 from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
+from .report import stage_outcome
 from .rewrite import read, shrink
 from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, removal_count
 
@@ -44,8 +44,8 @@ SELECTION = {MagnitudeConfig: "l2", SparseGPTConfig: "obs"}
 
 
 def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions):
-    """Prune ``model``'s structural groups of ``config.structure``; an :class:`Outcome` with the new model."""
-    from ..pruning.stage import Outcome, bind_constants
+    """Prune ``model``'s structural groups of ``config.structure``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model."""
+    from ..pruning.stage import bind_constants
 
     selection = SELECTION.get(type(config))
     if selection is None:  # the config classes without a ``structure`` knob never get here
@@ -117,25 +117,8 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             info_groups.append(entry)
             log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
             advance(f"{g.producer}: {len(keep_np)}/{g.size}")
-    sites = prunable_initializers(model)
-    layers = {s.name: (int(math.prod(s.shape)), list(s.shape), s.op_type) for s in sites}
-    info = {
-        "structure": config.structure, "selection": selection, "groups": info_groups,
-        "skipped": [s.to_dict() for s in skipped], "shapes": {k: {"before": b, "after": a} for k, (b, a) in shapes.items()},
-        "allocation": "the same fraction of channels in every group"
-                      + (f", kept counts rounded to multiples of {config.channel_multiple}" if config.channel_multiple > 1 else ""),
-    }
-    if selection == "obs":
-        info.update(sequential=bool(config.sequential), percdamp=config.percdamp,
-                    max_rows_per_layer=config.max_rows_per_layer,
-                    lazy_block="not used: structured OBS removes whole channel blocks greedily (no lazy column blocks)")
-    else:
-        info["scope"] = "not used: structured pruning removes the same fraction of channels in every group"
-    if model_size_bytes(work) < 2**31 - 1:  # the checker serialises the model; above 2 GiB verification still loads it
-        onnx.checker.check_model(work)
-    excluded = sorted(s.name for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in config.exclude))
-    return Outcome(arrays={}, layers=layers, excluded=excluded,
-                   steps=[{"target": target}], info=info, model=work)
+    return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
+                         unit="channels", group="group")
 
 
 def capture_hessians(model: onnx.ModelProto, consumers: list[Consumer], feeds: dict[str, np.ndarray],
