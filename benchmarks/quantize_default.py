@@ -27,15 +27,8 @@ sys.path.insert(0, str(ROOT))
 MODELS = ("mnist_cnn", "mnist_autoencoder")
 
 
-def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i:i + 128]})[0] for i in range(0, len(x), 128)])
-
-
 def run(samples: Path, work: Path, seed: int) -> list[dict]:
+    from benchmarks.latency import _outputs
     from fls_compress import GPTQConfig, RunOptions, compress
     from fls_compress.configs import FLSQuantConfig
     from fls_compress.verification import bernoulli_nll
@@ -47,7 +40,8 @@ def run(samples: Path, work: Path, seed: int) -> list[dict]:
         calib = work / f"{model}_calib_half.npz"
         np.savez(calib, **{k: v[:half] for k, v in data.items()})
         x_val = data["input"][half:]
-        ref = _outputs(samples / f"{model}.onnx", x_val)
+        val = {"input": x_val}  # the sample models' input name
+        ref = _outputs(samples / f"{model}.onnx", val)
         for bits in (8, 4):
             for method, config in (("gptq", GPTQConfig(bits=bits)), ("fls", FLSQuantConfig(bits=bits))):
                 out = work / f"{model}_{method}_{bits}.onnx"
@@ -55,7 +49,7 @@ def run(samples: Path, work: Path, seed: int) -> list[dict]:
                 compress(samples / f"{model}.onnx", config, calib, output=out,
                          options=RunOptions(seed=seed, progress=False, latency=False))
                 seconds = time.perf_counter() - t0
-                y = _outputs(out, x_val)
+                y = _outputs(out, val)
                 row = {"model": model, "bits": bits, "method": method, "seconds": seconds,
                        "relative_l2": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
                 if model == "mnist_cnn":
