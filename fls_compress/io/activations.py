@@ -185,6 +185,10 @@ def ort_session(model: onnx.ModelProto, *, path_threshold: int = PROTOBUF_LIMIT)
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Captured chunks are consumed by torch (im2col, X^T X) between runs: onnxruntime's idle intra-op
+    # threads would spin-wait through that work on the same cores (GPTQ's Hessian sums took 1.3 s instead
+    # of 0.8 s on the 2-core quantize_cost benchmark); without spinning they sleep until the next run.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from ..runtime import session_providers
 
     providers = session_providers()
