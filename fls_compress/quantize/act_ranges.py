@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..configs.quantize import DEFAULT_PERCENTILE, parse_calibration
+from ..configs.quantize import parse_calibration
 from ..io.activations import iter_activations
 
 BINS = 2048

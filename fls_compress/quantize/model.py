@@ -209,6 +209,7 @@ def quantize_weights(
         info["num_samples"] = float(len(next(iter(prepare_feeds(work, feeds).values()))))
         info["sequential"] = "yes" if sequential else "no"
         info["hessian_shrinkage"] = shrinkage
+        info["max_rows_per_layer"] = float(max_rows_per_layer or 0)
         if shrinkage != "none" and rhos:
             info["hessian_shrinkage_max"] = float(max(rhos.values()))
             info["hessian_shrinkage_mean"] = float(sum(rhos.values()) / len(rhos))

@@ -51,7 +51,7 @@ def run_quantizer(model: onnx.ModelProto, config: QuantizeConfig, calib: Calibra
     options: dict[str, object] = {"num_samples": opts.num_calibration}
     if isinstance(config, GPTQConfig):
         options.update(percdamp=config.percdamp, block_size=config.lazy_block, sequential=config.sequential,
-                       max_rows_per_layer=config.max_rows_per_layer, shrinkage=config.hessian_shrinkage)
+                       max_rows_per_layer=config.rows_per_layer, shrinkage=config.hessian_shrinkage)
     if isinstance(config, FLSQuantConfig):
         t0 = time.perf_counter()
         curvature, fit_info, likelihood, convert_s = fls_curvature(model, config, calib, device, opts)
