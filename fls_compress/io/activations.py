@@ -187,8 +187,9 @@ def ort_session(model: onnx.ModelProto, *, path_threshold: int = PROTOBUF_LIMIT)
     opts.log_severity_level = 3
     # Captured chunks are consumed by torch (im2col, X^T X) between runs: onnxruntime's idle intra-op
     # threads would spin-wait through that work on the same cores (GPTQ's Hessian sums took 1.3 s instead
-    # of 0.8 s on the 2-core quantize_cost benchmark); without spinning they sleep until the next run.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # of 0.8 s on the 2-core quantize_cost benchmark). They stop spinning when each run ends, and still
+    # spin between the operators of a run (allow_spinning=0 instead made small runs ~1.7x slower).
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     from ..runtime import session_providers
 
     providers = session_providers()
