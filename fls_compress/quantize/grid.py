@@ -111,9 +111,11 @@ class Grid:
 
     # --------------------------------------------------------------------------------------------
     def _expand(self, a: np.ndarray, cols: int) -> np.ndarray:
+        """Per-group values as an array broadcasting against (out, cols): one group is a column vector
+        (no (out, cols) copy), more are repeated over their columns."""
         if a.shape[1] != -(-cols // self.group_size):
             raise ValueError(f"grid covers {a.shape[1] * self.group_size} columns, got {cols}")
-        return np.repeat(a, self.group_size, axis=1)[:, :cols]
+        return a if a.shape[1] == 1 else np.repeat(a, self.group_size, axis=1)[:, :cols]
 
     def codes(self, w: np.ndarray) -> np.ndarray:
         """Integer codes (int32) of a full (out, in) matrix."""
