@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fls_compress.curvature.likelihoods import make_likelihood
-from fls_compress.curvature.problem import problem_from_module
+from fls_compress.curvature.problem import FisherProblem, problem_from_module
 
 # The test models are tiny: one thread is fastest and avoids oversubscription when cores are shared.
 torch.set_num_threads(1)

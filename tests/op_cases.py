@@ -309,7 +309,7 @@ def _cases() -> list[OpCase]:
     c.append(OpCase("Transpose", 23, {"x": x4}, {"perm": [0, 2, 1, 3]}))
     # Resize (ours replaces onnx2torch's): every coordinate mode x interpolation mode, up and down
     img = rand(1, 2, 5, 7)
-    roi0, none = np.zeros(0, np.float32), None
+    roi0 = np.zeros(0, np.float32)
     for ctm in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric"):
         for mode, extra in (("nearest", {"nearest_mode": "round_prefer_floor"}), ("nearest", {"nearest_mode": "round_prefer_ceil"}),
                             ("nearest", {"nearest_mode": "floor"}), ("nearest", {"nearest_mode": "ceil"}),

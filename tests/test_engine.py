@@ -97,6 +97,7 @@ def test_classifier_prune_with_labels_reports_accuracy_and_is_deterministic(cnn,
     r1 = compress(cnn["model"], config, cnn["calib"], output=tmp_path / "a.onnx", eval_data=cnn["test"], options=opts)
     r2 = compress(cnn["model"], config, cnn["calib"], output=tmp_path / "b.onnx", eval_data=cnn["test"], options=opts)
     assert r1["likelihood"] == "categorical"
+    assert r2["sparsity"] == r1["sparsity"]
     out = r1["verification"]["outputs"]["logits"]
     assert out["accuracy_original"] > 0.8
     assert out["top1_agreement"] > 0.8

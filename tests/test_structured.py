@@ -3,7 +3,6 @@ onnxruntime running the result, the structured OBS update against its closed for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

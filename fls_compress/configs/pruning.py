@@ -23,6 +23,8 @@ from .base import Config, knob
 from .recovery import Recovery
 
 TORCH = "torch"
+#: Default cap on the activation rows of X per layer (all samples and uses together; a seeded uniform
+#: subsample above it, fls_compress.io.layer_rows.RowStatistics); only large feature maps reach it.
 DEFAULT_MAX_ROWS = 65536
 ACTIVATIONS = "activations"
 

@@ -34,12 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs.pruning import DEFAULT_MAX_ROWS
 from ..errors import InvalidOptionError
 from .activations import LayerUse, conv_groups
 from .onnx_model import PrunableSite
 
-#: Default cap on the rows of X per layer (all samples and uses together); only large feature maps hit it.
-DEFAULT_MAX_ROWS = 65536
 _ROW_CHUNK_FLOATS = 2e7  # elements of X processed at once
 #: rows per float32 X^T X block (see the module doc for the error bound this length gives)
 GRAM_BLOCK = 4096

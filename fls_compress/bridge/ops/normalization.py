@@ -32,7 +32,7 @@ class OnnxGroupNorm(OnnxModule):
     def forward(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
             return F.group_norm(x, self.num_groups, scale, bias, self.epsilon)
-        n, c = x.shape[0], x.shape[1]
+        n = x.shape[0]
         grouped = x.reshape(n, self.num_groups, -1)
         mean = grouped.mean(dim=-1, keepdim=True)
         var = ((grouped - mean) ** 2).mean(dim=-1, keepdim=True)
