@@ -1,11 +1,13 @@
 """Compressed models that run faster? Quality, size, onnxruntime latency and time to make, side by side.
 
-    python benchmarks/latency.py --out benchmarks/results [--models cnn,autoencoder,wide_mlp,minilm]
+    python benchmarks/latency.py --out benchmarks/results [--models cnn,autoencoder,wide_mlp,minilm,byte_classifier]
 
 Models: the sample MNIST CNN and autoencoder (``make samples``), a wide MLP 1024-4096-4096-1024 (ReLU,
 torch's default init, exported by torch; Gaussian inputs) and the pretrained all-MiniLM-L6-v2 encoder on
 real text (``make bench-weights``; built and exported exactly as in ``benchmarks/transformer_encoder.py``,
-sequences of 32 tokens). Rows (:data:`ROW_BUILDERS`, one function each; append a builder to add a row,
+sequences of 32 tokens), and the byte-sequence classifier of ``benchmarks/quantize_cost.py`` (a look-alike
+of a user's tf2onnx export: int32 bytes [N, 2048], Embedding, three Conv2D with channel-last Transposes,
+GlobalMaxPool, two Dense layers, Softmax over 214 classes). Rows (:data:`ROW_BUILDERS`, one function each; append a builder to add a row,
 e.g. structured pruning):
 
 * ``dense``: the model itself;
@@ -107,8 +109,17 @@ def prepare_minilm(work: Path, seed: int) -> Bench:
     return Bench("minilm", sub / "encoder.onnx", sub / "calib.npz", sub / "eval.npz", sub, {"sentence": True})
 
 
+def prepare_byte_classifier(work: Path, seed: int) -> Bench:
+    """The look-alike of a user's tf2onnx byte-sequence classifier (``benchmarks/quantize_cost.py``)."""
+    from benchmarks.quantize_cost import build_byte_classifier
+
+    model, calib, held_out = build_byte_classifier(work, seed)
+    return Bench("byte_classifier", model, calib, held_out, work, {"argmax": True})
+
+
 MODELS: dict[str, Callable[[Path, int], Bench]] = {
     "cnn": prepare_cnn, "autoencoder": prepare_autoencoder, "wide_mlp": prepare_wide_mlp, "minilm": prepare_minilm,
+    "byte_classifier": prepare_byte_classifier,
 }
 
 
@@ -201,8 +212,9 @@ def _heads(fraction: float, method: str):
         from fls_compress import MagnitudeConfig, SparseGPTConfig
 
         graph = onnx.load(str(bench.model), load_external_data=False).graph
-        if not any(n.op_type == "Softmax" for n in graph.node):
-            raise NotApplicable("no attention")
+        outputs = {o.name for o in graph.output}
+        if not any(n.op_type == "Softmax" and n.output[0] not in outputs for n in graph.node):
+            raise NotApplicable("no attention")  # a classifier's output Softmax is not attention
         cls = SparseGPTConfig if method == "sparsegpt" else MagnitudeConfig
         return _ours(bench, out, cls(sparsity=fraction, structure="heads"), seed)
 

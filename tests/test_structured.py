@@ -197,6 +197,74 @@ def test_gelu_with_constant_nodes_passes_neurons_through(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+class _ChannelLast(torch.nn.Module):
+    """A Keras-style channel-last 1-D CNN as tf2onnx and torch exports write it: ExpandDims + NHWC->NCHW
+    Transposes around each Conv2D, Squeeze back to [N, W, C], GlobalMaxPooling1D (ReduceMax over W),
+    a Dense layer as MatMul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(4, 8, (1, 3)), torch.nn.Conv2d(8, 6, (1, 3))
+        self.w = torch.nn.Parameter(torch.randn(6, 5))
+
+    def forward(self, x):  # [N, L, 4]
+        h = torch.relu(self.c1(x.unsqueeze(1).permute(0, 3, 1, 2)))
+        h = torch.nn.functional.max_pool2d(h, (1, 2)).permute(0, 2, 3, 1).squeeze(1)  # [N, W, 8]
+        h = torch.relu(self.c2(h.unsqueeze(1).permute(0, 3, 1, 2))).permute(0, 2, 3, 1).squeeze(1)
+        return h.amax(1) @ self.w
+
+
+def test_channel_last_transposes_squeezes_move_the_channel_axis(tmp_path):
+    """Transpose / Squeeze / Unsqueeze with constant perm/axes carry the channels to a new axis: both Conv
+    groups of a channel-last export are removable (the walk records where the channel axis went), and a
+    magnitude prune equals the original with the consumers' columns zeroed; structured OBS runs too."""
+    torch.manual_seed(4)
+    path = tmp_path / "channel_last.onnx"
+    x = np.random.default_rng(4).normal(size=(48, 20, 4)).astype(np.float32)
+    torch.onnx.export(_ChannelLast().eval(), (torch.as_tensor(x[:2]),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=x)
+    model = onnx.load(path)
+    analysis = find_groups(model, "channels")
+    assert [g.producer for g in analysis.groups] == ["c1.weight", "c2.weight"] and analysis.skipped == []
+    first = analysis.groups[0]
+    moved = [(n.op_type, dict((name, axis) for name, axis, _ in first.tensors).get(n.output[0]))
+             for n in model.graph.node if n.output[0] in {t[0] for t in first.tensors}]
+    assert moved == [("Conv", -3), ("Relu", -3), ("MaxPool", -3), ("Transpose", -1), ("Squeeze", -1),
+                     ("Unsqueeze", -1), ("Transpose", -3)]
+    assert [c.op_type for c in analysis.groups[1].consumers] == ["MatMul"]
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["c2.weight"].shape == (3, 4, 1, 3) and _inits(rep.model)["w"].shape == (3, 5)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+    obs = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert obs["structure"]["channels_removed"] == 7 and _run(obs.model, x).shape == (48, 5)
+
+
+def test_unsqueeze_negative_axes_and_squeeze_without_axes():
+    """Unsqueeze(axes=[-1]) keeps the channels at position 1 (axis -4 of the rank-5 result), Squeeze of
+    that axis brings them back; a Squeeze without axes (which axes go depends on shapes) is refused."""
+    f = np.float32
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(f), "c1.w"),
+             numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(f), "c2.w"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"), numpy_helper.from_array(np.array([4], np.int64), "fifth")]
+
+    def graph(squeeze_axes: list[str]) -> onnx.ModelProto:
+        nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1"),
+                 helper.make_node("Unsqueeze", ["a", "last"], ["b"], name="unsq"),
+                 helper.make_node("Squeeze", ["b"] + squeeze_axes, ["c"], name="sq"),
+                 helper.make_node("Conv", ["c", "c2.w"], ["y"], name="conv2")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    ok = find_groups(graph(["fifth"]), "channels")
+    assert [(n, a) for n, a, _ in ok.groups[0].tensors] == [("a", -3), ("b", -4), ("c", -3)]
+    refused = find_groups(graph([]), "channels")
+    assert refused.groups == [] and "Squeeze node sq has no axes" in refused.skipped[0].reason
+
+
 def _mlp(rng, hidden: int = 8, d_in: int = 6, d_out: int = 3) -> onnx.ModelProto:
     f = np.float32
     inits = [numpy_helper.from_array(rng.normal(size=(hidden, d_in)).astype(f), "w1"),

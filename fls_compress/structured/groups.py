@@ -12,6 +12,8 @@ that read it:
 * nodes that pass channels through unchanged: element-wise activations, pooling, Dropout, Identity, Cast,
   and ``Flatten`` (or a ``Reshape`` to ``[0, -1]``) after which each channel is a block of ``H*W``
   consecutive features;
+* nodes that move the channel axis without reading the channel count: ``Transpose`` and ``Squeeze`` /
+  ``Unsqueeze`` with constant axes (the NHWC<->NCHW layout changes of channel-last exports, tf2onnx/Keras);
 * the *consumers*: Conv (``group == 1``) input channels, Gemm/MatMul input features (in blocks of
   ``H*W`` after a Flatten), whose weights lose those input columns.
 

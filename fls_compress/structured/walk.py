@@ -185,6 +185,8 @@ class Walker:
             self.walk(node.output[0], axis, rank, block)
         elif op in ("Flatten", "Reshape") and node.input[0] == value:
             self._flatten(i, axis, rank, block)
+        elif op in ("Transpose", "Squeeze", "Unsqueeze") and node.input[0] == value:
+            self._move(i, axis, rank, block)
         elif op == "Concat":
             raise Reject(f"{where} joins the channels with another tensor (channels coupled across branches)")
         elif op in ("Split", "Slice", "Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand"):
@@ -192,6 +194,43 @@ class Walker:
                          "(rewriting its constants is not implemented)")
         else:
             raise Reject(f"{where} reads the channels and is not known to pass them through")
+
+    def _move(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Transpose / Squeeze / Unsqueeze with constant permutation or axes move the channel axis without
+        reading the channel count (the layout changes of channel-last exports, e.g. tf2onnx's NHWC
+        Transposes and Keras' ExpandDims/Squeeze around Conv2D): the walk goes on at the new position."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None:
+            raise Reject(f"{where} moves axes of a tensor of unknown rank")
+        pos = rank + axis
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm")
+            perm = list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm]
+            if sorted(perm) != list(range(rank)):
+                raise Reject(f"{where} has a permutation {perm} that does not match rank {rank}")
+            self.walk(node.output[0], perm.index(pos) - rank, rank, block)
+            return
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = g.const_value(node.input[1])
+            if value is None:
+                raise Reject(f"{where} has computed axes")
+            axes = [int(a) for a in np.asarray(value).reshape(-1)]
+        if not axes:
+            raise Reject(f"{where} has no axes (which dimensions it removes depends on the shapes)")
+        if node.op_type == "Squeeze":
+            axes = sorted({int(a) % rank for a in axes})
+            if pos in axes:
+                raise Reject(f"{where} squeezes the channel axis")
+            new_rank = rank - len(axes)
+            new_pos = pos - sum(a < pos for a in axes)
+        else:
+            new_rank = rank + len(axes)
+            axes = sorted({int(a) % new_rank for a in axes})
+            new_pos = [d for d in range(new_rank) if d not in axes][pos]
+        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
 
     def _reduce(self, i: int, axis: int, rank: int | None, block: int) -> None:
         """Reduce* over axes other than the channel axis passes the channels through (global pooling as
