@@ -241,6 +241,38 @@ def test_channel_last_transposes_squeezes_move_the_channel_axis(tmp_path):
     assert obs["structure"]["channels_removed"] == 7 and _run(obs.model, x).shape == (48, 5)
 
 
+def test_constant_node_weights_are_promoted_and_pruned(bn_cnn):
+    """paddle2onnx stores every weight as a Constant node: the structured prune moves the float ones to
+    initializers of the same name (the function unchanged) and prunes them like initializers; the int64
+    shape constant stays a node, and the parameter counts include Constant-node tensors."""
+    original = onnx.load(str(bn_cnn["model"]))
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    consts.append(helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([0, -1], np.int64))))
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    flat = next(n for n in nodes if n.op_type == "Flatten")
+    nodes[nodes.index(flat)] = helper.make_node("Reshape", ["g", "shape"], ["h"], name="flat")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path = _save(model, bn_cnn["dir"] / "constants.onnx")
+    x = np.load(bn_cnn["test"])["x"]
+    np.testing.assert_allclose(_run(path, x), _run(original, x), rtol=1e-6, atol=1e-6)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), bn_cnn["calib"], options=OPTS)
+    new = _inits(rep.model)
+    assert new["c1.w"].shape == (3, 2, 3, 3) and new["fc.w"].shape == (5, 32) and len(new) == 10
+    assert [n.output[0] for n in rep.model.graph.node if n.op_type == "Constant"] == ["shape"]
+    assert rep["structure"]["constants_promoted"] == 10
+    params = rep["structure"]["parameters"]
+    assert params["original"] == sum(v.size for v in _inits(original).values()) + 2
+    assert params["pruned"] == sum(v.size for v in new.values()) + 2
+    # the same channels as the initializer model's prune, and the same outputs
+    ref = compress(bn_cnn["model"], MagnitudeConfig(sparsity=0.5, structure="channels"), bn_cnn["calib"], options=OPTS)
+    assert [g["removed"] for g in rep["structure"]["groups"]] == [g["removed"] for g in ref["structure"]["groups"]]
+    np.testing.assert_allclose(_run(rep.model, x), _run(ref.model, x), rtol=1e-6, atol=1e-6)
+
+
 def test_unsqueeze_negative_axes_and_squeeze_without_axes():
     """Unsqueeze(axes=[-1]) keeps the channels at position 1 (axis -4 of the rank-5 result), Squeeze of
     that axis brings them back; a Squeeze without axes (which axes go depends on shapes) is refused."""

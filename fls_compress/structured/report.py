@@ -9,9 +9,12 @@ import onnx
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
-    """Elements of every initializer (dense and sparse) of the top-level graph."""
+    """Elements of every initializer (dense and sparse) and ``Constant``-node tensor of the top-level graph
+    (paddle2onnx stores weights as Constant nodes; a structured prune moves them to initializers)."""
     dense = sum(int(math.prod(t.dims)) for t in model.graph.initializer)
-    return dense + sum(int(math.prod(s.dims)) for s in model.graph.sparse_initializer)
+    constant = sum(int(math.prod(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value")
+    return dense + constant + sum(int(math.prod(s.dims)) for s in model.graph.sparse_initializer)
 
 
 def stage_outcome(model: onnx.ModelProto, work: onnx.ModelProto, config, *, selection: str, groups: list[dict],
@@ -80,6 +83,7 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
     structure = {
         "structure": config.structure, "selection": info["selection"], "groups": groups,
         "skipped": skipped, "channels": channels, "channels_removed": removed,
+        "constants_promoted": info.pop("constants_promoted", 0),
         "parameters": params, "size_bytes": size, "speed_note": note,
         "tensor_shapes": shapes,
     }

@@ -6,16 +6,49 @@ type), the consumers' weights (and biases) by their compensated values first whe
 graph inputs/outputs, opsets and metadata stay as they are. The activations between producer and
 consumers get smaller: their ``value_info`` entries are updated where the channel dimension is a known
 number and removed where it is not (shape inference recomputes them); an initializer that is also
-listed as a graph input (IR < 4 models) gets its declared shape updated.
+listed as a graph input (IR < 4 models) gets its declared shape updated. Weights stored as ``Constant``
+nodes are first moved to initializers of the same name (:func:`promote_constants`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .groups import Group, Slice
+
+
+def promote_constants(model: onnx.ModelProto) -> list[str]:
+    """Move float tensors held by ``Constant`` nodes of the top-level graph into initializers of the same
+    name (in place), when the model stores its layer weights that way (paddle2onnx writes every weight,
+    bias and BatchNorm vector as a Constant node). The function is unchanged; scalars, integer (shape)
+    constants, graph outputs and models below IR 4 (whose initializers must be graph inputs) keep their
+    Constant nodes. Returns the promoted names."""
+    from ..io.onnx_model import STORAGE_CONSTANT, prunable_initializers
+
+    if model.ir_version < 4 or not any(s.storage == STORAGE_CONSTANT for s in prunable_initializers(model)):
+        return []
+    outputs = {o.name for o in model.graph.output}
+    nodes, promoted = [], []
+    for n in model.graph.node:
+        a = n.attribute[0] if len(n.attribute) == 1 else None
+        if (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and a is not None and a.name == "value"
+                and n.output[0] not in outputs and math.prod(a.t.dims) > 1
+                and np.issubdtype(helper.tensor_dtype_to_np_dtype(a.t.data_type), np.floating)):
+            t = onnx.TensorProto()
+            t.CopyFrom(a.t)
+            t.name = n.output[0]
+            model.graph.initializer.append(t)
+            promoted.append(t.name)
+        else:
+            nodes.append(n)
+    if promoted:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return promoted
 
 
 def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int) -> np.ndarray:

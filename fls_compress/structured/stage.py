@@ -35,7 +35,7 @@ from ..io.layer_rows import RowStatistics, count_rows, layer_input_rows
 from ..progress import stage_progress
 from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
 from .report import stage_outcome
-from .rewrite import read, shrink
+from .rewrite import promote_constants, read, shrink
 from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, removal_count
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
         return run_heads(model, config, calib, opts, selection)
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    promoted = promote_constants(work)
+    if promoted:
+        log.info("structured: %d float Constant-node tensors (weights, biases, BatchNorm vectors) moved to "
+                 "initializers of the same name", len(promoted))
     analysis = find_groups(work, config.structure)
     skipped = list(analysis.skipped)
     groups: list[Group] = []
@@ -118,7 +122,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
             advance(f"{g.producer}: {len(keep_np)}/{g.size}")
     return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
-                         unit="channels", group="group")
+                         unit="channels", group="group", extra={"constants_promoted": len(promoted)})
 
 
 def capture_hessians(model: onnx.ModelProto, consumers: list[Consumer], feeds: dict[str, np.ndarray],
