@@ -273,6 +273,80 @@ def test_constant_node_weights_are_promoted_and_pruned(bn_cnn):
     np.testing.assert_allclose(_run(rep.model, x), _run(ref.model, x), rtol=1e-6, atol=1e-6)
 
 
+def test_depthwise_conv_and_resize_pass_channels_through(tmp_path):
+    """Conv 1x1 (2->6) -> Clip (ReLU6) -> depthwise Conv (group 6, bias) -> BatchNorm -> Relu -> Resize x2
+    -> Conv (6->3): one group of 6 channels; the depthwise filters, bias and its group attribute shrink with
+    it, and a magnitude prune equals the original with the consumer's columns zeroed."""
+    rng = np.random.default_rng(7)
+    f = np.float32
+    arrays = {"e.w": rng.normal(size=(6, 2, 1, 1)), "dw.w": rng.normal(size=(6, 1, 3, 3)), "dw.b": rng.normal(size=6),
+              "bn.s": rng.uniform(0.5, 1.5, 6), "bn.b": rng.normal(size=6), "bn.m": rng.normal(size=6) * 0.1,
+              "bn.v": rng.uniform(0.5, 2, 6), "p.w": rng.normal(size=(3, 6, 1, 1)), "lo": np.array(0.0), "hi": np.array(6.0),
+              "roi": np.zeros(0), "scales": np.array([1.0, 1.0, 2.0, 2.0])}
+    inits = [numpy_helper.from_array(np.asarray(v, f), k) for k, v in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "e.w"], ["a"], name="expand"),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="relu6"),
+             helper.make_node("Conv", ["b", "dw.w", "dw.b"], ["c"], name="dw", group=6, pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["d"], name="bn"),
+             helper.make_node("Relu", ["d"], ["e"], name="relu"),
+             helper.make_node("Resize", ["e", "roi", "scales"], ["r"], name="up", mode="nearest"),
+             helper.make_node("Conv", ["r", "p.w"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 10, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = _save(model, tmp_path / "dw.onnx")
+    x = rng.normal(size=(24, 2, 5, 5)).astype(f)
+    np.savez(tmp_path / "calib.npz", x=x)
+    analysis = find_groups(model, "channels")
+    assert [g.producer for g in analysis.groups] == ["e.w"] and analysis.groups[0].attributes == (("dw", "group"),)
+    assert analysis.skipped[0].reason == "depthwise convolution: its channels go with the group of e.w"
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    new = _inits(rep.model)
+    assert new["dw.w"].shape == (3, 1, 3, 3) and new["dw.b"].shape == (3,) and new["p.w"].shape == (3, 3, 1, 1)
+    dw = next(n for n in rep.model.graph.node if n.name == "dw")
+    assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == 3
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+    # scales that resize the channel axis, and target sizes, end the walk with a reason
+    for extra, reason in (({"scales": np.array([1.0, 2.0, 2.0, 2.0])}, "scales the channel axis"),):
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        for t in changed.graph.initializer:
+            if t.name in extra:
+                t.CopyFrom(numpy_helper.from_array(np.asarray(extra[t.name], f), t.name))
+        assert reason in find_groups(changed, "channels").skipped[0].reason
+
+
+def test_torchvision_inverted_residual_expansion_is_a_group(tmp_path):
+    """torchvision's MobileNetV2 block (expand 1x1 + BN + ReLU6, depthwise 3x3 + BN + ReLU6, project 1x1 + BN,
+    residual Add) as the legacy exporter writes it (BatchNorm folded): the expanded channels are one group
+    through the depthwise convolution; structured OBS prunes it and onnxruntime runs the result."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    block = InvertedResidual(8, 8, 1, 4).eval()
+    for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # trained-like statistics (the
+        bn.running_mean.uniform_(-0.5, 0.5)  # exporter shares equal folded biases, e.g. the zeros of fresh BatchNorms)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    path = tmp_path / "block.onnx"
+    x = np.random.default_rng(0).normal(size=(32, 8, 6, 6)).astype(np.float32)
+    torch.onnx.export(block, (torch.as_tensor(x[:2]),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=x)
+    analysis = find_groups(onnx.load(path), "channels")
+    assert [g.size for g in analysis.groups] == [32] and len(analysis.groups[0].consumers) == 1
+    rep = compress(path, SparseGPTConfig(sparsity=0.25, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert rep["structure"]["channels_removed"] == 8
+    assert sorted(v.shape for v in _inits(rep.model).values() if v.ndim == 4) == [(8, 24, 1, 1), (24, 1, 3, 3), (24, 8, 1, 1)]
+    out, dense = _run(rep.model, x), _run(path, x)
+    assert out.shape == dense.shape and np.isfinite(out).all()
+    # the OBS refit of the project conv beats dropping the same number of channels by L2 norm, on the
+    # calibration inputs whose least-squares error it minimises
+    mag = compress(path, MagnitudeConfig(sparsity=0.25, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert np.linalg.norm(out - dense) < 0.5 * np.linalg.norm(_run(mag.model, x) - dense)
+
+
 def test_unsqueeze_negative_axes_and_squeeze_without_axes():
     """Unsqueeze(axes=[-1]) keeps the channels at position 1 (axis -4 of the rank-5 result), Squeeze of
     that axis brings them back; a Squeeze without axes (which axes go depends on shapes) is refused."""

@@ -14,6 +14,8 @@ that read it:
   consecutive features;
 * nodes that move the channel axis without reading the channel count: ``Transpose`` and ``Squeeze`` /
   ``Unsqueeze`` with constant axes (the NHWC<->NCHW layout changes of channel-last exports, tf2onnx/Keras);
+* depthwise convolutions (``group`` = channels, one filter each) and Resize by constant scales pass the
+  channels through; the depthwise filters, bias entries and ``group`` attribute shrink with them;
 * the *consumers*: Conv (``group == 1``) input channels, Gemm/MatMul input features (in blocks of
   ``H*W`` after a Flatten), whose weights lose those input columns.
 
@@ -58,6 +60,9 @@ def find_groups(model: onnx.ModelProto, kind: str) -> Analysis:
             out.groups.append(_group(graph, sites, kind, i, weight))
         except Reject as exc:
             out.skipped.append(Skipped(weight, graph.labels[i], str(exc)))
+    carried = {s.name: g.producer for g in out.groups for s in g.slices if s.role == "depthwise weight"}
+    out.skipped = [Skipped(s.producer, s.node, f"depthwise convolution: its channels go with the group of "
+                           f"{carried[s.producer]}") if s.producer in carried else s for s in out.skipped]
     return out
 
 
@@ -96,7 +101,7 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Grou
         raise Reject("no Conv/Gemm/MatMul reads the output")
     tensors = tuple((name, axis, block) for name, (axis, block) in walker.tensors.items())
     return Group(kind, weight, graph.labels[index], node.op_type, size, tuple(walker.slices),
-                 tuple(walker.consumers), tensors)
+                 tuple(walker.consumers), tensors, tuple(walker.attributes))
 
 
 def consumer_slice(model: onnx.ModelProto, consumer: Consumer) -> Slice:

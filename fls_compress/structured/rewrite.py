@@ -1,6 +1,6 @@
 """Rewrite an ONNX graph with a structural group's removed channels cut out of its tensors.
 
-Only initializers change: each :class:`~fls_compress.structured.groups.Slice` of the group is replaced
+Only initializers change (and the ``group`` attribute of depthwise convolutions the channels pass): each :class:`~fls_compress.structured.groups.Slice` of the group is replaced
 by the entries of the kept channels (same name, same position in the initializer list, same element
 type), the consumers' weights (and biases) by their compensated values first when given. Nodes, names,
 graph inputs/outputs, opsets and metadata stay as they are. The activations between producer and
@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .groups import Group, Slice
+from .walk import label
 
 
 def promote_constants(model: onnx.ModelProto) -> list[str]:
@@ -102,6 +103,11 @@ def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slic
             before = list(read(model, name).shape)
             replace_initializer(model, name, value)
             shapes[name] = (before, list(np.shape(value)))
+    wanted = set(group.attributes)  # depthwise convolutions: group = the kept channel count
+    for i, node in enumerate(model.graph.node if wanted else ()):
+        for a in node.attribute:
+            if (label(node, i), a.name) in wanted:
+                a.i = len(keep)
     _update_value_info(model, group, len(keep))
     return shapes
 

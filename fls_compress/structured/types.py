@@ -38,6 +38,7 @@ class Group:
     slices: tuple[Slice, ...]
     consumers: tuple[Consumer, ...]
     tensors: tuple[tuple[str, int, int], ...]  # activations whose dim shrinks: (name, axis (< 0), block; 0 = unknown)
+    attributes: tuple[tuple[str, str], ...] = ()  # (node label, attribute) set to the kept count (depthwise group)
 
 
 @dataclass(frozen=True)

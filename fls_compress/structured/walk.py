@@ -96,6 +96,7 @@ class Walker:
         self.consumers: list[Consumer] = []
         self.tensors: dict[str, tuple[int, int]] = {}  # name -> (axis < 0, block)
         self.pending: dict[str, tuple[int, int, str]] = {}  # operands that must turn out to be in this group
+        self.attributes: list[tuple[str, str]] = []  # (node label, integer attribute that equals the channel count)
 
     def vector(self, index: int, name: str, axis: int, rank: int | None, role: str) -> None:
         """A constant operand broadcast against the activation: nothing to do when it does not vary along
@@ -149,7 +150,9 @@ class Walker:
         if any(o and (o in g.readers or o in g.outputs) for o in node.output[1:]):
             raise Reject(f"{where} has a second output in use")
         channel_first = rank is not None and axis == -(rank - 1) and node.input[0] == value
-        if op in ("Conv", "Gemm", "MatMul") and node.input[0] == value and len(node.input) > 1 and node.input[1] in self.sites:
+        if op == "Conv" and node.input[0] == value and int(attr(node, "group", 1)) == self.size > 1:
+            self._depthwise(i, axis, rank, block)
+        elif op in ("Conv", "Gemm", "MatMul") and node.input[0] == value and len(node.input) > 1 and node.input[1] in self.sites:
             self.consumers.append(self._consumer(i, axis, rank, block))
         elif op in UNARY or op in ("Dropout", "Clip"):
             for v in others:  # Clip bounds, Dropout ratio / training_mode
@@ -185,6 +188,8 @@ class Walker:
             self.walk(node.output[0], axis, rank, block)
         elif op in ("Flatten", "Reshape") and node.input[0] == value:
             self._flatten(i, axis, rank, block)
+        elif op in ("Resize", "Upsample") and node.input[0] == value:
+            self._resize(i, axis, rank, block)
         elif op in ("Transpose", "Squeeze", "Unsqueeze") and node.input[0] == value:
             self._move(i, axis, rank, block)
         elif op == "Concat":
@@ -194,6 +199,51 @@ class Walker:
                          "(rewriting its constants is not implemented)")
         else:
             raise Reject(f"{where} reads the channels and is not known to pass them through")
+
+    def _depthwise(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """A depthwise convolution (``group`` = channels, one filter per channel: weight [C, 1, k...]) filters
+        each channel on its own: it passes the channels through, losing the removed channels' filters and
+        bias entries, and its ``group`` attribute becomes the kept count (MobileNet's expand -> depthwise ->
+        project blocks: the expanded channels are one group)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"depthwise Conv node {g.labels[i]}"
+        weight = node.input[1]
+        if rank is None or axis != -(rank - 1):
+            raise Reject(f"{where} reads a tensor whose channel axis is not 1")
+        if weight not in g.inits:
+            raise Reject(f"weight of {where} is not an initializer")
+        if g.dims(weight)[:2] != [self.size, 1]:
+            raise Reject(f"{where} has weight shape {g.dims(weight)} (channel multiplier other than 1)")
+        g.own(weight, i, f"weight of {where}")
+        self.slices.append(Slice(weight, 0, role="depthwise weight"))
+        if len(node.input) > 2 and node.input[2]:
+            g.own(node.input[2], i, f"bias of {where}")
+            self.slices.append(Slice(node.input[2], 0, role="depthwise bias"))
+        self.attributes.append((g.labels[i], "group"))
+        self.walk(node.output[0], axis, rank, block)
+
+    def _resize(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Resize / Upsample by constant scales that are 1 on the channel axis pass the channels through
+        (FPN upsampling); target ``sizes`` hold the channel count and are refused."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None:
+            raise Reject(f"{where} resizes a tensor of unknown rank")
+        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+            raise Reject(f"{where} resizes to target sizes (they hold the channel count; not rewritten)")
+        name = node.input[2] if node.op_type == "Resize" else (node.input[1] if len(node.input) > 1 else "")
+        scales = g.const_value(name) if name else attr(node, "scales")
+        if scales is None:
+            raise Reject(f"{where} has computed scales")
+        scales = [float(v) for v in np.asarray(scales).reshape(-1)]
+        axes = attr(node, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+        pos = rank + axis
+        if len(scales) != len(axes) or (pos in axes and scales[axes.index(pos)] != 1.0):
+            raise Reject(f"{where} scales the channel axis")
+        self.walk(node.output[0], axis, rank, block)
 
     def _move(self, i: int, axis: int, rank: int | None, block: int) -> None:
         """Transpose / Squeeze / Unsqueeze with constant permutation or axes move the channel axis without
