@@ -1,13 +1,14 @@
 """Compressed models that run faster? Quality, size, onnxruntime latency and time to make, side by side.
 
-    python benchmarks/latency.py --out benchmarks/results [--models cnn,autoencoder,wide_mlp,minilm,byte_classifier]
+    python benchmarks/latency.py --out benchmarks/results [--models cnn,autoencoder,wide_mlp,minilm,byte_classifier,ocr_det]
 
 Models: the sample MNIST CNN and autoencoder (``make samples``), a wide MLP 1024-4096-4096-1024 (ReLU,
 torch's default init, exported by torch; Gaussian inputs) and the pretrained all-MiniLM-L6-v2 encoder on
 real text (``make bench-weights``; built and exported exactly as in ``benchmarks/transformer_encoder.py``,
 sequences of 32 tokens), and the byte-sequence classifier of ``benchmarks/quantize_cost.py`` (a look-alike
 of a user's tf2onnx export: int32 bytes [N, 2048], Embedding, three Conv2D with channel-last Transposes,
-GlobalMaxPool, two Dense layers, Softmax over 214 classes). Rows (:data:`ROW_BUILDERS`, one function each; append a builder to add a row,
+GlobalMaxPool, two Dense layers, Softmax over 214 classes), and the trained PP-OCRv4 text detector
+(paddle2onnx, ``make bench-weights``) on synthetic text images. Rows (:data:`ROW_BUILDERS`, one function each; append a builder to add a row,
 e.g. structured pruning):
 
 * ``dense``: the model itself;
@@ -34,7 +35,8 @@ that the other processes sharing this machine's two cores disturb the timings le
 optimisation), after warm-up, alternating the artifacts run by run; median of ``--runs`` runs at batch 1
 and batch 64, reported as dense median / artifact median (above 1: faster). Quality against the dense
 model on held-out inputs: top-1 agreement (classifiers; the MLP's argmax over its 1024 outputs), mean
-per-sample output cosine, Bernoulli NLL (autoencoder), sentence-embedding cosine (MiniLM). Time to make:
+per-sample output cosine, Bernoulli NLL (autoencoder), sentence-embedding cosine (MiniLM), text-map IoU at
+probability 0.3 (PP-OCRv4 det). Time to make:
 wall seconds to produce the file (our rows: ``compress()`` minus its verification). Kernels: the integer
 kernels in onnxruntime's optimised graph (:func:`fls_compress.latency.kernel_census`).
 """
@@ -117,9 +119,28 @@ def prepare_byte_classifier(work: Path, seed: int) -> Bench:
     return Bench("byte_classifier", model, calib, held_out, work, {"argmax": True})
 
 
+def prepare_ocr_det(work: Path, seed: int) -> Bench:
+    """The trained PP-OCRv4 text detector (paddle2onnx export, weights as Constant nodes; ``make
+    bench-weights``) on synthetic 256x256 text images, 32 for calibration and 64 held out
+    (:func:`benchmarks.gptq_rows.prepare_ocr`'s generator). Quality adds the IoU of the binary text maps
+    (probability > 0.3, PP-OCR's threshold) with the dense model's."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    from benchmarks.gptq_rows import OCR_MODEL, TARGET, _ocr_image
+
+    model = TARGET / OCR_MODEL
+    photo = np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    rng = np.random.default_rng(seed)
+    x = np.stack([_ocr_image(rng, photo, 256) for _ in range(96)])
+    np.savez(work / "ocr_calib.npz", x=x[:32])
+    np.savez(work / "ocr_eval.npz", x=x[32:])
+    return Bench("ocr_det", model, work / "ocr_calib.npz", work / "ocr_eval.npz", work, {"text_map": 0.3})
+
+
 MODELS: dict[str, Callable[[Path, int], Bench]] = {
     "cnn": prepare_cnn, "autoencoder": prepare_autoencoder, "wide_mlp": prepare_wide_mlp, "minilm": prepare_minilm,
-    "byte_classifier": prepare_byte_classifier,
+    "byte_classifier": prepare_byte_classifier, "ocr_det": prepare_ocr_det,
 }
 
 
@@ -306,6 +327,9 @@ def quality(bench: Bench, dense: np.ndarray, path: Path, inputs: dict[str, np.nd
         from fls_compress.verification import bernoulli_nll
 
         q["bernoulli_nll"] = float(bernoulli_nll(out, next(iter(inputs.values()))).mean())
+    if bench.extra.get("text_map"):
+        mask, got = dense > bench.extra["text_map"], out > bench.extra["text_map"]
+        q["text_iou"] = float((mask & got).sum() / max((mask | got).sum(), 1))
     if bench.extra.get("sentence"):
         from benchmarks.transformer_encoder import sentence_cosine
 
@@ -385,13 +409,13 @@ def render(result: dict) -> str:
     ]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         lines += [f"## {model}", "",
-                  "| row | agreement | cosine | NLL / sentence cos | size MB | speed-up b1 | speed-up b64 | ms b1 | ms b64 | "
+                  "| row | agreement | cosine | NLL / sentence cos / text IoU | size MB | speed-up b1 | speed-up b64 | ms b1 | ms b64 | "
                   "make s | integer kernels (float layers) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in result["rows"] if r["model"] == model):
             if r["status"] != "ok":
                 lines.append(f"| {r['row']} | {r['status']} |||||||||")
                 continue
-            extra = r.get("bernoulli_nll", r.get("sentence_cosine"))
+            extra = r.get("bernoulli_nll", r.get("sentence_cosine", r.get("text_iou")))
             kern = ", ".join(f"{k} {v}" for k, v in r["integer_kernels"].items()) or "none"
             fl = sum(r["float_layer_kernels"].values())
             lines.append(
@@ -425,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
             model_dir()
         except MissingWeights as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if "ocr_det" in models:
+        from benchmarks.gptq_rows import OCR_MODEL, TARGET
+
+        if not (TARGET / OCR_MODEL).exists():
+            print(f"error: {TARGET / OCR_MODEL} missing; run: make bench-weights", file=sys.stderr)
             return 2
     rows_filter = args.rows.split(",") if args.rows else None
     rows: list[dict] = []

@@ -138,7 +138,7 @@ def _zero_removed(model: onnx.ModelProto, groups: list[dict]) -> onnx.ModelProto
     for entry in groups:
         for consumer in found[entry["producer"]].consumers:
             s = consumer_slice(model, consumer)
-            idx = (np.asarray(entry["removed"])[:, None] * s.block + np.arange(s.block)).reshape(-1)
+            idx = ((s.offset + np.asarray(entry["removed"], dtype=np.int64))[:, None] * s.block + np.arange(s.block)).reshape(-1)
             view = np.moveaxis(arrays[s.name], s.axis, 0)
             view[idx] = 0.0
     for t in ref.graph.initializer:
@@ -228,7 +228,7 @@ def test_channel_last_transposes_squeezes_move_the_channel_axis(tmp_path):
     analysis = find_groups(model, "channels")
     assert [g.producer for g in analysis.groups] == ["c1.weight", "c2.weight"] and analysis.skipped == []
     first = analysis.groups[0]
-    moved = [(n.op_type, dict((name, axis) for name, axis, _ in first.tensors).get(n.output[0]))
+    moved = [(n.op_type, dict((name, axis) for name, axis, _, _ in first.tensors).get(n.output[0]))
              for n in model.graph.node if n.output[0] in {t[0] for t in first.tensors}]
     assert moved == [("Conv", -3), ("Relu", -3), ("MaxPool", -3), ("Transpose", -1), ("Squeeze", -1),
                      ("Unsqueeze", -1), ("Transpose", -3)]
@@ -298,7 +298,7 @@ def test_depthwise_conv_and_resize_pass_channels_through(tmp_path):
     x = rng.normal(size=(24, 2, 5, 5)).astype(f)
     np.savez(tmp_path / "calib.npz", x=x)
     analysis = find_groups(model, "channels")
-    assert [g.producer for g in analysis.groups] == ["e.w"] and analysis.groups[0].attributes == (("dw", "group"),)
+    assert [g.producer for g in analysis.groups] == ["e.w"] and analysis.groups[0].attributes == (("dw", "group", 0),)
     assert analysis.skipped[0].reason == "depthwise convolution: its channels go with the group of e.w"
     rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
     new = _inits(rep.model)
@@ -347,6 +347,50 @@ def test_torchvision_inverted_residual_expansion_is_a_group(tmp_path):
     assert np.linalg.norm(out - dense) < 0.5 * np.linalg.norm(_run(mag.model, x) - dense)
 
 
+def _concat_model(rng) -> onnx.ModelProto:
+    """Conv A (2->4) and Conv B (2->3) of one input, Concat on channels (7) -> BatchNorm -> Relu -> Conv (7->2)."""
+    f = np.float32
+    arrays = {"a.w": rng.normal(size=(4, 2, 3, 3)), "a.b": rng.normal(size=4), "b.w": rng.normal(size=(3, 2, 1, 1)),
+              "bn.s": rng.uniform(0.5, 1.5, 7), "bn.b": rng.normal(size=7), "bn.m": rng.normal(size=7) * 0.1,
+              "bn.v": rng.uniform(0.5, 2, 7), "c.w": rng.normal(size=(2, 7, 3, 3)) / 3, "c.b": rng.normal(size=2)}
+    nodes = [helper.make_node("Conv", ["x", "a.w", "a.b"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "b.w"], ["b"], name="conv_b"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+             helper.make_node("BatchNormalization", ["cat", "bn.s", "bn.b", "bn.m", "bn.v"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c.w", "c.b"], ["y"], name="conv_c", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "cat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [numpy_helper.from_array(np.asarray(v, f), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_concat_on_channels_offsets_each_group(tmp_path):
+    """Two producers joined by a Concat on the channel axis are two groups, the second at offset 4 of 7 in
+    the BatchNorm vectors and the consumer's input channels; pruning both (the second re-analysed after the
+    first shrank the Concat) equals the original with the consumer's columns of both removals zeroed."""
+    rng = np.random.default_rng(11)
+    model = _concat_model(rng)
+    path = _save(model, tmp_path / "cat.onnx")
+    x = rng.normal(size=(40, 2, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    groups = find_groups(model, "channels").groups
+    assert [(g.producer, g.consumers[0].offset, g.consumers[0].extra) for g in groups] == [("a.w", 0, 3), ("b.w", 4, 4)]
+    assert [(s.name, s.offset, s.extra) for s in groups[1].slices if s.name.startswith("bn")][0] == ("bn.s", 4, 4)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    new = _inits(rep.model)
+    assert new["a.w"].shape == (2, 2, 3, 3) and new["b.w"].shape == (1, 2, 1, 1)
+    assert new["bn.v"].shape == (3,) and new["c.w"].shape == (2, 3, 3, 3)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+    dense, mag = _run(path, x), _run(rep.model, x)
+    for sequential in (True, False):  # False: the second group's consumer Hessian is captured again
+        obs = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels", sequential=sequential),
+                       tmp_path / "calib.npz", options=OPTS)
+        assert _inits(obs.model)["c.w"].shape == (2, 3, 3, 3)
+        assert np.linalg.norm(_run(obs.model, x) - dense) < np.linalg.norm(mag - dense)
+
+
 def test_unsqueeze_negative_axes_and_squeeze_without_axes():
     """Unsqueeze(axes=[-1]) keeps the channels at position 1 (axis -4 of the rank-5 result), Squeeze of
     that axis brings them back; a Squeeze without axes (which axes go depends on shapes) is refused."""
@@ -366,7 +410,7 @@ def test_unsqueeze_negative_axes_and_squeeze_without_axes():
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
     ok = find_groups(graph(["fifth"]), "channels")
-    assert [(n, a) for n, a, _ in ok.groups[0].tensors] == [("a", -3), ("b", -4), ("c", -3)]
+    assert [(n, a) for n, a, _, _ in ok.groups[0].tensors] == [("a", -3), ("b", -4), ("c", -3)]
     refused = find_groups(graph([]), "channels")
     assert refused.groups == [] and "Squeeze node sq has no axes" in refused.skipped[0].reason
 

@@ -14,6 +14,8 @@ that read it:
   consecutive features;
 * nodes that move the channel axis without reading the channel count: ``Transpose`` and ``Squeeze`` /
   ``Unsqueeze`` with constant axes (the NHWC<->NCHW layout changes of channel-last exports, tf2onnx/Keras);
+* ``Concat`` along the channel axis: the group's channels go on at an offset among the other inputs'
+  (whose producers are groups of their own), and what follows loses only the group's entries;
 * depthwise convolutions (``group`` = channels, one filter each) and Resize by constant scales pass the
   channels through; the depthwise filters, bias entries and ``group`` attribute shrink with them;
 * the *consumers*: Conv (``group == 1``) input channels, Gemm/MatMul input features (in blocks of
@@ -23,7 +25,7 @@ Removing channel ``j`` of the producer is then exactly the same function as zero
 input columns of ``j`` (what the selection in :mod:`fls_compress.structured.selection` evaluates).
 Two-input element-wise nodes whose other operand is derived from the same channels (``x * sigmoid(x)``,
 i.e. SiLU) pass them through too, and so do Reduce* nodes over the other axes. Everything that would need
-more than that (two branches meeting in Add/Concat, i.e. residual-coupled channels; Reshape/Split
+more than that (two branches meeting in Add, i.e. residual-coupled channels; Reshape/Split
 constants that hold the channel count; graph outputs whose shape would change; grouped convolutions;
 weights or vectors shared between nodes; Constant-node weights) makes the group a :class:`Skipped`
 one, with the reason, and the graph keeps it whole.
@@ -99,7 +101,7 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Grou
     walker.finish()
     if not walker.consumers:
         raise Reject("no Conv/Gemm/MatMul reads the output")
-    tensors = tuple((name, axis, block) for name, (axis, block) in walker.tensors.items())
+    tensors = tuple((name, axis, block, span[1]) for name, (axis, block, span) in walker.tensors.items())
     return Group(kind, weight, graph.labels[index], node.op_type, size, tuple(walker.slices),
                  tuple(walker.consumers), tensors, tuple(walker.attributes))
 
@@ -107,8 +109,9 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Grou
 def consumer_slice(model: onnx.ModelProto, consumer: Consumer) -> Slice:
     """The axis of the consumer's ONNX weight that holds its input channels (``block`` per channel)."""
     node = next(n for i, n in enumerate(model.graph.node) if label(n, i) == consumer.node)
+    span = {"offset": consumer.offset, "extra": consumer.extra}
     if consumer.op_type == "Conv":
-        return Slice(consumer.weight, 1, 1, "consumer weight")
+        return Slice(consumer.weight, 1, 1, "consumer weight", **span)
     if consumer.op_type == "Gemm":
-        return Slice(consumer.weight, 1 if int(attr(node, "transB", 0)) else 0, consumer.block, "consumer weight")
-    return Slice(consumer.weight, 0, consumer.block, "consumer weight")
+        return Slice(consumer.weight, 1 if int(attr(node, "transB", 0)) else 0, consumer.block, "consumer weight", **span)
+    return Slice(consumer.weight, 0, consumer.block, "consumer weight", **span)

@@ -52,9 +52,14 @@ def promote_constants(model: onnx.ModelProto) -> list[str]:
     return promoted
 
 
-def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int) -> np.ndarray:
-    """``arr`` with only the kept channels (``block`` consecutive entries each) along ``axis``."""
-    idx = (np.asarray(keep, dtype=np.int64)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int, offset: int = 0, extra: int = 0) -> np.ndarray:
+    """``arr`` with only the kept channels (``block`` consecutive entries each) along ``axis``; after a
+    Concat the group's channels start at channel ``offset`` and ``extra`` channels of other tensors stay."""
+    channels = np.asarray(keep, dtype=np.int64)
+    if offset or extra:
+        total = arr.shape[axis] // block
+        channels = np.concatenate([np.arange(offset), offset + channels, np.arange(total - extra + offset, total)])
+    idx = (channels[:, None] * block + np.arange(block)[None, :]).reshape(-1)
     return np.take(arr, idx, axis=axis)
 
 
@@ -94,7 +99,7 @@ def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slic
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     for s in list(group.slices) + list(consumer_slices):
         arr = read(model, s.name)
-        out = take(new_values.get(s.name, arr), keep, s.axis, s.block)
+        out = take(new_values.get(s.name, arr), keep, s.axis, s.block, s.offset, s.extra)
         replace_initializer(model, s.name, out)
         shapes[s.name] = (list(arr.shape), list(out.shape))
     touched = set(shapes)
@@ -103,27 +108,27 @@ def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slic
             before = list(read(model, name).shape)
             replace_initializer(model, name, value)
             shapes[name] = (before, list(np.shape(value)))
-    wanted = set(group.attributes)  # depthwise convolutions: group = the kept channel count
+    wanted = {(lbl, name): extra for lbl, name, extra in group.attributes}  # depthwise: group = channels left
     for i, node in enumerate(model.graph.node if wanted else ()):
         for a in node.attribute:
             if (label(node, i), a.name) in wanted:
-                a.i = len(keep)
+                a.i = len(keep) + wanted[label(node, i), a.name]
     _update_value_info(model, group, len(keep))
     return shapes
 
 
 def _update_value_info(model: onnx.ModelProto, group: Group, kept: int) -> None:
-    changed = {name: (axis, block) for name, axis, block in group.tensors}
+    changed = {name: (axis, block, extra) for name, axis, block, extra in group.tensors}
     entries = list(model.graph.value_info)
     keep_entries = []
     for vi in entries:
         if vi.name not in changed:
             keep_entries.append(vi)
             continue
-        axis, block = changed[vi.name]
+        axis, block, extra = changed[vi.name]
         dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
         if block and len(dims) >= -axis and dims[axis].HasField("dim_value"):
-            dims[axis].dim_value = kept * block
+            dims[axis].dim_value = (kept + extra) * block
             keep_entries.append(vi)
         # else: the new size is not known here; dropped (onnx / onnxruntime infer it)
     del model.graph.value_info[:]

@@ -66,6 +66,7 @@ class ConsumerSystem:
     hinv: torch.Tensor
     block: int
     has_bias: bool
+    offset: int = 0  # column of the group's first channel (after a Concat, other tensors' columns come first)
 
     def full(self) -> torch.Tensor:
         """The compensated weights at full width (zero in the removed columns)."""
@@ -102,18 +103,18 @@ class _Elimination:
 
     def __init__(self, system: ConsumerSystem, size: int):
         self.system, self.size, b = system, size, system.block
-        n, out = system.hinv.shape[0], system.w.shape[0]
+        n, out, o = system.hinv.shape[0], system.w.shape[0], system.offset
         self.v = system.hinv.new_zeros(n, LAZY_REMOVALS * b)
         self.z = system.w.new_zeros(out, LAZY_REMOVALS * b)
         self.k = 0
         self.dead = torch.zeros(n, dtype=torch.bool)
         idx = torch.arange(size)
         if b == 1:
-            self.blocks = torch.diagonal(system.hinv)[:size].clone()  # (C,)
-            self.grams = torch.linalg.vector_norm(system.w[:, :size], dim=0).square()  # (C,)
+            self.blocks = torch.diagonal(system.hinv)[o : o + size].clone()  # (C,)
+            self.grams = torch.linalg.vector_norm(system.w[:, o : o + size], dim=0).square()  # (C,)
         else:
-            self.blocks = system.hinv[: size * b, : size * b].reshape(size, b, size, b)[idx, :, idx, :].clone()  # (C, b, b)
-            ws = system.w[:, : size * b].reshape(-1, size, b)
+            self.blocks = system.hinv[o : o + size * b, o : o + size * b].reshape(size, b, size, b)[idx, :, idx, :].clone()
+            ws = system.w[:, o : o + size * b].reshape(-1, size, b)
             self.grams = torch.einsum("orb,orc->rbc", ws, ws)  # (C, b, b)
 
     def costs(self, alive: torch.Tensor) -> torch.Tensor:
@@ -130,8 +131,8 @@ class _Elimination:
 
     def remove(self, channel: int) -> None:
         """The OBS update (OBC eq. 8) and the eq. 9 downdate of one channel, as the factors Z_S and V_S."""
-        system, b, size = self.system, self.system.block, self.size
-        cols = slice(channel * b, (channel + 1) * b)
+        system, b, size, o = self.system, self.system.block, self.size, self.system.offset
+        cols = slice(o + channel * b, o + (channel + 1) * b)
         v, z = self.v[:, : self.k], self.z[:, : self.k]
         h_s = system.hinv[:, cols] - v @ v[cols].T  # current (H^-1)_{:,S}
         h_s[self.dead] = 0.0  # removed columns are exactly out of the system
@@ -141,7 +142,7 @@ class _Elimination:
         z_s = torch.linalg.solve_triangular(low, w_s.T, upper=False).T  # W_S L^-T
         p = system.w.T @ z_s - v @ (z.T @ z_s)  # W^T Z_S of the current W
         q = z_s.T @ z_s
-        pc, vc = p[: size * b], v_s[: size * b]
+        pc, vc = p[o : o + size * b], v_s[o : o + size * b]
         if b == 1:  # W_c^T W_c -> (W_c - Z_S v_c)^T (W_c - Z_S v_c), v_c the channel's row of V_S
             self.blocks -= vc[:, 0] ** 2
             self.grams += vc[:, 0] * (vc[:, 0] * q[0, 0] - 2.0 * pc[:, 0])

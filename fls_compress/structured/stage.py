@@ -90,8 +90,11 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                                     feeds, config.max_rows_per_layer, opts.seed)
     info_groups = []
     shapes: dict[str, tuple[list[int], list[int]]] = {}
+    touched: set[str] = set()  # consumer weights an earlier group already rewrote
+    pending = list(groups)
     with stage_progress(len(groups), f"structured pruning ({selection})", enabled=opts.progress) as advance:
-        for g in groups:
+        while pending:
+            g = pending.pop(0)
             count = removal_count(g.size, target, config.channel_multiple)
             entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
                            "consumers": [c.node for c in g.consumers]}
@@ -109,6 +112,9 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                 if config.sequential:
                     hessians = capture_hessians(bind_constants(work, calib.constants), list(g.consumers), feeds,
                                                 config.max_rows_per_layer, opts.seed)
+                elif touched.intersection(c.weight for c in g.consumers):  # shares a consumer behind a Concat
+                    hessians.update(capture_hessians(bind_constants(work, calib.constants), list(g.consumers), feeds,
+                                                     config.max_rows_per_layer, opts.seed))
                 systems, layouts = _systems(work, g.consumers, hessians, config.percdamp)
                 keep, costs = obs_select(systems, g.size, count)
                 entry["obs_costs"] = costs
@@ -118,11 +124,24 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             shapes.update({k: (shapes.get(k, v)[0], v[1]) for k, v in
                            shrink(work, g, keep_np, [consumer_slice(work, c) for c in g.consumers], new_values).items()})
             entry.update(kept=int(len(keep_np)), removed=sorted(set(range(g.size)) - set(keep_np.tolist())))
+            touched.update(c.weight for c in g.consumers)
+            if pending and any(t[3] for t in g.tensors):  # joined by a Concat: the others' offsets and counts moved
+                pending, lost = _refresh(work, config.structure, pending)
+                skipped += lost
             info_groups.append(entry)
             log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
             advance(f"{g.producer}: {len(keep_np)}/{g.size}")
     return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
                          unit="channels", group="group", extra={"constants_promoted": len(promoted)})
+
+
+def _refresh(model: onnx.ModelProto, kind: str, pending: list[Group]) -> tuple[list[Group], list[Skipped]]:
+    """``pending`` re-analysed on the shrunk ``model`` (a group that shares a Concat with one already pruned
+    sees new channel offsets and counts there)."""
+    fresh = {g.producer: g for g in find_groups(model, kind).groups}
+    lost = [Skipped(g.producer, g.node, "no longer removable once an earlier group shrank") for g in pending
+            if g.producer not in fresh]
+    return [fresh[g.producer] for g in pending if g.producer in fresh], lost
 
 
 def capture_hessians(model: onnx.ModelProto, consumers: list[Consumer], feeds: dict[str, np.ndarray],
@@ -168,7 +187,7 @@ def _systems(model: onnx.ModelProto, consumers: tuple[Consumer, ...], hessians: 
         h = hessians[c.weight]
         if h.shape[0] != w.shape[1]:
             raise UnsupportedModelError(f"captured inputs of {c.node} have {h.shape[0]} columns, its weight {w.shape[1]}")
-        systems.append(ConsumerSystem(w, damped_inverse(h, percdamp), c.block, c.bias is not None))
+        systems.append(ConsumerSystem(w, damped_inverse(h, percdamp), c.block, c.bias is not None, c.offset * c.block))
         layouts.append((site, use))
     return systems, layouts
 

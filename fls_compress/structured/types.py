@@ -13,6 +13,8 @@ class Slice:
     axis: int
     block: int = 1
     role: str = ""  # producer weight / producer bias / batchnorm ... / constant / consumer weight
+    offset: int = 0  # channels before the group's along ``axis`` (after a Concat)
+    extra: int = 0  # channels of other tensors along ``axis`` (after a Concat): it holds size + extra
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Consumer:
     op_type: str
     block: int  # matrix-view columns per channel: prod(kernel) for Conv, H*W after a Flatten, else 1
     bias: str | None  # its own bias initializer (for the OBS bias compensation), if it has one
+    offset: int = 0  # channels of other Concat inputs before the group's among its input channels
+    extra: int = 0  # channels of other Concat inputs among its input channels
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,9 @@ class Group:
     size: int  # channels / neurons
     slices: tuple[Slice, ...]
     consumers: tuple[Consumer, ...]
-    tensors: tuple[tuple[str, int, int], ...]  # activations whose dim shrinks: (name, axis (< 0), block; 0 = unknown)
-    attributes: tuple[tuple[str, str], ...] = ()  # (node label, attribute) set to the kept count (depthwise group)
+    tensors: tuple[tuple[str, int, int, int], ...]  # activations whose dim shrinks: (name, axis (< 0), block (0 =
+    #: unknown), channels of other Concat inputs beside the group's)
+    attributes: tuple[tuple[str, str, int], ...] = ()  # (node label, attribute, other channels): set to kept + other
 
 
 @dataclass(frozen=True)

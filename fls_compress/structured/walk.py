@@ -2,8 +2,9 @@
 
 :class:`GraphIndex` answers who reads a value and what a constant holds; :class:`Walker` follows one
 producer's output forwards, node by node, with the rules of :mod:`fls_compress.structured.groups`
-(pass-through, per-channel vectors, Flatten blocks, consumers), and raises :class:`Reject` with a
-reason at the first node it cannot rewrite safely.
+(pass-through, per-channel vectors, depthwise convolutions, consumers; the steps that move the channel
+axis or join other channels to it are in :mod:`.walk_layout`), and raises :class:`Reject` with a reason at
+the first node it cannot rewrite safely.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .nodes import attr, label  # noqa: F401 - re-exported (groups, heads)
 from .types import Consumer, Reject, Slice
+from .walk_layout import LayoutSteps
 
 UNARY = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
@@ -25,18 +28,6 @@ POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool
 BINARY = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow"}
 REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
           "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"}
-
-
-def label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
-def attr(node: onnx.NodeProto, key: str, default=None):
-    for a in node.attribute:
-        if a.name == key:
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
 
 
 class GraphIndex:
@@ -63,6 +54,24 @@ class GraphIndex:
                             self.readers[v].append(i)
                     stack += [a.g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPH]
         self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant" and n.output}
+        self._model, self._shapes = model, None
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """The dims of ``name`` (None where symbolic) from the initializers or from onnx shape inference
+        (run once, on demand); None when unknown."""
+        if name in self.inits:
+            return self.dims(name)
+        if self._shapes is None:
+            self._shapes = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self._model).graph
+            except Exception:  # noqa: BLE001 - models over 2 GiB, unknown domains: no inferred shapes
+                inferred = None
+            for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output) if inferred else ():
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                    self._shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                                             for d in vi.type.tensor_type.shape.dim]
+        return self._shapes.get(name)
 
     def dims(self, name: str) -> list[int]:
         return [int(d) for d in self.inits[name].dims]
@@ -87,16 +96,19 @@ class GraphIndex:
             raise Reject(f"{what} '{name}' is shared with other nodes")
 
 
-class Walker:
+class Walker(LayoutSteps):
     """Collects, for one producer of ``size`` channels, the slices, consumers and shrinking tensors."""
 
     def __init__(self, graph: GraphIndex, sites: dict, size: int):
         self.graph, self.sites, self.size = graph, sites, size
         self.slices: list[Slice] = []
         self.consumers: list[Consumer] = []
-        self.tensors: dict[str, tuple[int, int]] = {}  # name -> (axis < 0, block)
-        self.pending: dict[str, tuple[int, int, str]] = {}  # operands that must turn out to be in this group
-        self.attributes: list[tuple[str, str]] = []  # (node label, integer attribute that equals the channel count)
+        self.tensors: dict[str, tuple[int, int, tuple[int, int]]] = {}  # name -> (axis < 0, block, span)
+        #: where the group's channels sit in the current tensor's channel axis: (channels before them, channels
+        #: of other tensors beside them), both 0 until a Concat joins other tensors' channels to them
+        self.span: tuple[int, int] = (0, 0)
+        self.pending: dict[str, tuple[int, int, tuple[int, int], str]] = {}  # operands that must turn out to be in this group
+        self.attributes: list[tuple[str, str, int]] = []  # (node label, attribute = channel count, other channels)
 
     def vector(self, index: int, name: str, axis: int, rank: int | None, role: str) -> None:
         """A constant operand broadcast against the activation: nothing to do when it does not vary along
@@ -112,32 +124,40 @@ class Walker:
             return
         if name not in g.inits:  # a Constant node (e.g. GELU's 1/sqrt(2) as exported) that varies per channel
             raise Reject(f"{role} '{name}' of node {g.labels[index]} is a per-channel Constant node (not rewritten)")
-        if dims[pos] != self.size:
+        if dims[pos] != self.size + self.span[1]:
             raise Reject(f"{role} '{name}' (shape {dims}) does not broadcast per channel")
         g.own(name, index, role)
-        self.slices.append(Slice(name, pos, role=role))
+        self.slices.append(Slice(name, pos, role=role, offset=self.span[0], extra=self.span[1]))
 
     def finish(self) -> None:
         """Operands of two-input nodes that were other activations must be this group's own tensors
         (``x * sigmoid(x)``), with the same layout; anything else couples the channels to another branch."""
-        for value, (axis, block, where) in self.pending.items():
-            if self.tensors.get(value) != (axis, block):
+        for value, (axis, block, span, where) in self.pending.items():
+            if self.tensors.get(value) != (axis, block, span):
                 raise Reject(f"{where} combines the channels with another activation "
                              "(residual-coupled or gated channels are left whole)")
 
-    def walk(self, value: str, axis: int, rank: int | None, block: int) -> None:
-        """Follow ``value`` (channel axis ``axis`` < 0, ``block`` features per channel) to its consumers."""
+    def walk(self, value: str, axis: int, rank: int | None, block: int, span: tuple[int, int] | None = None) -> None:
+        """Follow ``value`` (channel axis ``axis`` < 0, ``block`` features per channel, the group's channels at
+        ``span``, by default the span of the tensor it was computed from) to its consumers."""
         g = self.graph
+        span = self.span if span is None else span
         if value in self.tensors:
+            if self.tensors[value] != (axis, block, span):
+                raise Reject(f"'{value}' is reached twice with different channel layouts")
             return
         if value in g.outputs:
             raise Reject(f"'{value}' is a graph output (its shape must not change)")
-        self.tensors[value] = (axis, block)
+        self.tensors[value] = (axis, block, span)
         readers = g.readers.get(value, [])
         if not readers:
             raise Reject(f"'{value}' is not read by any node")
-        for i in readers:
-            self._step(i, value, axis, rank, block)
+        outer, self.span = self.span, span
+        try:
+            for i in readers:
+                self._step(i, value, axis, rank, block)
+        finally:
+            self.span = outer
 
     def _step(self, i: int, value: str, axis: int, rank: int | None, block: int) -> None:
         g = self.graph
@@ -150,7 +170,7 @@ class Walker:
         if any(o and (o in g.readers or o in g.outputs) for o in node.output[1:]):
             raise Reject(f"{where} has a second output in use")
         channel_first = rank is not None and axis == -(rank - 1) and node.input[0] == value
-        if op == "Conv" and node.input[0] == value and int(attr(node, "group", 1)) == self.size > 1:
+        if op == "Conv" and node.input[0] == value and int(attr(node, "group", 1)) == self.size + self.span[1] > 1:
             self._depthwise(i, axis, rank, block)
         elif op in ("Conv", "Gemm", "MatMul") and node.input[0] == value and len(node.input) > 1 and node.input[1] in self.sites:
             self.consumers.append(self._consumer(i, axis, rank, block))
@@ -173,9 +193,9 @@ class Walker:
                 raise Reject(f"{where} normalises a tensor whose channel axis is not 1, or trains")
             for role, name in zip(("batchnorm scale", "batchnorm bias", "batchnorm mean", "batchnorm var"), node.input[1:5]):
                 g.own(name, i, role)
-                if g.dims(name) != [self.size]:
-                    raise Reject(f"{role} '{name}' has shape {g.dims(name)}, not [{self.size}]")
-                self.slices.append(Slice(name, 0, role=role))
+                if g.dims(name) != [self.size + self.span[1]]:
+                    raise Reject(f"{role} '{name}' has shape {g.dims(name)}, not [{self.size + self.span[1]}]")
+                self.slices.append(Slice(name, 0, role=role, offset=self.span[0], extra=self.span[1]))
             self.walk(node.output[0], axis, rank, block)
         elif op in BINARY:
             if op == "PRelu" and node.input[0] != value:
@@ -184,7 +204,7 @@ class Walker:
                 if v in g.inits or v in g.constants:
                     self.vector(i, v, axis, rank, "constant")
                 else:
-                    self.pending.setdefault(v, (axis, block, where))
+                    self.pending.setdefault(v, (axis, block, self.span, where))
             self.walk(node.output[0], axis, rank, block)
         elif op in ("Flatten", "Reshape") and node.input[0] == value:
             self._flatten(i, axis, rank, block)
@@ -193,7 +213,7 @@ class Walker:
         elif op in ("Transpose", "Squeeze", "Unsqueeze") and node.input[0] == value:
             self._move(i, axis, rank, block)
         elif op == "Concat":
-            raise Reject(f"{where} joins the channels with another tensor (channels coupled across branches)")
+            self._concat(i, value, axis, rank, block)
         elif op in ("Split", "Slice", "Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand"):
             raise Reject(f"{where} indexes, reshapes or reads the shape of the channels "
                          "(rewriting its constants is not implemented)")
@@ -213,118 +233,16 @@ class Walker:
             raise Reject(f"{where} reads a tensor whose channel axis is not 1")
         if weight not in g.inits:
             raise Reject(f"weight of {where} is not an initializer")
-        if g.dims(weight)[:2] != [self.size, 1]:
+        if g.dims(weight)[:2] != [self.size + self.span[1], 1]:
             raise Reject(f"{where} has weight shape {g.dims(weight)} (channel multiplier other than 1)")
         g.own(weight, i, f"weight of {where}")
-        self.slices.append(Slice(weight, 0, role="depthwise weight"))
+        offset, extra = self.span
+        self.slices.append(Slice(weight, 0, role="depthwise weight", offset=offset, extra=extra))
         if len(node.input) > 2 and node.input[2]:
             g.own(node.input[2], i, f"bias of {where}")
-            self.slices.append(Slice(node.input[2], 0, role="depthwise bias"))
-        self.attributes.append((g.labels[i], "group"))
+            self.slices.append(Slice(node.input[2], 0, role="depthwise bias", offset=offset, extra=extra))
+        self.attributes.append((g.labels[i], "group", extra))
         self.walk(node.output[0], axis, rank, block)
-
-    def _resize(self, i: int, axis: int, rank: int | None, block: int) -> None:
-        """Resize / Upsample by constant scales that are 1 on the channel axis pass the channels through
-        (FPN upsampling); target ``sizes`` hold the channel count and are refused."""
-        g = self.graph
-        node = g.nodes[i]
-        where = f"{node.op_type} node {g.labels[i]}"
-        if rank is None:
-            raise Reject(f"{where} resizes a tensor of unknown rank")
-        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
-            raise Reject(f"{where} resizes to target sizes (they hold the channel count; not rewritten)")
-        name = node.input[2] if node.op_type == "Resize" else (node.input[1] if len(node.input) > 1 else "")
-        scales = g.const_value(name) if name else attr(node, "scales")
-        if scales is None:
-            raise Reject(f"{where} has computed scales")
-        scales = [float(v) for v in np.asarray(scales).reshape(-1)]
-        axes = attr(node, "axes")
-        axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
-        pos = rank + axis
-        if len(scales) != len(axes) or (pos in axes and scales[axes.index(pos)] != 1.0):
-            raise Reject(f"{where} scales the channel axis")
-        self.walk(node.output[0], axis, rank, block)
-
-    def _move(self, i: int, axis: int, rank: int | None, block: int) -> None:
-        """Transpose / Squeeze / Unsqueeze with constant permutation or axes move the channel axis without
-        reading the channel count (the layout changes of channel-last exports, e.g. tf2onnx's NHWC
-        Transposes and Keras' ExpandDims/Squeeze around Conv2D): the walk goes on at the new position."""
-        g = self.graph
-        node = g.nodes[i]
-        where = f"{node.op_type} node {g.labels[i]}"
-        if rank is None:
-            raise Reject(f"{where} moves axes of a tensor of unknown rank")
-        pos = rank + axis
-        if node.op_type == "Transpose":
-            perm = attr(node, "perm")
-            perm = list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm]
-            if sorted(perm) != list(range(rank)):
-                raise Reject(f"{where} has a permutation {perm} that does not match rank {rank}")
-            self.walk(node.output[0], perm.index(pos) - rank, rank, block)
-            return
-        axes = attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            value = g.const_value(node.input[1])
-            if value is None:
-                raise Reject(f"{where} has computed axes")
-            axes = [int(a) for a in np.asarray(value).reshape(-1)]
-        if not axes:
-            raise Reject(f"{where} has no axes (which dimensions it removes depends on the shapes)")
-        if node.op_type == "Squeeze":
-            axes = sorted({int(a) % rank for a in axes})
-            if pos in axes:
-                raise Reject(f"{where} squeezes the channel axis")
-            new_rank = rank - len(axes)
-            new_pos = pos - sum(a < pos for a in axes)
-        else:
-            new_rank = rank + len(axes)
-            axes = sorted({int(a) % new_rank for a in axes})
-            new_pos = [d for d in range(new_rank) if d not in axes][pos]
-        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
-
-    def _reduce(self, i: int, axis: int, rank: int | None, block: int) -> None:
-        """Reduce* over axes other than the channel axis passes the channels through (global pooling as
-        exported by the dynamo exporter)."""
-        g = self.graph
-        node = g.nodes[i]
-        where = f"{node.op_type} node {g.labels[i]}"
-        axes = attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            value = g.const_value(node.input[1])
-            if value is None:
-                raise Reject(f"{where} has computed axes")
-            axes = [int(a) for a in np.asarray(value).reshape(-1)]
-        if rank is None or not axes:
-            raise Reject(f"{where} may reduce over the channel axis")
-        axes = sorted({a % rank for a in axes})
-        pos = rank + axis
-        if pos in axes:
-            raise Reject(f"{where} reduces over the channels")
-        if int(attr(node, "keepdims", 1)):
-            self.walk(node.output[0], axis, rank, block)
-            return
-        new_rank = rank - len(axes)
-        new_pos = pos - sum(a < pos for a in axes)
-        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
-
-    def _flatten(self, i: int, axis: int, rank: int | None, block: int) -> None:
-        """Flatten(axis=1) or Reshape to [0 or N, -1] of an (N, C, ...) tensor: channel c becomes a block of
-        prod(spatial) features (the block is read off the consumer: in_features / C)."""
-        g = self.graph
-        node = g.nodes[i]
-        where = f"{node.op_type} node {g.labels[i]}"
-        if rank is None or axis != -(rank - 1):
-            raise Reject(f"{where} flattens a tensor whose channel axis is not 1")
-        if node.op_type == "Flatten":
-            if int(attr(node, "axis", 1)) not in (1, 1 - rank):
-                raise Reject(f"{where} does not flatten from axis 1")
-        else:
-            shape = g.const_value(node.input[1])
-            if (shape is None or shape.shape != (2,) or int(shape[1]) != -1 or int(shape[0]) < 0
-                    or int(attr(node, "allowzero", 0))):
-                raise Reject(f"{where} has a shape constant other than [0, -1] / [N, -1] "
-                             "(Reshape constants that hold the channel count are not rewritten)")
-        self.walk(node.output[0], -1, 2, block if rank == 2 else 0)  # block 0: known only at the consumer
 
     def _consumer(self, i: int, axis: int, rank: int | None, block: int) -> Consumer:
         g = self.graph
@@ -339,11 +257,11 @@ class Walker:
         if node.op_type == "Conv":
             if int(attr(node, "group", 1)) != 1:
                 raise Reject(f"{where} is a grouped / depthwise convolution")
-            if rank is None or axis != -(rank - 1) or len(dims) != rank or dims[1] != self.size:
+            if rank is None or axis != -(rank - 1) or len(dims) != rank or dims[1] != self.size + self.span[1]:
                 raise Reject(f"{where} does not read the channels as its input channels")
             if bias is not None:
                 g.own(bias, i, f"bias of {where}")
-            return Consumer(weight, g.labels[i], "Conv", int(math.prod(dims[2:])), bias)
+            return Consumer(weight, g.labels[i], "Conv", int(math.prod(dims[2:])), bias, *self.span)
         if axis != -1 or len(dims) != 2:
             raise Reject(f"{where} does not read the channels as its input features")
         if node.op_type == "Gemm":
@@ -356,10 +274,11 @@ class Walker:
                 bias = None  # broadcast or shared: no bias compensation (the consumer itself is fine)
         else:
             in_features, bias = dims[0], None
+        total = self.size + self.span[1]
         if block == 0:
-            if in_features % self.size:
-                raise Reject(f"{where} has {in_features} input features, not a multiple of {self.size} channels")
-            block = in_features // self.size
-        if in_features != self.size * block:
-            raise Reject(f"{where} has {in_features} input features, not {self.size} x {block}")
-        return Consumer(weight, g.labels[i], node.op_type, block, bias)
+            if in_features % total:
+                raise Reject(f"{where} has {in_features} input features, not a multiple of {total} channels")
+            block = in_features // total
+        if in_features != total * block:
+            raise Reject(f"{where} has {in_features} input features, not {total} x {block}")
+        return Consumer(weight, g.labels[i], node.op_type, block, bias, *self.span)

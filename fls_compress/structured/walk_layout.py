@@ -1,0 +1,150 @@
+"""Walker steps that move the channel axis or join other channels to it.
+
+:class:`LayoutSteps` is mixed into :class:`fls_compress.structured.walk.Walker`: ``Resize`` by constant
+scales, ``Concat`` along the channels (the group's channels at an offset among the other inputs'),
+``Transpose`` / ``Squeeze`` / ``Unsqueeze`` with constant axes, Reduce* over other axes, and ``Flatten``
+(each channel a block of ``H*W`` features). Each follows the node's output at the new layout with
+:meth:`Walker.walk`, or raises :class:`~fls_compress.structured.types.Reject` with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .types import Reject
+from .nodes import attr
+
+
+class LayoutSteps:
+    """The layout-changing steps of the channel walk (needs the walker's ``graph``, ``span`` and ``walk``)."""
+
+    def _resize(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Resize / Upsample by constant scales that are 1 on the channel axis pass the channels through
+        (FPN upsampling); target ``sizes`` hold the channel count and are refused."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None:
+            raise Reject(f"{where} resizes a tensor of unknown rank")
+        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+            raise Reject(f"{where} resizes to target sizes (they hold the channel count; not rewritten)")
+        name = node.input[2] if node.op_type == "Resize" else (node.input[1] if len(node.input) > 1 else "")
+        scales = g.const_value(name) if name else attr(node, "scales")
+        if scales is None:
+            raise Reject(f"{where} has computed scales")
+        scales = [float(v) for v in np.asarray(scales).reshape(-1)]
+        axes = attr(node, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+        pos = rank + axis
+        if len(scales) != len(axes) or (pos in axes and scales[axes.index(pos)] != 1.0):
+            raise Reject(f"{where} scales the channel axis")
+        self.walk(node.output[0], axis, rank, block)
+
+    def _concat(self, i: int, value: str, axis: int, rank: int | None, block: int) -> None:
+        """Concat along the channel axis (FPN / YOLO / DenseNet joins): the group's channels go on at an
+        offset among the other inputs' channels, whose counts must be known (initializer or inferred
+        shape); downstream vectors and consumers lose only the group's entries."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"Concat node {g.labels[i]}"
+        if rank is None or block != 1:
+            raise Reject(f"{where} joins a tensor of unknown rank or flattened channels")
+        pos = rank + axis
+        if int(attr(node, "axis", 0)) % rank != pos:
+            raise Reject(f"{where} joins along another axis than the channels (channels coupled across branches)")
+        if list(node.input).count(value) != 1:
+            raise Reject(f"{where} reads the channels twice")
+        before = beside = 0
+        seen = False
+        for name in node.input:
+            if name == value:
+                seen = True
+                continue
+            dims = g.shape(name)
+            if dims is None or len(dims) != rank or not dims[pos]:
+                raise Reject(f"{where}: the channel count of its input '{name}' is unknown")
+            beside += int(dims[pos])
+            before += 0 if seen else int(dims[pos])
+        offset, extra = self.span
+        self.walk(node.output[0], axis, rank, block, (before + offset, beside + extra))
+
+    def _move(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Transpose / Squeeze / Unsqueeze with constant permutation or axes move the channel axis without
+        reading the channel count (the layout changes of channel-last exports, e.g. tf2onnx's NHWC
+        Transposes and Keras' ExpandDims/Squeeze around Conv2D): the walk goes on at the new position."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None:
+            raise Reject(f"{where} moves axes of a tensor of unknown rank")
+        pos = rank + axis
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm")
+            perm = list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm]
+            if sorted(perm) != list(range(rank)):
+                raise Reject(f"{where} has a permutation {perm} that does not match rank {rank}")
+            self.walk(node.output[0], perm.index(pos) - rank, rank, block)
+            return
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = g.const_value(node.input[1])
+            if value is None:
+                raise Reject(f"{where} has computed axes")
+            axes = [int(a) for a in np.asarray(value).reshape(-1)]
+        if not axes:
+            raise Reject(f"{where} has no axes (which dimensions it removes depends on the shapes)")
+        if node.op_type == "Squeeze":
+            axes = sorted({int(a) % rank for a in axes})
+            if pos in axes:
+                raise Reject(f"{where} squeezes the channel axis")
+            new_rank = rank - len(axes)
+            new_pos = pos - sum(a < pos for a in axes)
+        else:
+            new_rank = rank + len(axes)
+            axes = sorted({int(a) % new_rank for a in axes})
+            new_pos = [d for d in range(new_rank) if d not in axes][pos]
+        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
+
+    def _reduce(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Reduce* over axes other than the channel axis passes the channels through (global pooling as
+        exported by the dynamo exporter)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = g.const_value(node.input[1])
+            if value is None:
+                raise Reject(f"{where} has computed axes")
+            axes = [int(a) for a in np.asarray(value).reshape(-1)]
+        if rank is None or not axes:
+            raise Reject(f"{where} may reduce over the channel axis")
+        axes = sorted({a % rank for a in axes})
+        pos = rank + axis
+        if pos in axes:
+            raise Reject(f"{where} reduces over the channels")
+        if int(attr(node, "keepdims", 1)):
+            self.walk(node.output[0], axis, rank, block)
+            return
+        new_rank = rank - len(axes)
+        new_pos = pos - sum(a < pos for a in axes)
+        self.walk(node.output[0], new_pos - new_rank, new_rank, block)
+
+    def _flatten(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """Flatten(axis=1) or Reshape to [0 or N, -1] of an (N, C, ...) tensor: channel c becomes a block of
+        prod(spatial) features (the block is read off the consumer: in_features / C)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"{node.op_type} node {g.labels[i]}"
+        if rank is None or axis != -(rank - 1):
+            raise Reject(f"{where} flattens a tensor whose channel axis is not 1")
+        if node.op_type == "Flatten":
+            if int(attr(node, "axis", 1)) not in (1, 1 - rank):
+                raise Reject(f"{where} does not flatten from axis 1")
+        else:
+            shape = g.const_value(node.input[1])
+            if (shape is None or shape.shape != (2,) or int(shape[1]) != -1 or int(shape[0]) < 0
+                    or int(attr(node, "allowzero", 0))):
+                raise Reject(f"{where} has a shape constant other than [0, -1] / [N, -1] "
+                             "(Reshape constants that hold the channel count are not rewritten)")
+        self.walk(node.output[0], -1, 2, block if rank == 2 else 0)  # block 0: known only at the consumer
