@@ -391,6 +391,83 @@ def test_concat_on_channels_offsets_each_group(tmp_path):
         assert np.linalg.norm(_run(obs.model, x) - dense) < np.linalg.norm(mag - dense)
 
 
+def _residual_model(rng) -> onnx.ModelProto:
+    """stem Conv (1->4) + BN + Relu = x0; Conv a (4->3) + Relu -> Conv b (3->4); Add(b, x0) + Relu -> Conv c (4->2)."""
+    f = np.float32
+    arrays = {"stem.w": rng.normal(size=(4, 1, 3, 3)), "bn.s": rng.uniform(0.5, 1.5, 4), "bn.b": rng.normal(size=4),
+              "bn.m": rng.normal(size=4) * 0.1, "bn.v": rng.uniform(0.5, 2, 4), "a.w": rng.normal(size=(3, 4, 3, 3)) / 3,
+              "b.w": rng.normal(size=(4, 3, 3, 3)) / 3, "b.b": rng.normal(size=4), "c.w": rng.normal(size=(2, 4, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "stem.w"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["s", "bn.s", "bn.b", "bn.m", "bn.v"], ["sn"], name="bn"),
+             helper.make_node("Relu", ["sn"], ["x0"], name="relu0"),
+             helper.make_node("Conv", ["x0", "a.w"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+             helper.make_node("Conv", ["ar", "b.w", "b.b"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["b", "x0"], ["sum"], name="residual"),
+             helper.make_node("Relu", ["sum"], ["x1"], name="relu1"),
+             helper.make_node("Conv", ["x1", "c.w"], ["y"], name="conv_c")]
+    graph = helper.make_graph(nodes, "resnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [numpy_helper.from_array(np.asarray(v, f), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_residual_add_couples_the_stem_and_the_block_output(tmp_path):
+    """The stem's channels meet conv b's in the residual Add: the two producers form one coupled group
+    (channel j of both removed together, BatchNorm and the readers conv a and conv c shrinking with it);
+    magnitude ranks by the L2 norm of both filters together, and its result equals the original with the
+    consumers' columns zeroed; structured OBS beats it on the calibration inputs."""
+    rng = np.random.default_rng(13)
+    model = _residual_model(rng)
+    path = _save(model, tmp_path / "res.onnx")
+    x = rng.normal(size=(48, 1, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    analysis = find_groups(model, "channels")
+    coupled = analysis.groups[0]
+    assert (coupled.producer, coupled.coupled) == ("stem.w", ("b.w",))
+    assert [s.producer for s in analysis.skipped] == ["c.w"]  # its output is the graph output
+    assert sorted(c.node for c in coupled.consumers) == ["conv_a", "conv_c"]
+    assert {s.name for s in coupled.slices} == {"stem.w", "b.w", "b.b", "bn.s", "bn.b", "bn.m", "bn.v"}
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    old, new = _inits(model), _inits(rep.model)
+    entry = next(g for g in rep["structure"]["groups"] if g["producer"] == "stem.w")
+    assert entry["coupled"] == ["b.w"]
+    norms = (old["stem.w"].reshape(4, -1) ** 2).sum(1) + (old["b.w"].reshape(4, -1) ** 2).sum(1)
+    assert sorted(entry["removed"]) == sorted(np.argsort(norms, kind="stable")[:2].tolist())
+    # conv a's own group (3 channels -> 1 kept) shrinks b's input side
+    assert new["stem.w"].shape == (2, 1, 3, 3) and new["b.w"].shape == (2, 1, 3, 3) and new["c.w"].shape == (2, 2, 1, 1)
+    assert new["a.w"].shape == (1, 2, 3, 3) and new["bn.v"].shape == (2,) and new["b.b"].shape == (2,)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+    obs = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    dense = _run(path, x)
+    assert np.linalg.norm(_run(obs.model, x) - dense) < np.linalg.norm(_run(rep.model, x) - dense)
+
+
+def test_squeeze_excitation_gate_couples_the_excite_layer(tmp_path):
+    """torchvision's SqueezeExcitation after a Conv (x * sigmoid(fc2(relu(fc1(avgpool(x)))))): the gate's
+    channels come from fc2, which joins the Conv's group; fc1 reads the group through the pooling; the
+    magnitude prune equals the original with the readers' columns zeroed."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), SqueezeExcitation(8, 4),
+                              torch.nn.Conv2d(8, 5, 1)).eval()
+    path = tmp_path / "se.onnx"
+    x = np.random.default_rng(2).normal(size=(32, 3, 6, 6)).astype(np.float32)
+    torch.onnx.export(net, (torch.as_tensor(x[:2]),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=x)
+    model = onnx.load(path)
+    groups = {g.producer: g for g in find_groups(model, "channels").groups}
+    assert groups["0.weight"].coupled == ("2.fc2.weight",)
+    assert sorted(c.weight for c in groups["0.weight"].consumers) == ["2.fc1.weight", "3.weight"]
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    assert _inits(rep.model)["2.fc2.weight"].shape == (4, 2, 1, 1) and _inits(rep.model)["3.weight"].shape == (5, 4, 1, 1)
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_unsqueeze_negative_axes_and_squeeze_without_axes():
     """Unsqueeze(axes=[-1]) keeps the channels at position 1 (axis -4 of the rank-5 result), Squeeze of
     that axis brings them back; a Squeeze without axes (which axes go depends on shapes) is refused."""

@@ -24,11 +24,14 @@ that read it:
 Removing channel ``j`` of the producer is then exactly the same function as zeroing the consumers'
 input columns of ``j`` (what the selection in :mod:`fls_compress.structured.selection` evaluates).
 Two-input element-wise nodes whose other operand is derived from the same channels (``x * sigmoid(x)``,
-i.e. SiLU) pass them through too, and so do Reduce* nodes over the other axes. Everything that would need
-more than that (two branches meeting in Add, i.e. residual-coupled channels; Reshape/Split
-constants that hold the channel count; graph outputs whose shape would change; grouped convolutions;
-weights or vectors shared between nodes; Constant-node weights) makes the group a :class:`Skipped`
-one, with the reason, and the graph keeps it whole.
+i.e. SiLU) pass them through too, and so do Reduce* nodes over the other axes. When the other operand
+comes from other layers (a residual Add, a squeeze-excitation gate), those layers join the group as
+*coupled* producers: channel j of every one of them goes together. Everything that would need more than
+that (an operand traced back to a graph input, or to a layer that also reads the group's channels, as in
+a residual block whose input and output are tied; Reshape/Split constants that hold the channel count;
+graph outputs whose shape would change; grouped convolutions; weights or vectors shared between nodes;
+Constant-node weights in IR < 4 models) makes the group a :class:`Skipped` one, with the reason, and the
+graph keeps it whole.
 
 This is the dependency-graph view of structured pruning (as in Fang et al. 2023, "DepGraph"), restricted
 to the patterns that can be rewritten safely without re-exporting the model.
@@ -40,7 +43,7 @@ import onnx
 
 from ..io.onnx_model import STORAGE_INITIALIZER, prunable_initializers
 from .types import Analysis, Consumer, Group, Reject, Skipped, Slice
-from .walk import GraphIndex, Walker, attr, label
+from .walk import BINARY, POOLS, UNARY, GraphIndex, Walker, attr, label
 
 __all__ = ["Analysis", "Consumer", "Group", "Skipped", "Slice", "consumer_slice", "find_groups"]
 
@@ -52,23 +55,35 @@ def find_groups(model: onnx.ModelProto, kind: str) -> Analysis:
     graph = GraphIndex(model)
     out = Analysis()
     sites = {s.name: s for s in prunable_initializers(model)}
+    producer_of = {o: i for i, n in enumerate(graph.nodes) for o in n.output if o}
+    claimed: set[str] = set()  # producers already in a (coupled) group
     for i, node in enumerate(graph.nodes):
-        if node.op_type not in KINDS[kind] or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-            continue
-        weight = node.input[1] if node.op_type != "MatMul" or node.input[1] in graph.inits else node.input[0]
-        if weight not in sites:
+        weight = _weight(graph, sites, kind, node)
+        if weight is None or weight in claimed:
             continue
         try:
-            out.groups.append(_group(graph, sites, kind, i, weight))
+            group = _group(graph, sites, kind, i, producer_of)
         except Reject as exc:
             out.skipped.append(Skipped(weight, graph.labels[i], str(exc)))
+            continue
+        out.groups.append(group)
+        claimed.update((group.producer, *group.coupled))
     carried = {s.name: g.producer for g in out.groups for s in g.slices if s.role == "depthwise weight"}
     out.skipped = [Skipped(s.producer, s.node, f"depthwise convolution: its channels go with the group of "
-                           f"{carried[s.producer]}") if s.producer in carried else s for s in out.skipped]
+                           f"{carried[s.producer]}") if s.producer in carried else s
+                   for s in out.skipped if s.producer not in claimed]
     return out
 
 
-def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Group:
+def _weight(graph: GraphIndex, sites, kind: str, node: onnx.NodeProto) -> str | None:
+    if node.op_type not in KINDS[kind] or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    weight = node.input[1] if node.op_type != "MatMul" or node.input[1] in graph.inits else node.input[0]
+    return weight if weight in sites else None
+
+
+def _layout(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> tuple[int, int | None, int]:
+    """(output channels, output rank or None, weight axis of the channels) of a producer, or Reject."""
     node = graph.nodes[index]
     if getattr(sites[weight], "storage", STORAGE_INITIALIZER) != STORAGE_INITIALIZER or weight not in graph.inits:
         raise Reject("the weight is a Constant node, not an initializer")
@@ -77,19 +92,61 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Grou
     if node.op_type == "Conv":
         if int(attr(node, "group", 1)) != 1:
             raise Reject("grouped / depthwise convolution (its input channels are tied to its output channels)")
-        size, rank, w_axis = dims[0], len(dims), 0
-    elif node.op_type == "Gemm":
+        return dims[0], len(dims), 0
+    if node.op_type == "Gemm":
         if len(dims) != 2:
             raise Reject("Gemm weight is not 2-D")
         w_axis = 0 if int(attr(node, "transB", 0)) else 1
-        size, rank = dims[w_axis], 2
-    else:  # MatMul
-        if node.input[1] != weight or len(dims) != 2:
-            raise Reject("MatMul weight is not the 2-D right operand (X @ W)")
-        size, rank, w_axis = dims[1], None, 1
+        return dims[w_axis], 2, w_axis
+    if node.input[1] != weight or len(dims) != 2:  # MatMul
+        raise Reject("MatMul weight is not the 2-D right operand (X @ W)")
+    return dims[1], None, 1
+
+
+def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[str, int]) -> Group:
+    """The group of the producer at ``index``: its channels followed to the consumers. Where an element-wise
+    node combines them with another activation (a residual Add, a gate ``x * sigmoid(f(x))``), the layers
+    that compute that activation's channels join the group (channel j of every one of them goes together,
+    as in DepGraph's grouping, Fang et al. 2023) and the walk is redone from all of them."""
+    weight = _weight(graph, sites, kind, graph.nodes[index])
+    size = _layout(graph, sites, kind, index, weight)[0]
     if size < 2:
         raise Reject(f"only {size} output {kind}")
-    walker = Walker(graph, sites, size)
+    producers = [index]
+    while True:
+        walker = Walker(graph, sites, size)
+        for i in producers:
+            _start(walker, graph, sites, kind, i, size)
+        unresolved = [v for v in walker.pending if v not in walker.tensors]
+        if not unresolved:
+            break
+        more = [j for v in unresolved for j in _sources(graph, kind, producer_of, v, walker.pending[v][3])]
+        more = [j for j in dict.fromkeys(more) if j not in producers]
+        if not more:
+            break
+        producers += more
+    walker.finish()
+    if not walker.consumers:
+        raise Reject("no Conv/Gemm/MatMul reads the output")
+    coupled = tuple(_weight(graph, sites, kind, graph.nodes[i]) for i in producers[1:])
+    both = set((weight, *coupled)) & {c.weight for c in walker.consumers}
+    if both:
+        raise Reject(f"{sorted(both)[0]} both reads and computes the coupled channels (residual-coupled channels: "
+                     "a block's input and output channels are tied)")
+    tensors = tuple((name, axis, block, span[1]) for name, (axis, block, span) in walker.tensors.items())
+    return Group(kind, weight, graph.labels[index], graph.nodes[index].op_type, size, tuple(walker.slices),
+                 tuple(walker.consumers), tensors, tuple(walker.attributes), coupled)
+
+
+def _start(walker: Walker, graph: GraphIndex, sites, kind: str, index: int, size: int) -> None:
+    """Add a producer's weight rows and bias to the group and walk its output."""
+    node = graph.nodes[index]
+    weight = _weight(graph, sites, kind, node)
+    if weight is None:
+        raise Reject(f"{node.op_type} node {graph.labels[index]} computes coupled channels but is not a prunable layer")
+    n, rank, w_axis = _layout(graph, sites, kind, index, weight)
+    if n != size:
+        raise Reject(f"{graph.labels[index]} couples {n} channels with {size}")
     walker.slices.append(Slice(weight, w_axis, role="producer weight"))
     if len(node.input) > 2 and node.input[2]:
         if node.op_type == "Conv":
@@ -97,13 +154,36 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> Grou
             walker.slices.append(Slice(node.input[2], 0, role="producer bias"))
         else:
             walker.vector(index, node.input[2], -1, 2, "producer bias")
-    walker.walk(node.output[0], -(rank - 1) if node.op_type == "Conv" else -1, rank, 1)
-    walker.finish()
-    if not walker.consumers:
-        raise Reject("no Conv/Gemm/MatMul reads the output")
-    tensors = tuple((name, axis, block, span[1]) for name, (axis, block, span) in walker.tensors.items())
-    return Group(kind, weight, graph.labels[index], node.op_type, size, tuple(walker.slices),
-                 tuple(walker.consumers), tensors, tuple(walker.attributes))
+    walker.walk(node.output[0], -(rank - 1) if node.op_type == "Conv" else -1, rank, 1, (0, 0))
+
+
+def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: str, where: str,
+             seen: set[str] | None = None) -> list[int]:
+    """The producer layers whose channels reach ``value`` element-wise (through activations, BatchNorm,
+    pooling, Resize, depthwise convolutions and other element-wise nodes)."""
+    seen = set() if seen is None else seen
+    if value in seen:
+        return []
+    seen.add(value)
+    i = producer_of.get(value)
+    if i is None:
+        raise Reject(f"{where} combines the channels with '{value}', a graph input (residual-coupled channels)")
+    node = graph.nodes[i]
+    op = node.op_type
+    if op in KINDS[kind] and not (op == "Conv" and int(attr(node, "group", 1)) != 1):
+        return [i]
+    if op in UNARY or op in POOLS or op in ("Clip", "Dropout", "BatchNormalization", "Resize", "Upsample") or (
+            op == "Conv" and int(attr(node, "group", 1)) > 1 and node.input[1] in graph.inits
+            and graph.dims(node.input[1])[:2] == [int(attr(node, "group", 1)), 1]):
+        return _sources(graph, kind, producer_of, node.input[0], where, seen)
+    if op in BINARY:
+        found = []
+        for v in dict.fromkeys(node.input):
+            if v and v not in graph.inits and v not in graph.constants:
+                found += _sources(graph, kind, producer_of, v, where, seen)
+        return found
+    raise Reject(f"{where} combines the channels with '{value}', computed by {op} node {graph.labels[i]} "
+                 "(not traced back to prunable layers: residual-coupled channels are left whole)")
 
 
 def consumer_slice(model: onnx.ModelProto, consumer: Consumer) -> Slice:

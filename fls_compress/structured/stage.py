@@ -97,7 +97,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             g = pending.pop(0)
             count = removal_count(g.size, target, config.channel_multiple)
             entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
-                           "consumers": [c.node for c in g.consumers]}
+                           "coupled": list(g.coupled), "consumers": [c.node for c in g.consumers]}
             new_values: dict[str, np.ndarray] = {}
             if count == 0:  # nothing to remove at this size / multiple: the group stays as it is
                 entry.update(kept=g.size, removed=[])
@@ -105,8 +105,9 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                 advance(f"{g.producer}: {g.size}/{g.size}")
                 continue
             if selection == "l2":
-                prod = next(s for s in g.slices if s.role == "producer weight")
-                rows = torch.from_numpy(np.moveaxis(read(work, prod.name), prod.axis, 0).reshape(g.size, -1).copy())
+                rows = torch.from_numpy(np.concatenate(  # every producer's filters (coupled ones included)
+                    [np.moveaxis(read(work, p.name), p.axis, 0).reshape(g.size, -1) for p in g.slices
+                     if p.role == "producer weight"], axis=1))
                 keep = l2_select(rows, count)
             else:
                 if config.sequential:

@@ -44,6 +44,7 @@ class Group:
     tensors: tuple[tuple[str, int, int, int], ...]  # activations whose dim shrinks: (name, axis (< 0), block (0 =
     #: unknown), channels of other Concat inputs beside the group's)
     attributes: tuple[tuple[str, str, int], ...] = ()  # (node label, attribute, other channels): set to kept + other
+    coupled: tuple[str, ...] = ()  # weights of the other producers whose channels go with ``producer``'s
 
 
 @dataclass(frozen=True)
