@@ -54,11 +54,15 @@ def _iter_graph_nodes(graph: onnx.GraphProto):
 
 
 # ------------------------------------------------------------------------------------------------
-def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+def move_constants_to_initializers(graph: onnx.GraphProto,
+                                   select: Callable[[onnx.TensorProto], bool] | None = None) -> list[str]:
+    """Move ``graph``'s top-level ``Constant`` nodes (tensor/float/int values) to initializers of the same
+    name, in place; with ``select``, only the tensors it accepts. Constants that are graph outputs, or whose
+    name already is an initializer, stay. Returns the moved names."""
     graph_outputs = {vi.name for vi in graph.output}
     existing = {t.name for t in graph.initializer}
     keep: list[onnx.NodeProto] = []
-    moved = 0
+    moved: list[str] = []
     for node in graph.node:
         tensor = None
         if node.op_type == "Constant" and _is_onnx_domain(node) and len(node.attribute) == 1:
@@ -72,12 +76,12 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> int:
                 elif attr.name in _SCALAR_CONSTANT_ATTRS:
                     value = helper.get_attribute_value(attr)
                     tensor = numpy_helper.from_array(np.asarray(value, dtype=_SCALAR_CONSTANT_ATTRS[attr.name]), out)
-        if tensor is None:
+        if tensor is None or (select is not None and not select(tensor)):
             keep.append(node)
             continue
         graph.initializer.append(tensor)
         existing.add(tensor.name)
-        moved += 1
+        moved.append(tensor.name)
     if moved:
         del graph.node[:]
         graph.node.extend(keep)
@@ -89,7 +93,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Constants that are graph outputs, or whose name already is an initializer, are left alone.
     """
-    return _copy_and_apply(model, _constants_to_initializers)
+    return _copy_and_apply(model, lambda graph: len(move_constants_to_initializers(graph)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def prepare_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = densify_sparse_initializers(model)
     graph = prepared.graph
     counts = {
-        "constants->initializers": _constants_to_initializers(graph),
+        "constants->initializers": len(move_constants_to_initializers(graph)),
         "identity folds": _fold_identity_of_initializers(graph),
         "allowzero dropped": _drop_redundant_allowzero(graph),
         "SAME pads": _explicit_same_pads(graph),

@@ -28,28 +28,13 @@ def promote_constants(model: onnx.ModelProto) -> list[str]:
     bias and BatchNorm vector as a Constant node). The function is unchanged; scalars, integer (shape)
     constants, graph outputs and models below IR 4 (whose initializers must be graph inputs) keep their
     Constant nodes. Returns the promoted names."""
+    from ..bridge.prep import move_constants_to_initializers
     from ..io.onnx_model import STORAGE_CONSTANT, prunable_initializers
 
     if model.ir_version < 4 or not any(s.storage == STORAGE_CONSTANT for s in prunable_initializers(model)):
         return []
-    outputs = {o.name for o in model.graph.output}
-    nodes, promoted = [], []
-    for n in model.graph.node:
-        a = n.attribute[0] if len(n.attribute) == 1 else None
-        if (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and a is not None and a.name == "value"
-                and n.output[0] not in outputs and math.prod(a.t.dims) > 1
-                and np.issubdtype(helper.tensor_dtype_to_np_dtype(a.t.data_type), np.floating)):
-            t = onnx.TensorProto()
-            t.CopyFrom(a.t)
-            t.name = n.output[0]
-            model.graph.initializer.append(t)
-            promoted.append(t.name)
-        else:
-            nodes.append(n)
-    if promoted:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return promoted
+    return move_constants_to_initializers(model.graph, lambda t: math.prod(t.dims) > 1 and np.issubdtype(
+        helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
 
 
 def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int, offset: int = 0, extra: int = 0) -> np.ndarray:
