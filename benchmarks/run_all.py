@@ -29,6 +29,7 @@ BENCHMARKS = [
     "quantize_accuracy",    # int8/int4 RTN vs GPTQ vs FLS quantization
     "batch_scaling",        # the sample zoo through `batch` with 1 and 2 workers
     "structured",           # prune --structure channels/neurons: quality, parameters, size, onnxruntime latency
+    "structured_coverage",  # which exported architectures --structure channels can shrink (torchvision, paddle2onnx, tf2onnx-style)
     "quantize_default",     # the default quantize method: GPTQ vs FLS on validation splits (sample CNN, autoencoder)
     "gptq_rows",            # GPTQ output error vs activation rows per layer (PP-OCRv4 detector, byte classifier, CNN), 8/4 bits
     "quantize_cost",        # W8A8 quantize time (wall/CPU per stage) vs onnxruntime quantize_static: byte-classifier look-alike, wide MLP
