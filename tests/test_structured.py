@@ -757,3 +757,69 @@ def test_3d_convolution_consumer_is_magnitude_only(tmp_path):
     rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
     assert _inits(rep.model)["c2.w"].shape == (2, 2, 1, 1, 1)
     assert _run(rep.model, np.zeros((1, 1, 4, 4, 4), f)).shape == (1, 2, 4, 4, 4)
+
+
+def _reshaped_bias_se(rng, shared_shape: bool = False) -> onnx.ModelProto:
+    """Older paddle2onnx style: Conv without bias + Add(Reshape(bias [C], Constant [1, C, 1, 1])), and a
+    squeeze-excitation gate whose two 1x1 convolutions add their biases the same way (the first with
+    [1, -1, 1, 1]); ``shared_shape``: the gate's second Reshape reuses the stem's shape constant."""
+    f = np.float32
+    arrays = {"c1.w": rng.normal(size=(8, 3, 3, 3)), "c1.b": rng.normal(size=8), "f1.w": rng.normal(size=(4, 8, 1, 1)),
+              "f1.b": rng.normal(size=4), "f2.w": rng.normal(size=(8, 4, 1, 1)), "f2.b": rng.normal(size=8),
+              "c2.w": rng.normal(size=(5, 8, 1, 1))}
+    inits = [numpy_helper.from_array(np.asarray(v, f), k) for k, v in arrays.items()]
+    shape = {"s1": [1, 8, 1, 1], "s2": [1, -1, 1, 1], "s3": [1, 8, 1, 1]}
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(np.array(v, np.int64), k))
+             for k, v in shape.items()]
+    nodes += [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+              helper.make_node("Reshape", ["c1.b", "s1"], ["b1"], name="rs1"),
+              helper.make_node("Add", ["a", "b1"], ["a2"], name="add1"),
+              helper.make_node("Relu", ["a2"], ["r"], name="relu1"),
+              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="squeeze"),
+              helper.make_node("Conv", ["p", "f1.w"], ["q"], name="fc1"),
+              helper.make_node("Reshape", ["f1.b", "s2"], ["b2"], name="rs2"),
+              helper.make_node("Add", ["q", "b2"], ["q2"], name="add2"),
+              helper.make_node("Relu", ["q2"], ["q3"], name="relu2"),
+              helper.make_node("Conv", ["q3", "f2.w"], ["u"], name="fc2"),
+              helper.make_node("Reshape", ["f2.b", "s1" if shared_shape else "s3"], ["b3"], name="rs3"),
+              helper.make_node("Add", ["u", "b3"], ["u2"], name="add3"),
+              helper.make_node("HardSigmoid", ["u2"], ["gate"], name="hsig"),
+              helper.make_node("Mul", ["r", "gate"], ["m"], name="excite"),
+              helper.make_node("Conv", ["m", "c2.w"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "paddle_se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_reshaped_constant_biases_shrink_with_their_channels(tmp_path):
+    """Biases added through Reshape of a constant vector (PP-OCR v2.0 exports): the vector loses the removed
+    channels' entries, a shape constant that spells the channel count out gets the kept count ([1, -1, 1, 1]
+    stays), the SE gate's excite layer is a coupled producer, and the magnitude prune equals the original
+    with the readers' columns zeroed; a shape constant shared by two Reshapes leaves the group whole."""
+    rng = np.random.default_rng(11)
+    model = _reshaped_bias_se(rng)
+    path = _save(model, tmp_path / "se.onnx")
+    x = rng.normal(size=(32, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    groups = {g.producer: g for g in find_groups(model, "channels").groups}
+    assert sorted(groups) == ["c1.w", "f1.w"] and groups["c1.w"].coupled == ("f2.w",)
+    assert sorted(groups["c1.w"].shape_constants) == [("s1", 1, 0, "b1"), ("s3", 1, 0, "b3")]
+    assert groups["f1.w"].shape_constants == ()
+    assert {s.name for s in groups["c1.w"].slices if s.role == "constant"} == {"c1.b", "f2.b"}
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    new = _inits(rep.model)
+    assert new["c1.b"].shape == (4,) and new["f2.b"].shape == (4,) and new["f1.b"].shape == (2,)
+    assert new["c2.w"].shape == (5, 4, 1, 1) and new["f2.w"].shape == (4, 2, 1, 1)
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t).tolist() for n in rep.model.graph.node
+              if n.op_type == "Constant"}
+    assert consts == {"s1": [1, 4, 1, 1], "s2": [1, -1, 1, 1], "s3": [1, 4, 1, 1]}
+    kept = np.setdiff1d(np.arange(8), rep["structure"]["groups"][0]["removed"])
+    np.testing.assert_array_equal(new["c1.b"], _inits(model)["c1.b"][kept])
+    np.testing.assert_allclose(_run(rep.model, x), _run(_zero_removed(model, rep["structure"]["groups"]), x),
+                               rtol=1e-5, atol=1e-5)
+    obs = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    dense = _run(path, x)
+    assert np.linalg.norm(_run(obs.model, x) - dense) < np.linalg.norm(_run(rep.model, x) - dense)
+    shared = find_groups(_reshaped_bias_se(np.random.default_rng(11), shared_shape=True), "channels")
+    assert [g.producer for g in shared.groups] == ["f1.w"]
+    assert "shape constant 's1' of Reshape node rs1 is shared with other nodes" in shared.skipped[0].reason

@@ -28,7 +28,9 @@ i.e. SiLU) pass them through too, and so do Reduce* nodes over the other axes. W
 comes from other layers (a residual Add, a squeeze-excitation gate), those layers join the group as
 *coupled* producers: channel j of every one of them goes together. Everything that would need more than
 that (an operand traced back to a graph input, or to a layer that also reads the group's channels, as in
-a residual block whose input and output are tied; Reshape/Split constants that hold the channel count;
+a residual block whose input and output are tied; Reshape/Split constants that hold the channel count of
+an activation (those of a constant vector reshaped to broadcast per channel, ``Reshape(b, [1, C, 1, 1])`` as
+older paddle2onnx exports add biases, are rewritten);
 graph outputs whose shape would change; grouped convolutions; weights or vectors shared between nodes;
 Constant-node weights in IR < 4 models) makes the group a :class:`Skipped` one, with the reason, and the
 graph keeps it whole.
@@ -135,7 +137,7 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[st
                      "a block's input and output channels are tied)")
     tensors = tuple((name, axis, block, span[1]) for name, (axis, block, span) in walker.tensors.items())
     return Group(kind, weight, graph.labels[index], graph.nodes[index].op_type, size, tuple(walker.slices),
-                 tuple(walker.consumers), tensors, tuple(walker.attributes), coupled)
+                 tuple(walker.consumers), tensors, tuple(walker.attributes), coupled, tuple(walker.shape_constants))
 
 
 def _start(walker: Walker, graph: GraphIndex, sites, kind: str, index: int, size: int) -> None:
@@ -179,7 +181,7 @@ def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: s
     if op in BINARY:
         found = []
         for v in dict.fromkeys(node.input):
-            if v and v not in graph.inits and v not in graph.constants:
+            if v and v not in graph.inits and v not in graph.constants and graph.reshaped_constant(v) is None:
                 found += _sources(graph, kind, producer_of, v, where, seen)
         return found
     raise Reject(f"{where} combines the channels with '{value}', computed by {op} node {graph.labels[i]} "

@@ -1,6 +1,7 @@
 """Rewrite an ONNX graph with a structural group's removed channels cut out of its tensors.
 
-Only initializers change (and the ``group`` attribute of depthwise convolutions the channels pass): each :class:`~fls_compress.structured.groups.Slice` of the group is replaced
+Only initializers change (and the ``group`` attribute of depthwise convolutions the channels pass, and the
+channel entry of the shape constant of a vector reshaped to broadcast per channel): each :class:`~fls_compress.structured.groups.Slice` of the group is replaced
 by the entries of the kept channels (same name, same position in the initializer list, same element
 type), the consumers' weights (and biases) by their compensated values first when given. Nodes, names,
 graph inputs/outputs, opsets and metadata stay as they are. The activations between producer and
@@ -98,8 +99,30 @@ def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slic
         for a in node.attribute:
             if (label(node, i), a.name) in wanted:
                 a.i = len(keep) + wanted[label(node, i), a.name]
+    for name, pos, extra, reshaped in group.shape_constants:  # Reshape(b, [1, C, 1, 1]) -> [1, kept, 1, 1]
+        _set_shape_entry(model, name, pos, len(keep) + extra)
+        _drop_value_info(model, reshaped)
     _update_value_info(model, group, len(keep))
     return shapes
+
+
+def _set_shape_entry(model: onnx.ModelProto, name: str, pos: int, value: int) -> None:
+    """Entry ``pos`` of the 1-D integer constant ``name`` (an initializer or a Constant node's ``value``)
+    set to ``value``."""
+    tensors = [t for t in model.graph.initializer if t.name == name]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" and list(n.output) == [name]
+                for a in n.attribute if a.name == "value"]
+    if not tensors:
+        raise KeyError(name)
+    values = numpy_helper.to_array(tensors[0]).copy()
+    values[pos] = value
+    tensors[0].CopyFrom(numpy_helper.from_array(values, tensors[0].name))
+
+
+def _drop_value_info(model: onnx.ModelProto, name: str) -> None:
+    entries = [vi for vi in model.graph.value_info if vi.name != name]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(entries)
 
 
 def _update_value_info(model: onnx.ModelProto, group: Group, kept: int) -> None:

@@ -54,6 +54,7 @@ class GraphIndex:
                             self.readers[v].append(i)
                     stack += [a.g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPH]
         self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant" and n.output}
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self._model, self._shapes = model, None
 
     def shape(self, name: str) -> list[int | None] | None:
@@ -88,6 +89,26 @@ class GraphIndex:
                 return np.asarray(helper.get_attribute_value(a))
         return None
 
+    def reshaped_constant(self, name: str) -> tuple[int, list[int]] | None:
+        """(Reshape node index, target dims) when ``name`` is a constant tensor reshaped by constant dims, as
+        older paddle2onnx exports add a Conv's bias: ``Add(conv, Reshape(bias [C], [1, C, 1, 1]))``; else None."""
+        i = self.producer.get(name)
+        if i is None or self.nodes[i].op_type != "Reshape" or self.nodes[i].domain not in ("", "ai.onnx"):
+            return None
+        node = self.nodes[i]
+        data, shape = self.const_value(node.input[0]), self.const_value(node.input[1])
+        if data is None or shape is None or np.asarray(shape).ndim != 1:
+            return None
+        dims = [int(d) for d in np.asarray(shape)]
+        if not int(attr(node, "allowzero", 0)):  # 0 copies the input's dim at that position
+            dims = [int(data.shape[k]) if d == 0 and k < data.ndim else d for k, d in enumerate(dims)]
+        if dims.count(-1) == 1:
+            known = math.prod(d for d in dims if d != -1)
+            dims[dims.index(-1)] = data.size // known if known else 0
+        if any(d < 0 for d in dims) or math.prod(dims) != data.size:
+            return None
+        return i, dims
+
     def own(self, name: str, index: int, what: str) -> None:
         """``name`` must be an initializer read by node ``index`` only (it will be rewritten)."""
         if name not in self.inits:
@@ -109,13 +130,18 @@ class Walker(LayoutSteps):
         self.span: tuple[int, int] = (0, 0)
         self.pending: dict[str, tuple[int, int, tuple[int, int], str]] = {}  # operands that must turn out to be in this group
         self.attributes: list[tuple[str, str, int]] = []  # (node label, attribute = channel count, other channels)
+        #: (shape constant, entry = channel count, other channels, the Reshape's output) of reshaped vectors
+        self.shape_constants: list[tuple[str, int, int, str]] = []
 
     def vector(self, index: int, name: str, axis: int, rank: int | None, role: str) -> None:
         """A constant operand broadcast against the activation: nothing to do when it does not vary along
         the channel axis (size 1 there, or absent); one :class:`Slice` when it has one entry per channel."""
         g = self.graph
-        if name not in g.inits and name not in g.constants:
+        reshaped = g.reshaped_constant(name) if name not in g.inits and name not in g.constants else None
+        if name not in g.inits and name not in g.constants and reshaped is None:
             raise Reject(f"{role} '{name}' of node {g.labels[index]} is not an initializer")
+        if reshaped is not None:
+            return self._reshaped_vector(index, name, axis, rank, role, *reshaped)
         dims = g.dims(name) if name in g.inits else list(np.asarray(g.const_value(name)).shape)
         pos = len(dims) + axis  # axis < 0 counts from the end: numpy broadcasting aligns the right
         if rank is not None and len(dims) > rank:
@@ -128,6 +154,34 @@ class Walker(LayoutSteps):
             raise Reject(f"{role} '{name}' (shape {dims}) does not broadcast per channel")
         g.own(name, index, role)
         self.slices.append(Slice(name, pos, role=role, offset=self.span[0], extra=self.span[1]))
+
+    def _reshaped_vector(self, index: int, name: str, axis: int, rank: int | None, role: str, r: int,
+                         dims: list[int]) -> None:
+        """A constant vector reshaped to broadcast per channel (``Reshape(b [C], [1, C, 1, 1])``): its data
+        loses the removed channels' entries and, where the shape constant spells the channel count out, that
+        entry becomes the kept count (:attr:`Walker.shape_constants`)."""
+        g = self.graph
+        node = g.nodes[r]
+        where = f"{role} '{name}' of node {g.labels[index]} (Reshape node {g.labels[r]})"
+        pos = len(dims) + axis
+        if rank is not None and len(dims) > rank:
+            raise Reject(f"{where} has more dimensions than the activation")
+        if pos < 0 or dims[pos] == 1:
+            return
+        if dims[pos] != self.size + self.span[1] or math.prod(dims) != dims[pos]:
+            raise Reject(f"{where} (shape {dims}) does not broadcast per channel")
+        if g.readers.get(name, []) != [index] or name in g.outputs:
+            raise Reject(f"{where} is shared with other nodes")
+        data, shape = node.input[0], node.input[1]
+        if data not in g.inits:
+            raise Reject(f"{where} reshapes a Constant node (not rewritten)")
+        g.own(data, r, f"data of Reshape node {g.labels[r]}")
+        axes = [k for k, d in enumerate(g.dims(data)) if d != 1]
+        self.slices.append(Slice(data, axes[0] if axes else 0, role=role, offset=self.span[0], extra=self.span[1]))
+        if int(np.asarray(g.const_value(shape))[pos]) != -1:  # the channel count is written in the shape constant
+            if g.readers.get(shape, []) != [r] or shape in g.outputs:
+                raise Reject(f"shape constant '{shape}' of Reshape node {g.labels[r]} is shared with other nodes")
+            self.shape_constants.append((shape, pos, self.span[1], node.output[0]))
 
     def finish(self) -> None:
         """Operands of two-input nodes that were other activations must be this group's own tensors
@@ -201,7 +255,7 @@ class Walker(LayoutSteps):
             if op == "PRelu" and node.input[0] != value:
                 raise Reject(f"{where} reads the channels as its slope")
             for v in dict.fromkeys(others):
-                if v in g.inits or v in g.constants:
+                if v in g.inits or v in g.constants or g.reshaped_constant(v) is not None:
                     self.vector(i, v, axis, rank, "constant")
                 else:
                     self.pending.setdefault(v, (axis, block, self.span, where))
