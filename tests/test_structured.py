@@ -803,7 +803,7 @@ def test_reshaped_constant_biases_shrink_with_their_channels(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     groups = {g.producer: g for g in find_groups(model, "channels").groups}
     assert sorted(groups) == ["c1.w", "f1.w"] and groups["c1.w"].coupled == ("f2.w",)
-    assert sorted(groups["c1.w"].shape_constants) == [("s1", 1, 0, "b1"), ("s3", 1, 0, "b3")]
+    assert sorted(groups["c1.w"].shape_constants) == [("s1", 1, 0, "b1", 1), ("s3", 1, 0, "b3", 1)]
     assert groups["f1.w"].shape_constants == ()
     assert {s.name for s in groups["c1.w"].slices if s.role == "constant"} == {"c1.b", "f2.b"}
     rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
@@ -823,3 +823,80 @@ def test_reshaped_constant_biases_shrink_with_their_channels(tmp_path):
     shared = find_groups(_reshaped_bias_se(np.random.default_rng(11), shared_shape=True), "channels")
     assert [g.producer for g in shared.groups] == ["f1.w"]
     assert "shape constant 's1' of Reshape node rs1 is shared with other nodes" in shared.skipped[0].reason
+
+
+class _ViewNet(torch.nn.Module):
+    """Conv -> Relu -> view -> Linear, the target of the view by ``mode``: ``batch`` x.view(x.size(0), -1),
+    ``batch_features`` x.view(x.size(0), 128), ``static`` x.view(-1, 128), ``channels`` x.view(N, C, -1)
+    (then the Linear reads H*W). With a dynamic batch the TorchScript exporter computes a target that
+    reads x.size(...) from Shape -> Gather -> Unsqueeze -> Concat."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.conv, self.mode = torch.nn.Conv2d(3, 8, 3), mode
+        self.fc = torch.nn.Linear(16 if mode == "channels" else 8 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self.mode == "channels":
+            return self.fc(y.view(y.size(0), y.size(1), -1)).sum(1)
+        if self.mode == "static":
+            return self.fc(y.view(-1, 8 * 4 * 4))
+        return self.fc(y.view(y.size(0), 8 * 4 * 4 if self.mode == "batch_features" else -1))
+
+
+@pytest.mark.parametrize("mode", ["batch", "batch_features", "static", "channels"])
+def test_flatten_targets_computed_or_spelled_out(tmp_path, mode):
+    """The Reshape targets of a flatten as exported with a dynamic batch: the Shape node reads only the
+    batch size, -1 needs no change and a feature count C*H*W spelled out in a constant (x.view(-1, 128),
+    or inside the computed target) becomes kept*H*W; the conv's channels shrink and the Linear loses their
+    blocks of 16 columns, equal to the zeroed reference at another batch size. A target that reads the
+    channel count (x.view(N, C, -1)) leaves the group whole with the reason."""
+    torch.manual_seed(4)
+    net = _ViewNet(mode).eval()
+    path = tmp_path / "view.onnx"
+    x = np.random.default_rng(4).normal(size=(32, 3, 6, 6)).astype(np.float32)
+    torch.onnx.export(net, (torch.as_tensor(x[:2]),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    model = onnx.load(path)
+    assert ("Shape" in {n.op_type for n in model.graph.node}) == (mode != "static")
+    analysis = find_groups(model, "channels")
+    if mode == "channels":
+        assert not analysis.groups and "reads the channel count" in analysis.skipped[0].reason
+        return
+    group, = analysis.groups
+    assert group.producer == "conv.weight" and [c.block for c in group.consumers] == [16]
+    # (entry, other channels, Reshape output, features per channel): static [-1, 128] holds it at 1, the
+    # computed target in its own [128] constant (Concat of [N] and [128]) at 0
+    expected = {"batch": [], "batch_features": [(0, 0, "/Reshape_output_0", 16)], "static": [(1, 0, "/Reshape_output_0", 16)]}
+    assert [s[1:] for s in group.shape_constants] == expected[mode]
+    np.savez(tmp_path / "calib.npz", x=x)
+    rep = compress(path, MagnitudeConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    new = _inits(rep.model)
+    assert new["conv.weight"].shape == (4, 3, 3, 3) and new["fc.weight"].shape == (5, 64)
+    np.testing.assert_allclose(_run(rep.model, x[:7]), _run(_zero_removed(model, rep["structure"]["groups"]), x[:7]),
+                               rtol=1e-5, atol=1e-5)
+    consts = [numpy_helper.to_array(n.attribute[0].t).tolist() for n in rep.model.graph.node if n.op_type == "Constant"]
+    assert {"batch": [-1], "batch_features": [64], "static": [-1, 64]}[mode] in consts
+    obs = compress(path, SparseGPTConfig(sparsity=0.5, structure="channels"), tmp_path / "calib.npz", options=OPTS)
+    dense = _run(path, x)
+    assert np.linalg.norm(_run(obs.model, x) - dense) < np.linalg.norm(_run(rep.model, x) - dense)
+
+
+def test_shape_expressions_follow_gather_slice_concat():
+    """shape_expr evaluates the exporters' shape computations to run-time dims and constants."""
+    from fls_compress.structured.shape_expr import shape_expr
+    from fls_compress.structured.walk import GraphIndex
+
+    i64 = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64), name))  # noqa: E731
+    nodes = [i64("zero", 0), i64("st", [1]), i64("en", [9]), i64("ax", [0]), i64("minus", [-1]),
+             helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]), helper.make_node("Cast", ["s"], ["sc"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["sc", "st", "en", "ax"], ["hw"]), helper.make_node("Shape", ["x"], ["tail"], start=-2),
+             helper.make_node("Concat", ["n1", "minus", "hw", "tail"], ["t"], axis=0)]
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 5])],
+                              [helper.make_tensor_value_info("t", TensorProto.INT64, [None])])
+    g = GraphIndex(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
+    x = lambda k: ("x", k)  # noqa: E731
+    assert shape_expr(g, "t") == [x(0), -1, x(1), x(2), x(3), x(2), x(3)]
+    assert shape_expr(g, "n") == [x(0)] and shape_expr(g, "x") is None

@@ -99,8 +99,8 @@ def shrink(model: onnx.ModelProto, group: Group, keep: np.ndarray, consumer_slic
         for a in node.attribute:
             if (label(node, i), a.name) in wanted:
                 a.i = len(keep) + wanted[label(node, i), a.name]
-    for name, pos, extra, reshaped in group.shape_constants:  # Reshape(b, [1, C, 1, 1]) -> [1, kept, 1, 1]
-        _set_shape_entry(model, name, pos, len(keep) + extra)
+    for name, pos, extra, reshaped, per in group.shape_constants:  # Reshape(b, [1, C, 1, 1]) -> [1, kept, 1, 1]
+        _set_shape_entry(model, name, pos, (len(keep) + extra) * per)
         _drop_value_info(model, reshaped)
     _update_value_info(model, group, len(keep))
     return shapes

@@ -45,8 +45,9 @@ class Group:
     #: unknown), channels of other Concat inputs beside the group's)
     attributes: tuple[tuple[str, str, int], ...] = ()  # (node label, attribute, other channels): set to kept + other
     coupled: tuple[str, ...] = ()  # weights of the other producers whose channels go with ``producer``'s
-    #: (shape constant, entry, other channels, Reshape output): entry set to kept + other channels
-    shape_constants: tuple[tuple[str, int, int, str], ...] = ()
+    #: (shape constant, entry, other channels, Reshape output, features per channel): the entry is set to
+    #: (kept + other channels) x features per channel
+    shape_constants: tuple[tuple[str, int, int, str, int], ...] = ()
 
 
 @dataclass(frozen=True)

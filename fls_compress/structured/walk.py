@@ -130,8 +130,9 @@ class Walker(LayoutSteps):
         self.span: tuple[int, int] = (0, 0)
         self.pending: dict[str, tuple[int, int, tuple[int, int], str]] = {}  # operands that must turn out to be in this group
         self.attributes: list[tuple[str, str, int]] = []  # (node label, attribute = channel count, other channels)
-        #: (shape constant, entry = channel count, other channels, the Reshape's output) of reshaped vectors
-        self.shape_constants: list[tuple[str, int, int, str]] = []
+        #: (shape constant, entry, other channels, the Reshape's output, features per channel): Reshape
+        #: targets that spell the channel count out (reshaped vectors, flattens to [N, C*H*W])
+        self.shape_constants: list[tuple[str, int, int, str, int]] = []
 
     def vector(self, index: int, name: str, axis: int, rank: int | None, role: str) -> None:
         """A constant operand broadcast against the activation: nothing to do when it does not vary along
@@ -181,7 +182,7 @@ class Walker(LayoutSteps):
         if int(np.asarray(g.const_value(shape))[pos]) != -1:  # the channel count is written in the shape constant
             if g.readers.get(shape, []) != [r] or shape in g.outputs:
                 raise Reject(f"shape constant '{shape}' of Reshape node {g.labels[r]} is shared with other nodes")
-            self.shape_constants.append((shape, pos, self.span[1], node.output[0]))
+            self.shape_constants.append((shape, pos, self.span[1], node.output[0], 1))
 
     def finish(self) -> None:
         """Operands of two-input nodes that were other activations must be this group's own tensors
@@ -268,6 +269,8 @@ class Walker(LayoutSteps):
             self._move(i, axis, rank, block)
         elif op == "Concat":
             self._concat(i, value, axis, rank, block)
+        elif op == "Shape":
+            self._shape(i, value, axis, rank)
         elif op in ("Split", "Slice", "Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand"):
             raise Reject(f"{where} indexes, reshapes or reads the shape of the channels "
                          "(rewriting its constants is not implemented)")

@@ -2,8 +2,9 @@
 
 :class:`LayoutSteps` is mixed into :class:`fls_compress.structured.walk.Walker`: ``Resize`` by constant
 scales, ``Concat`` along the channels (the group's channels at an offset among the other inputs'),
-``Transpose`` / ``Squeeze`` / ``Unsqueeze`` with constant axes, Reduce* over other axes, and ``Flatten``
-(each channel a block of ``H*W`` features). Each follows the node's output at the new layout with
+``Transpose`` / ``Squeeze`` / ``Unsqueeze`` with constant axes, Reduce* over other axes, ``Flatten``
+(each channel a block of ``H*W`` features, also as a Reshape to a computed ``[N, -1]``) and Shape nodes
+that read other dimensions than the channels. Each follows the node's output at the new layout with
 :meth:`Walker.walk`, or raises :class:`~fls_compress.structured.types.Reject` with the reason.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .types import Reject
 from .nodes import attr
+from .shape_expr import const_source, reads_only_other_dims, shape_expr
+from .types import Reject
 
 
 class LayoutSteps:
@@ -130,21 +132,58 @@ class LayoutSteps:
         new_pos = pos - sum(a < pos for a in axes)
         self.walk(node.output[0], new_pos - new_rank, new_rank, block)
 
+    def _batch_entry(self, entry) -> bool:
+        """A computed shape's first entry that removing channels leaves alone: a constant N >= 0, or axis 0
+        of a tensor whose channels (if it is one of the group's) are not on axis 0."""
+        if isinstance(entry, int):
+            return entry >= 0
+        tensor, k = entry
+        if k != 0:
+            return False
+        if tensor not in self.tensors:
+            return True
+        dims = self.graph.shape(tensor)
+        return dims is not None and len(dims) + self.tensors[tensor][0] != 0
+
+    def _shape(self, i: int, value: str, axis: int, rank: int | None) -> None:
+        """A Shape node ends the walk when nothing computed from it holds the channel count (it reads the
+        batch size for a computed flatten, say); otherwise refused."""
+        if rank is None:
+            raise Reject(f"Shape node {self.graph.labels[i]} reads a tensor of unknown rank")
+        reads_only_other_dims(self.graph, i, value, rank + axis)
+
     def _flatten(self, i: int, axis: int, rank: int | None, block: int) -> None:
-        """Flatten(axis=1) or Reshape to [0 or N, -1] of an (N, C, ...) tensor: channel c becomes a block of
-        prod(spatial) features (the block is read off the consumer: in_features / C)."""
+        """Flatten(axis=1), or Reshape to [N, F], of an (N, C, ...) tensor: channel c becomes a block of
+        prod(spatial) features. N is 0 (copy), -1 (inferred), a constant or the run-time batch size
+        (``x.view(x.size(0), -1)`` with a dynamic batch); F is -1, or C x prod(spatial) spelled out in a
+        constant of the target (``x.view(-1, 16 * 5 * 5)``), which then gets the kept count. The block is
+        the known spatial size, or read off the consumer (in_features / C)."""
         g = self.graph
         node = g.nodes[i]
         where = f"{node.op_type} node {g.labels[i]}"
         if rank is None or axis != -(rank - 1):
             raise Reject(f"{where} flattens a tensor whose channel axis is not 1")
+        dims = g.shape(node.input[0])
+        spatial = int(np.prod(dims[2:])) if dims is not None and len(dims) == rank and all(dims[2:]) else 0
         if node.op_type == "Flatten":
             if int(attr(node, "axis", 1)) not in (1, 1 - rank):
                 raise Reject(f"{where} does not flatten from axis 1")
         else:
-            shape = g.const_value(node.input[1])
-            if (shape is None or shape.shape != (2,) or int(shape[1]) != -1 or int(shape[0]) < 0
-                    or int(attr(node, "allowzero", 0))):
-                raise Reject(f"{where} has a shape constant other than [0, -1] / [N, -1] "
-                             "(Reshape constants that hold the channel count are not rewritten)")
-        self.walk(node.output[0], -1, 2, block if rank == 2 else 0)  # block 0: known only at the consumer
+            const = g.const_value(node.input[1])
+            expr = shape_expr(g, node.input[1]) if const is None else [int(v) for v in np.asarray(const).reshape(-1)]
+            if expr is None or len(expr) != 2 or int(attr(node, "allowzero", 0)):
+                raise Reject(f"{where} has a target shape other than [N, -1] / [N, C*H*W]")
+            first, features = expr
+            total = self.size + self.span[1]
+            if features == -1:
+                ok = first != -1 and self._batch_entry(first)
+            else:
+                ok = (first == -1 or self._batch_entry(first)) and spatial > 0 and features == total * spatial
+            if not ok:
+                raise Reject(f"{where} has a target shape {expr} other than [N, -1] / [N, C*H*W]")
+            if features != -1:
+                source = const_source(g, node.input[1], 1)
+                if source is None:
+                    raise Reject(f"{where}: the constant that holds its {features} features is shared or computed")
+                self.shape_constants.append((*source, self.span[1], node.output[0], spatial))
+        self.walk(node.output[0], -1, 2, block if rank == 2 else spatial)  # block 0: known only at the consumer
