@@ -180,8 +180,10 @@ def test_recover_options_are_refused_where_they_do_not_apply(mlp, tmp_path):
         FLSConfig(sparsity=0.5, steps=2, recover_steps=2)
     with pytest.raises(InvalidOptionError, match="pattern"):
         OBertConfig(pattern="2:4", recover_steps=3)
-    with pytest.raises(InvalidOptionError, match="unknown key"):
+    with pytest.raises(InvalidOptionError, match="needs --structure"):
         config_from_dict({"method": "sparsegpt", "recover_steps": 2})
+    with pytest.raises(InvalidOptionError, match="unknown key"):
+        config_from_dict({"method": "wanda", "recover_steps": 2})
     assert config_from_dict(MFACConfig(**BASE).to_dict()) == MFACConfig(**BASE)
     with pytest.raises(InvalidOptionError, match="recover-label-weight needs true targets"):
         _run(mlp, tmp_path, "nolabels", recover_label_weight=0.5, recover_data=str(mlp["extra_unlabelled"]))

@@ -233,8 +233,10 @@ STRUCTURES = ("none", "channels", "neurons", "heads")
 
 
 @dataclass(frozen=True)
-class Structured(Config):
-    """Structured pruning: remove whole channels / neurons and shrink the tensors (``fls_compress.structured``)."""
+class Structured(Recovery):
+    """Structured pruning: remove whole channels / neurons and shrink the tensors (``fls_compress.structured``),
+    optionally followed by distillation fine-tuning of the smaller graph (``--recover-steps 1``,
+    :mod:`fls_compress.recovery.structured`)."""
 
     panel: ClassVar[str] = "Structured pruning (magnitude, sparsegpt)"
 
@@ -256,6 +258,17 @@ class Structured(Config):
             raise InvalidOptionError("--pattern does not apply to --structure (whole channels/neurons are removed)")
         if self.structure == "none" and self.channel_multiple != 1:
             raise InvalidOptionError("--channel-multiple applies to --structure channels|neurons|heads only")
+        if self.recovering and self.structure == "none":
+            raise InvalidOptionError(f"--recover-steps with -m {self.method} needs --structure (gradual unstructured pruning "
+                                     "with recovery: -m fls, obert, ief or mfac)")
+        if self.recovering and self.recover_steps != 1:
+            raise InvalidOptionError("with --structure, --recover-steps must be 1: prune once, then fine-tune the smaller "
+                                     "graph (gradual structured pruning is not implemented)")
+        between = [flag for flag, value in (("--recover-iters", self.recover_iters), ("--recover-schedule", self.recover_schedule))
+                   if value is not None]
+        if self.structure != "none" and between:
+            raise InvalidOptionError(f"{between[0]} sets the gradual steps; with --structure the one fine-tuning phase "
+                                     "takes --recover-final-iters")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Knobs of recovery: gradual pruning on a sparsity schedule with distillation fine-tuning in between.
 
 Declared once here and mixed into :class:`~fls_compress.configs.pruning.CurvatureConfig`, so the
-methods with a torch graph (fls, obert, ief, mfac) accept them and every other method refuses them
-(exit 2). Everything is off unless ``--recover-steps`` is given; the other ``--recover-*`` options
-without it are refused, never ignored. The handler is :mod:`fls_compress.recovery.gradual`.
+methods with a torch graph (fls, obert, ief, mfac) accept them, and into
+:class:`~fls_compress.configs.pruning.Structured` (magnitude and sparsegpt with ``--structure``: one
+prune, then distillation of the smaller graph); every other method refuses them (exit 2). Everything is
+off unless ``--recover-steps`` is given; the other ``--recover-*`` options without it are refused, never
+ignored. The handlers are :mod:`fls_compress.recovery.gradual` and :mod:`fls_compress.recovery.structured`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ DEFAULT_RECOVER_HOLDOUT = 0.1
 class Recovery(Config):
     """Gradual pruning (Zhu & Gupta 2017) with distillation from the dense model (Hinton et al. 2015)."""
 
-    panel: ClassVar[str] = "Recovery (fls, obert, ief, mfac)"
+    panel: ClassVar[str] = "Recovery (fls, obert, ief, mfac; magnitude, sparsegpt with --structure)"
 
     recover_steps: int | None = knob(
         None, "Gradual pruning: N pruning steps on the sparsity schedule (each the method's OBS step, FishLeg's Q refitted "
         "warm in between), each followed by fine-tuning that distils the dense model's outputs into the pruned one "
-        "(masks fixed). Off by default (one-shot).", min=1, max=1000)
+        "(masks fixed). Off by default (one-shot). With --structure (magnitude, sparsegpt): 1, one structured prune "
+        "then distillation of the smaller graph.", min=1, max=1000)
     recover_schedule: str | None = knob(
         None, "Sparsity schedule of --recover-steps: cubic (Zhu & Gupta 2017, eq. 1; default) or linear.",
         choices=RECOVER_SCHEDULES)

@@ -60,6 +60,10 @@ def run_pruner(
     device: str, opts: RunOptions,
 ) -> Outcome:
     if getattr(config, "structure", "none") != "none":
+        if getattr(config, "recovering", False):
+            from ..recovery.structured import run_structured_recovery
+
+            return run_structured_recovery(model, config, calib, device, opts)
         from ..structured.stage import run_structured
 
         return run_structured(model, config, calib, opts)

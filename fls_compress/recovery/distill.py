@@ -99,6 +99,12 @@ class Distiller:
         self._cursor = 0
         self.teacher = self._teacher_outputs(n)
 
+    def retarget(self, problem: FisherProblem) -> None:
+        """Fine-tune ``problem``'s weights from now on, towards the teacher outputs taken at construction
+        (structured pruning: the dense graph was the teacher, the new smaller graph is the student); the
+        input pool and its held-out split stay."""
+        self.problem, self.device = problem, problem.params[0].device
+
     # ------------------------------------------------------------------ data
     def _inputs(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(self.device) for k, v in self.pool.items()}
