@@ -22,9 +22,10 @@ RECOVER = dict(recover_steps=1, recover_final_iters=80, recover_lr=3e-3)
 def cnn(tmp_path):
     rng = np.random.default_rng(0)
     path = _save(_bn_cnn(rng), tmp_path / "bn_cnn.onnx")
-    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(192, 2, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(192, 2, 8, 8)).astype(np.float32), labels=rng.integers(0, 5, 192))
+    np.savez(tmp_path / "extra.npz", x=rng.normal(size=(64, 2, 8, 8)).astype(np.float32), labels=rng.integers(0, 5, 64))
     x_test = rng.normal(size=(64, 2, 8, 8)).astype(np.float32)
-    return {"model": path, "calib": tmp_path / "calib.npz", "x": x_test, "dir": tmp_path}
+    return {"model": path, "calib": tmp_path / "calib.npz", "extra": tmp_path / "extra.npz", "x": x_test, "dir": tmp_path}
 
 
 def test_recovery_after_magnitude_channels_keeps_the_structure_and_closes_the_gap(cnn):
@@ -45,7 +46,7 @@ def test_recovery_after_magnitude_channels_keeps_the_structure_and_closes_the_ga
     step = rec["steps"][0]
     assert rec["likelihood"] == rep["likelihood"] and rec["schedule"] == [0.5]
     assert step["iters_run"] > 0 and step["heldout_after"] < step["heldout_before"]
-    assert step["achieved"] == pytest.approx(0.5)
+    assert step["achieved"] == pytest.approx(0.5) and rec["improved"] is True
     assert rec["inputs"]["train"] + rec["inputs"]["heldout"] == rec["inputs"]["calibration"] > 100
     dense = _run(cnn["model"], cnn["x"])
     gap = lambda m: float(np.linalg.norm(_run(m, cnn["x"]) - dense))  # noqa: E731
@@ -82,3 +83,16 @@ def test_cli_structured_recovery_writes_a_smaller_verified_model(cnn):
     assert _inits(onnx.load(out))["c2.w"].shape == (2, 3, 3, 3)
     rep = json.loads(report.read_text())
     assert rep["recovery"]["steps"][0]["iters_planned"] == 20 and rep["verification"]
+
+
+CHANGES = {"recover_final_iters": 30, "recover_lr": 1e-2, "recover_batch_size": 16, "recover_holdout": 0.3,
+           "recover_label_weight": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(CHANGES) + ["recover_data"])
+def test_every_recover_option_changes_the_structured_result(cnn, name):
+    base = dict(sparsity=0.5, structure="channels", recover_steps=1, recover_final_iters=40, recover_lr=3e-3)
+    value = str(cnn["extra"]) if name == "recover_data" else CHANGES[name]
+    a = _inits(compress(cnn["model"], MagnitudeConfig(**base), cnn["calib"], options=OPTS).model)
+    b = _inits(compress(cnn["model"], MagnitudeConfig(**{**base, name: value}), cnn["calib"], options=OPTS).model)
+    assert any(not np.array_equal(a[n], b[n]) for n in ("c1.w", "c2.w", "fc.w")), name

@@ -65,6 +65,11 @@ def run_structured_recovery(model, config, calib: CalibrationData, device: str, 
     log.info("structured recovery: held-out distillation loss %.4g after pruning -> %.4g (%d/%d Adam steps%s; dense %.4g)",
              phase.heldout_before, phase.heldout_after, phase.iters_run, iters,
              ", stopped early" if phase.stopped_early else "", dense_held)
+    improved = phase.best_iter > 0
+    if iters and not improved:
+        log.warning("structured recovery: no fine-tuning checkpoint lowered the held-out distillation loss (%.4g): the "
+                    "weights stay as the one-shot prune left them (more distillation inputs, --recover-data, or a "
+                    "smaller --recover-lr may help)", phase.heldout_before)
     groups = outcome.info.get("groups", [])
     achieved = sum(g["size"] - g["kept"] for g in groups) / max(sum(g["size"] for g in groups), 1)
     outcome.likelihood = guess.likelihood
@@ -78,7 +83,7 @@ def run_structured_recovery(model, config, calib: CalibrationData, device: str, 
                    "train": int(len(distiller.train_idx)), "heldout": int(len(distiller.held_idx))},
         "heldout_dense": dense_held,
         "steps": [{"step": 1, "target": config.target, "achieved": achieved, "structure": config.structure, **asdict(phase)}],
-        "stopped_early": [1] if phase.stopped_early else [],
+        "stopped_early": [1] if phase.stopped_early else [], "improved": improved,
         "trained": "the pruned graph's Conv/Gemm/MatMul weights" + (f" (not {', '.join(excluded)})" if excluded else ""),
         "batchnorm": BN_NOTE, "seconds": time.perf_counter() - t_start,
     }
