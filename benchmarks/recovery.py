@@ -24,7 +24,11 @@ The unlabelled pool is training images 2024..3999 (1976 images). Autoencoder: Be
 cross-entropy per image (lower is better; the CNN's labels are used for the metric only, never by recovery).
 
     python benchmarks/recovery.py [--models autoencoder,cnn] [--sparsities 0.8,0.9,0.95] [--variants all|0,2]
-        [--methods fls] [--recover-steps 8] [--override recover_lr=3e-4 ...] [--tag NAME]
+        [--methods fls] [--recover-steps 8] [--override recover_lr=3e-4 ...] [--tag NAME] [--structured]
+
+``--structured`` (methods magnitude, sparsegpt): the same variants with ``--structure channels`` on the CNN
+and ``neurons`` on the autoencoder (whole channels / hidden units removed and the tensors shrunk; the
+fine-tuning trains the smaller graph), rows labelled ``METHOD channels`` / ``METHOD neurons``.
 
 Results: ``benchmarks/results/recovery.{json,md}`` (rows of other runs are kept, keyed by model, method,
 variant, sparsity and tag).
@@ -82,8 +86,10 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def run(model_key: str, method: str, samples: Path, sparsities: list[float], variants: list[int], recover_steps: int,
-        overrides: dict, tag: str, seed: int, threads: int, tmp: Path) -> list[dict]:
+        overrides: dict, tag: str, seed: int, threads: int, tmp: Path, structured: bool = False) -> list[dict]:
     stem = STEM[model_key]
+    structure = ("channels" if model_key == "cnn" else "neurons") if structured else None
+    label = f"{method} {structure}" if structure else method
     x_train, y_train = _train_images()
     x_val, y_val = x_train[N_CALIB:N_CALIB + N_VAL], y_train[N_CALIB:N_CALIB + N_VAL]
     pool = tmp / f"{model_key}_pool.npz"
@@ -98,11 +104,11 @@ def run(model_key: str, method: str, samples: Path, sparsities: list[float], var
     rows = []
     for v in variants:
         for s in sparsities:
-            knobs: dict = {"sparsity": s}
+            knobs: dict = {"sparsity": s, **({"structure": structure} if structure else {})}
             if v >= 1:
                 knobs["recover_steps"] = recover_steps
             if v == 1:
-                knobs.update(recover_iters=0, recover_final_iters=0)
+                knobs.update(recover_final_iters=0, **({"recover_iters": 0} if recover_steps > 1 else {}))
             if v >= 2:
                 knobs.update(overrides)
             if v == 3:
@@ -114,7 +120,7 @@ def run(model_key: str, method: str, samples: Path, sparsities: list[float], var
                            options=RunOptions(seed=seed, threads=threads, progress=False))
             seconds = time.perf_counter() - t0
             rec = rep.get("recovery")
-            row = {"model": model_key, "method": method, "variant": VARIANTS[v], "data": DATA[v], "sparsity": s,
+            row = {"model": model_key, "method": label, "variant": VARIANTS[v], "data": DATA[v], "sparsity": s,
                    "tag": tag, "config": {k: val for k, val in config.to_dict().items() if val not in (None, [])},
                    "validation_loss": _metric(model_key, out, x_val, y_val),
                    "test_loss": _metric(model_key, out, x_test, y_test), "dense": dense, "seconds": seconds,
@@ -125,7 +131,7 @@ def run(model_key: str, method: str, samples: Path, sparsities: list[float], var
                                    "steps": [{k: st[k] for k in ("achieved", "heldout_before", "heldout_after", "iters_run",
                                                                   "best_iter", "stopped_early")} for st in rec["steps"]]}
             rows.append(row)
-            print(f"{model_key:11s} {method:5s} {s:.2f} {VARIANTS[v]:50s} {tag:10s} val {row['validation_loss']:.4f} "
+            print(f"{model_key:11s} {label:5s} {s:.2f} {VARIANTS[v]:50s} {tag:10s} val {row['validation_loss']:.4f} "
                   f"test {row['test_loss']:.4f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
     return rows
 
@@ -142,12 +148,16 @@ def markdown(rows: list[dict]) -> str:
              "8-14), so they are inflated up to ~10x and not comparable between rows (the FLS one-shot job at 90% on the "
              "autoencoder takes ~48 s unloaded, `fls_prune_time.md`). Rows tagged `lr...`: the validation search of "
              "`--recover-lr` (the 90% autoencoder row of the default recipe is the `lr1e-3` run, whose settings are the "
-             "default); one-shot and `gradual, no fine-tuning` do not depend on the learning rate.", ""]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mrows = [r for r in rows if r["model"] == model]
+             "default); one-shot and `gradual, no fine-tuning` do not depend on the learning rate. Structured rows "
+             "(`--structured`; `sparsegpt channels` / `sparsegpt neurons`: structured OBS removing whole CNN channels / "
+             "autoencoder hidden units, the tensors shrunk): the gradual rows prune in 4 steps, tag `1 step` is one "
+             "prune then one distillation phase (`--recover-steps 1`).", ""]
+    for model, kind in dict.fromkeys((r["model"], " " in r["method"]) for r in rows):
+        mrows = [r for r in rows if r["model"] == model and (" " in r["method"]) == kind]
         dense = mrows[0]["dense"]
         sparsities = sorted({r["sparsity"] for r in mrows})
-        lines += [f"### {model} (dense: validation {dense['validation']:.3f}, test {dense['test']:.3f})", "",
+        what = "structured (fraction of channels / neurons removed)" if kind else "unstructured (fraction of weights)"
+        lines += [f"### {model}, {what} (dense: validation {dense['validation']:.3f}, test {dense['test']:.3f})", "",
                   "| method | variant | data | tag | " + " | ".join(f"{int(round(s * 100))}% val / test (s)" for s in sparsities) + " |",
                   "|---|---|---|---|" + "---|" * len(sparsities)]
         keys = list(dict.fromkeys((r["method"], r["variant"], r["data"], r["tag"]) for r in mrows))
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="label of this row set (tuning runs); empty = the default recipe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--structured", action="store_true", help="--structure channels (CNN) / neurons (autoencoder)")
     args = ap.parse_args(argv)
     attach_cli_logging(quiet=True)
     variants = list(range(len(VARIANTS))) if args.variants == "all" else [int(i) for i in args.variants.split(",")]
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.methods.split(","):
                 for s in sparsities:  # saved after each sparsity, so an interrupted sweep keeps what it measured
                     rows = run(model, method, args.samples, [s], variants, args.recover_steps, overrides, args.tag,
-                               args.seed, args.threads, Path(tmp))
+                               args.seed, args.threads, Path(tmp), args.structured)
                     merged = save(rows, args.out)
     print(markdown(merged))
     return 0

@@ -36,6 +36,15 @@ BENCHMARKS = [
     "latency",              # dense vs our W8A8 / int4 MatMulNBits vs onnxruntime quantize_static/dynamic vs 2:4: quality, size, speed-up b1/b64
 ]
 
+#: further runs of a benchmark with other arguments (each one process after the default run, same --out)
+EXTRA_RUNS: dict[str, list[list[str]]] = {
+    "recovery": [  # structured: one-shot, gradual without fine-tuning, gradual + distillation (4 steps), 1 step + distillation
+        ["--structured", "--methods", "sparsegpt", "--sparsities", "0.5,0.7,0.85", "--variants", "0,1,2", "--recover-steps", "4"],
+        ["--structured", "--methods", "sparsegpt", "--sparsities", "0.5,0.7,0.85", "--variants", "2", "--recover-steps", "1",
+         "--tag", "1 step"],
+    ],
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         t0 = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(args.out)], cwd=ROOT)
-        print(f"== {name}: exit {proc.returncode} after {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-        if proc.returncode:
-            failed.append(name)
+        for extra in [[]] + EXTRA_RUNS.get(name, []):
+            proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(args.out), *extra],
+                                  cwd=ROOT)
+            print(f"== {name} {' '.join(extra)}: exit {proc.returncode} after {time.perf_counter() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
+            if proc.returncode and name not in failed:
+                failed.append(name)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

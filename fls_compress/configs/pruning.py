@@ -235,8 +235,8 @@ STRUCTURES = ("none", "channels", "neurons", "heads")
 @dataclass(frozen=True)
 class Structured(Recovery):
     """Structured pruning: remove whole channels / neurons and shrink the tensors (``fls_compress.structured``),
-    optionally followed by distillation fine-tuning of the smaller graph (``--recover-steps 1``,
-    :mod:`fls_compress.recovery.structured`)."""
+    optionally with distillation fine-tuning of the smaller graph (``--recover-steps N``: N structured prunes on
+    the sparsity schedule, each followed by fine-tuning; :mod:`fls_compress.recovery.structured`)."""
 
     panel: ClassVar[str] = "Structured pruning (magnitude, sparsegpt)"
 
@@ -261,14 +261,6 @@ class Structured(Recovery):
         if self.recovering and self.structure == "none":
             raise InvalidOptionError(f"--recover-steps with -m {self.method} needs --structure (gradual unstructured pruning "
                                      "with recovery: -m fls, obert, ief or mfac)")
-        if self.recovering and self.recover_steps != 1:
-            raise InvalidOptionError("with --structure, --recover-steps must be 1: prune once, then fine-tune the smaller "
-                                     "graph (gradual structured pruning is not implemented)")
-        between = [flag for flag, value in (("--recover-iters", self.recover_iters), ("--recover-schedule", self.recover_schedule))
-                   if value is not None]
-        if self.structure != "none" and between:
-            raise InvalidOptionError(f"{between[0]} sets the gradual steps; with --structure the one fine-tuning phase "
-                                     "takes --recover-final-iters")
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ class Recovery(Config):
     recover_steps: int | None = knob(
         None, "Gradual pruning: N pruning steps on the sparsity schedule (each the method's OBS step, FishLeg's Q refitted "
         "warm in between), each followed by fine-tuning that distils the dense model's outputs into the pruned one "
-        "(masks fixed). Off by default (one-shot). With --structure (magnitude, sparsegpt): 1, one structured prune "
-        "then distillation of the smaller graph.", min=1, max=1000)
+        "(masks fixed). Off by default (one-shot). With --structure (magnitude, sparsegpt): the structured prune in N "
+        "steps on the same schedule (fractions of the original groups), the smaller graph distilled after each.",
+        min=1, max=1000)
     recover_schedule: str | None = knob(
         None, "Sparsity schedule of --recover-steps: cubic (Zhu & Gupta 2017, eq. 1; default) or linear.",
         choices=RECOVER_SCHEDULES)
@@ -66,6 +67,12 @@ class Recovery(Config):
             if given:
                 flag = "--" + given[0].replace("_", "-")
                 raise InvalidOptionError(f"{flag} needs --recover-steps (recovery is off without it)")
+        elif self.recover_steps == 1:
+            between = [flag for flag, value in (("--recover-iters", self.recover_iters),
+                                                ("--recover-schedule", self.recover_schedule)) if value is not None]
+            if between:
+                raise InvalidOptionError(f"{between[0]} sets the steps between gradual prunes (--recover-steps > 1); with "
+                                         "--recover-steps 1 the one fine-tuning phase takes --recover-final-iters")
 
     @property
     def recovering(self) -> bool:

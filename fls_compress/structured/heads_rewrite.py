@@ -121,6 +121,8 @@ def _patch(model: onnx.ModelProto, patch: Patch, heads: int, kept: int, made: di
             g.initializer.append(numpy_helper.from_array(np.asarray(patch.value, dtype=np.int64), made[key]))
         node.input[1] = made[key]
         return
+    if _rescale_earlier_patch(model, patch, heads, kept):
+        return
     num = np.ones(patch.size, dtype=np.int64)
     den = np.ones(patch.size, dtype=np.int64)
     num[patch.entry], den[patch.entry] = kept, heads
@@ -133,6 +135,30 @@ def _patch(model: onnx.ModelProto, patch: Patch, heads: int, kept: int, made: di
     node.input[1] = div_out
     for k, n in enumerate(new):
         g.node.insert(i + k, n)
+
+
+def _rescale_earlier_patch(model: onnx.ModelProto, patch: Patch, heads: int, kept: int) -> bool:
+    """A computed target that an earlier head prune already scaled (``Div(Mul(shape, num), den)``, both
+    written by :func:`_patch`; a gradual prune's later step) gets its fraction updated in place, num/den
+    times kept/heads (reduced), instead of a second Mul/Div pair; ``False`` if the target is not one."""
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    div = made.get(patch.shape)
+    if div is None or div.op_type != "Div" or "_heads_target" not in div.name:
+        return False
+    mul = made.get(div.input[0])
+    if mul is None or mul.op_type != "Mul" or mul.input[1] not in inits or div.input[1] not in inits:
+        return False
+    num, den = (numpy_helper.to_array(inits[n]).astype(np.int64) for n in (mul.input[1], div.input[1]))
+    if num.shape != (patch.size,) or den.shape != (patch.size,):
+        return False
+    num[patch.entry] *= kept
+    den[patch.entry] *= heads
+    common = np.gcd(num, den)
+    for name, value in ((mul.input[1], num // common), (div.input[1], den // common)):
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.int64), name))
+    return True
 
 
 def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:

@@ -39,7 +39,7 @@ from .heads import HeadGroup, find_head_groups
 from .heads_rewrite import apply, plan
 from .report import stage_outcome
 from .rewrite import read, replace_initializer
-from .selection import l2_select, obs_select, removal_count
+from .selection import l2_select, obs_select, step_removal_count
 from .shapes import probe
 from .types import Reject, Skipped
 
@@ -72,8 +72,10 @@ def _disagreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)) for x, y in zip(a, b))
 
 
-def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions, selection: str):
-    """Prune the attention heads of ``model``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model."""
+def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions, selection: str,
+              target: float | None = None, original: dict[str, int] | None = None):
+    """Prune the attention heads of ``model``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model
+    (``target`` and ``original`` as in :func:`~fls_compress.structured.stage.run_structured`)."""
     from ..pruning.stage import bind_constants
     from .stage import _compensated, _systems, capture_hessians
 
@@ -95,10 +97,12 @@ def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationDat
     if selection == "obs" and not config.sequential and todo:
         hessians = capture_hessians(bind_constants(work, calib.constants), [g.consumer for g in todo], feeds,
                                     config.max_rows_per_layer, opts.seed)
+    target = config.target if target is None else target
+    original = original or {}
     info_groups, shapes = [], {}
     with stage_progress(len(todo), f"head pruning ({selection})", enabled=opts.progress) as advance:
         for g in todo:
-            count = removal_count(g.heads, config.target, config.channel_multiple)
+            count = step_removal_count(g.heads, target, config.channel_multiple, original.get(g.producers[0]))
             entry = {"producer": g.producers[0], "producers": list(g.producers), "node": g.node, "op_type": "attention",
                      "size": g.heads, "head_dim": g.head_dim, "consumers": [g.consumer.node]}
             if count == 0:
@@ -155,7 +159,8 @@ def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationDat
             + (" (" + "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "") + ")"
                if skipped else " (no multi-head attention block found: MatMul(Q, K^T) -> Softmax -> MatMul(P, V))"))
     return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
-                         unit="heads", group="attention block", extra={"probe_batches": [p.size for p in probes]})
+                         unit="heads", group="attention block", extra={"probe_batches": [p.size for p in probes]},
+                         target=target)
 
 
 def _reference(work: onnx.ModelProto, group: HeadGroup, removed: list[int], new_values: dict[str, np.ndarray]):

@@ -18,7 +18,8 @@ def parameter_count(model: onnx.ModelProto) -> int:
 
 
 def stage_outcome(model: onnx.ModelProto, work: onnx.ModelProto, config, *, selection: str, groups: list[dict],
-                  skipped: list, shapes: dict, unit: str, group: str, extra: dict[str, Any] | None = None):
+                  skipped: list, shapes: dict, unit: str, group: str, extra: dict[str, Any] | None = None,
+                  target: float | None = None):
     """The :class:`~fls_compress.pruning.stage.Outcome` of a structured stage (``unit`` removed from every
     ``group``, e.g. channels / group, heads / attention block): the new model ``work`` (checked by onnx when
     it serialises, under 2 GiB; above, verification still loads it) and the method_info that
@@ -45,7 +46,8 @@ def stage_outcome(model: onnx.ModelProto, work: onnx.ModelProto, config, *, sele
     if model_size_bytes(work) < 2**31 - 1:
         onnx.checker.check_model(work)
     excluded = sorted(s.name for s in sites if is_excluded(s.name, config.exclude))
-    return Outcome(arrays={}, layers=layers, excluded=excluded, steps=[{"target": config.target}], info=info, model=work)
+    return Outcome(arrays={}, layers=layers, excluded=excluded, steps=[{"target": config.target if target is None else target}],
+                   info=info, model=work)
 
 
 def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx.ModelProto,

@@ -46,6 +46,15 @@ def removal_count(size: int, fraction: float, multiple: int = 1) -> int:
     return size - min(size, max(multiple, kept))
 
 
+def step_removal_count(size: int, fraction: float, multiple: int = 1, original: int | None = None) -> int:
+    """Channels to remove now from a group that has ``size`` left of ``original`` (a gradual prune's later step:
+    ``fraction`` is of the original group, what earlier steps removed counts towards it); without ``original``
+    :func:`removal_count` of ``size``."""
+    if original is None:
+        return removal_count(size, fraction, multiple)
+    return max(0, removal_count(original, fraction, multiple) - (original - size))
+
+
 def l2_select(rows: torch.Tensor, count: int) -> torch.Tensor:
     """Indices (sorted) of the channels to keep: drop the ``count`` rows of least L2 norm.
 

@@ -36,15 +36,18 @@ from ..progress import stage_progress
 from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
 from .report import stage_outcome
 from .rewrite import promote_constants, read, shrink
-from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, removal_count
+from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, step_removal_count
 
 log = logging.getLogger(__name__)
 
 SELECTION = {MagnitudeConfig: "l2", SparseGPTConfig: "obs"}
 
 
-def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions):
-    """Prune ``model``'s structural groups of ``config.structure``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model."""
+def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions,
+                   target: float | None = None, original: dict[str, int] | None = None):
+    """Prune ``model``'s structural groups of ``config.structure``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model.
+    ``target`` (default ``config.target``) is the fraction of each group removed; ``original`` maps a group's
+    producer to its size before a gradual prune's first step, the fraction then counting from that size."""
     from ..pruning.stage import bind_constants
 
     selection = SELECTION.get(type(config))
@@ -53,7 +56,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     if config.structure == "heads":
         from .heads_stage import run_heads
 
-        return run_heads(model, config, calib, opts, selection)
+        return run_heads(model, config, calib, opts, selection, target, original)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     promoted = promote_constants(work)
@@ -82,7 +85,8 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             f"no {config.structure} group of this graph can be removed safely"
             + (" (" + "; ".join(f"{s.producer}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "") + ")"
                if skipped else " (no Conv/Gemm/MatMul producers)"))
-    target = config.target
+    target = config.target if target is None else target
+    original = original or {}
     feeds = {k: np.asarray(v)[: opts.num_calibration] for k, v in calib.inputs.items()}
     hessians: dict[str, torch.Tensor] = {}
     if selection == "obs" and not config.sequential:
@@ -95,7 +99,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     with stage_progress(len(groups), f"structured pruning ({selection})", enabled=opts.progress) as advance:
         while pending:
             g = pending.pop(0)
-            count = removal_count(g.size, target, config.channel_multiple)
+            count = step_removal_count(g.size, target, config.channel_multiple, original.get(g.producer))
             entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
                            "coupled": list(g.coupled), "consumers": [c.node for c in g.consumers]}
             new_values: dict[str, np.ndarray] = {}
@@ -133,7 +137,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
             log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
             advance(f"{g.producer}: {len(keep_np)}/{g.size}")
     return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
-                         unit="channels", group="group", extra={"constants_promoted": len(promoted)})
+                         unit="channels", group="group", extra={"constants_promoted": len(promoted)}, target=target)
 
 
 def _refresh(model: onnx.ModelProto, kind: str, pending: list[Group]) -> tuple[list[Group], list[Skipped]]:
