@@ -67,13 +67,15 @@ def run_structured_recovery(model, config, calib: CalibrationData, device: str, 
     outcomes, records, convert_s = [], [], convert_dense
     current, original, excluded, student = model, None, [], None
     removed: dict[str, int] = {}  # per group (producer): how many of its original channels are gone
+    warned: set[tuple] = set()  # (producer, node) of the groups left whole, warned about once
     with stage_progress(sum(1 + min(n, CHECKS_PER_PHASE + 1) for n in iters), "structured pruning with distillation",
                         enabled=opts.progress) as advance:
         for t, (target, n_iters) in enumerate(zip(schedule, iters), start=1):
             note = _prune_step(t, target, original, removed, config.channel_multiple)
             if note is None:
                 try:
-                    outcome = run_structured(current, config, calib, opts, target=target, original=original)
+                    outcome = run_structured(current, config, calib, opts, target=target, original=original,
+                                             announce=t == 1)
                 except UnsupportedModelError as exc:
                     if t == 1:
                         raise
@@ -82,6 +84,12 @@ def run_structured_recovery(model, config, calib: CalibrationData, device: str, 
                 else:
                     if original is None:  # the sizes every later step's fraction counts from
                         original = {g["producer"]: g["size"] for g in outcome.info.get("groups", [])}
+                        warned = {(k.get("producer"), k.get("node")) for k in outcome.info.get("skipped", [])}
+                    for k in outcome.info.get("skipped", []):  # left whole only from this step on
+                        if (k.get("producer"), k.get("node")) not in warned:
+                            warned.add((k.get("producer"), k.get("node")))
+                            log.warning("structured recovery step %d leaves %s (%s) as it is: %s", t, k.get("producer"),
+                                        k.get("node"), k.get("reason"))
                     removed.update({g["producer"]: original.get(g["producer"], g["size"]) - g["kept"]
                                     for g in outcome.info.get("groups", [])})
                     student, _, excluded, seconds = build_problem(outcome.model, config, calib, device, opts)

@@ -19,7 +19,9 @@ that read it:
 * depthwise convolutions (``group`` = channels, one filter each) and Resize by constant scales pass the
   channels through; the depthwise filters, bias entries and ``group`` attribute shrink with them;
 * the *consumers*: Conv (``group == 1``) input channels, Gemm/MatMul input features (in blocks of
-  ``H*W`` after a Flatten), whose weights lose those input columns.
+  ``H*W`` after a Flatten), whose weights lose those input columns; a ``ConvTranspose`` (``group == 1``,
+  the upsampling heads of segmentation / text-detection models) loses its weight's input rows too, but is
+  no consumer for structured OBS (no Hessian of it: such groups are L2-only).
 
 Removing channel ``j`` of the producer is then exactly the same function as zeroing the consumers'
 input columns of ``j`` (what the selection in :mod:`fls_compress.structured.selection` evaluates).
@@ -45,7 +47,7 @@ import onnx
 
 from ..io.onnx_model import STORAGE_INITIALIZER, prunable_initializers
 from .types import Analysis, Consumer, Group, Reject, Skipped, Slice
-from .walk import BINARY, POOLS, UNARY, GraphIndex, Walker, attr, label
+from .walk import BINARY, POOLS, TRANSPOSED_READER, UNARY, GraphIndex, Walker, attr, label
 
 __all__ = ["Analysis", "Consumer", "Group", "Skipped", "Slice", "consumer_slice", "find_groups"]
 
@@ -128,7 +130,7 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[st
             break
         producers += more
     walker.finish()
-    if not walker.consumers:
+    if not walker.consumers and not any(s.role == TRANSPOSED_READER for s in walker.slices):
         raise Reject("no Conv/Gemm/MatMul reads the output")
     coupled = tuple(_weight(graph, sites, kind, graph.nodes[i]) for i in producers[1:])
     both = set((weight, *coupled)) & {c.weight for c in walker.consumers}

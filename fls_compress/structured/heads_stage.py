@@ -73,9 +73,9 @@ def _disagreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions, selection: str,
-              target: float | None = None, original: dict[str, int] | None = None):
+              target: float | None = None, original: dict[str, int] | None = None, announce: bool = True):
     """Prune the attention heads of ``model``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model
-    (``target`` and ``original`` as in :func:`~fls_compress.structured.stage.run_structured`)."""
+    (``target``, ``original`` and ``announce`` as in :func:`~fls_compress.structured.stage.run_structured`)."""
     from ..pruning.stage import bind_constants
     from .stage import _compensated, _systems, capture_hessians
 
@@ -152,7 +152,8 @@ def run_heads(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationDat
             log.info("structured: %s keeps %d of %d heads", g.node, len(keep_np), g.heads)
             advance(f"{g.node}: {len(keep_np)}/{g.heads}")
     for s in skipped:
-        log.warning("structured pruning leaves %s (%s) whole: %s", s.producer or "attention", s.node, s.reason)
+        log.log(logging.WARNING if announce else logging.INFO, "structured pruning leaves %s (%s) whole: %s",
+                s.producer or "attention", s.node, s.reason)
     if not info_groups:
         raise UnsupportedModelError(
             "no heads group of this graph can be removed safely"

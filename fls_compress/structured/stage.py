@@ -37,6 +37,7 @@ from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
 from .report import stage_outcome
 from .rewrite import promote_constants, read, shrink
 from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, step_removal_count
+from .walk import TRANSPOSED_READER
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ SELECTION = {MagnitudeConfig: "l2", SparseGPTConfig: "obs"}
 
 
 def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: CalibrationData, opts: RunOptions,
-                   target: float | None = None, original: dict[str, int] | None = None):
+                   target: float | None = None, original: dict[str, int] | None = None, announce: bool = True):
     """Prune ``model``'s structural groups of ``config.structure``; an :class:`~fls_compress.pruning.stage.Outcome` with the new model.
     ``target`` (default ``config.target``) is the fraction of each group removed; ``original`` maps a group's
-    producer to its size before a gradual prune's first step, the fraction then counting from that size."""
+    producer to its size before a gradual prune's first step, the fraction then counting from that size;
+    ``announce`` False logs the groups left whole at INFO (a gradual prune's later steps: warned at step 1)."""
     from ..pruning.stage import bind_constants
 
     selection = SELECTION.get(type(config))
@@ -56,7 +58,7 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     if config.structure == "heads":
         from .heads_stage import run_heads
 
-        return run_heads(model, config, calib, opts, selection, target, original)
+        return run_heads(model, config, calib, opts, selection, target, original, announce)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     promoted = promote_constants(work)
@@ -71,15 +73,20 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
         hit = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
         deep = [c.node for c in g.consumers if selection == "obs" and c.op_type == "Conv"
                 and len(read(work, c.weight).shape) > 4]
+        transposed = [s.name for s in g.slices if s.role == TRANSPOSED_READER]
         if hit:
             skipped.append(Skipped(g.producer, g.node, f"--exclude matches {', '.join(hit)}"))
+        elif transposed and selection == "obs":
+            skipped.append(Skipped(g.producer, g.node, f"ConvTranspose weight {transposed[0]} reads the channels (structured "
+                                   "OBS has no Hessian of a transposed convolution; -m magnitude can prune it)"))
         elif deep:
             skipped.append(Skipped(g.producer, g.node, f"consumer {deep[0]} is a 3-D convolution (structured OBS "
                                    "captures 1-D/2-D convolution inputs only; -m magnitude can prune it)"))
         else:
             groups.append(g)
     for s in skipped:
-        log.warning("structured pruning leaves %s (%s) whole: %s", s.producer, s.node, s.reason)
+        log.log(logging.WARNING if announce else logging.INFO, "structured pruning leaves %s (%s) whole: %s", s.producer,
+                s.node, s.reason)
     if not groups:
         raise UnsupportedModelError(
             f"no {config.structure} group of this graph can be removed safely"

@@ -26,6 +26,8 @@ UNARY = {
 }
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow"}
+#: the Slice role of a ConvTranspose weight that reads a group's channels (input axis 0)
+TRANSPOSED_READER = "transposed-conv input weight"
 REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
           "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"}
 
@@ -229,6 +231,8 @@ class Walker(LayoutSteps):
             self._depthwise(i, axis, rank, block)
         elif op in ("Conv", "Gemm", "MatMul") and node.input[0] == value and len(node.input) > 1 and node.input[1] in self.sites:
             self.consumers.append(self._consumer(i, axis, rank, block))
+        elif op == "ConvTranspose" and node.input[0] == value:
+            self._transposed(i, axis, rank)
         elif op in UNARY or op in ("Dropout", "Clip"):
             for v in others:  # Clip bounds, Dropout ratio / training_mode
                 c = g.const_value(v)
@@ -300,6 +304,26 @@ class Walker(LayoutSteps):
             self.slices.append(Slice(node.input[2], 0, role="depthwise bias", offset=offset, extra=extra))
         self.attributes.append((g.labels[i], "group", extra))
         self.walk(node.output[0], axis, rank, block)
+
+    def _transposed(self, i: int, axis: int, rank: int | None) -> None:
+        """A transposed convolution (``group`` 1; weight [C_in, C_out, k...]) reading the channels as its input
+        channels: its weight loses the removed channels' rows along axis 0, which is the same function as
+        zeroing them. It is not a :class:`Consumer`: structured OBS has no Hessian for it (the stage skips
+        such groups for ``-m sparsegpt`` with the reason; L2 selection needs none)."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"ConvTranspose node {g.labels[i]}"
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if int(attr(node, "group", 1)) != 1:
+            raise Reject(f"{where} is a grouped transposed convolution")
+        if rank is None or axis != -(rank - 1):
+            raise Reject(f"{where} reads a tensor whose channel axis is not 1")
+        if weight not in g.inits:
+            raise Reject(f"weight of {where} is not an initializer")
+        g.own(weight, i, f"weight of {where}")
+        if g.dims(weight)[0] != self.size + self.span[1]:
+            raise Reject(f"{where} has weight shape {g.dims(weight)}, not {self.size + self.span[1]} input channels")
+        self.slices.append(Slice(weight, 0, role=TRANSPOSED_READER, offset=self.span[0], extra=self.span[1]))
 
     def _consumer(self, i: int, axis: int, rank: int | None, block: int) -> Consumer:
         g = self.graph
