@@ -176,7 +176,8 @@ def compose(outcomes: list, n_steps: int):
                 seen.add(key)
                 skipped.append({**s, **({"step": t} if t > 1 else {})})
     info = {**last.info, "groups": list(composed.values()), "shapes": shapes, "skipped": skipped}
-    if "constants_promoted" in first.info:
-        info["constants_promoted"] = first.info["constants_promoted"]
+    for name in ("constants_promoted", "splits_made_explicit"):  # what the first step normalised in the graph
+        if name in first.info:
+            info[name] = first.info[name]
     return replace(last, layers=first.layers, excluded=first.excluded, info=info,
                    steps=[s for _, o in outcomes for s in o.steps])

@@ -16,6 +16,10 @@ that read it:
   ``Unsqueeze`` with constant axes (the NHWC<->NCHW layout changes of channel-last exports, tf2onnx/Keras);
 * ``Concat`` along the channel axis: the group's channels go on at an offset among the other inputs'
   (whose producers are groups of their own), and what follows loses only the group's entries;
+* ``Split`` along the channel axis with constant sizes: the part holding the group's channels carries them
+  on and its size entry becomes the kept count; when a producer's whole output is split (YOLOv8's C2f
+  ``cv1(x).split((c, c), 1)``), each part is a group of its own (:attr:`Group.part`, reported as
+  ``weight#k``), the producer's rows of that part at their offset;
 * depthwise convolutions (``group`` = channels, one filter each) and Resize by constant scales pass the
   channels through; the depthwise filters, bias entries and ``group`` attribute shrink with them;
 * the *consumers*: Conv (``group == 1``) input channels, Gemm/MatMul input features (in blocks of
@@ -46,7 +50,7 @@ from __future__ import annotations
 import onnx
 
 from ..io.onnx_model import STORAGE_INITIALIZER, prunable_initializers
-from .types import Analysis, Consumer, Group, Reject, Skipped, Slice
+from .types import Analysis, Consumer, Group, Reject, Skipped, Slice, SplitParts
 from .walk import BINARY, POOLS, TRANSPOSED_READER, UNARY, GraphIndex, Walker, attr, label
 
 __all__ = ["Analysis", "Consumer", "Group", "Skipped", "Slice", "consumer_slice", "find_groups"]
@@ -66,12 +70,20 @@ def find_groups(model: onnx.ModelProto, kind: str) -> Analysis:
         if weight is None or weight in claimed:
             continue
         try:
-            group = _group(graph, sites, kind, i, producer_of)
+            made = [_group(graph, sites, kind, i, producer_of)]
+        except SplitParts as exc:  # one group per part of the Split (each part's channels go on their own way)
+            made = []
+            for k, (start, count) in enumerate(exc.parts):
+                try:
+                    made.append(_group(graph, sites, kind, i, producer_of, (k, len(exc.parts), start, count)))
+                except Reject as why:
+                    out.skipped.append(Skipped(f"{weight}#{k}", graph.labels[i], f"part {k} of {exc}: {why}"))
         except Reject as exc:
             out.skipped.append(Skipped(weight, graph.labels[i], str(exc)))
             continue
-        out.groups.append(group)
-        claimed.update((group.producer, *group.coupled))
+        out.groups += made
+        for group in made:
+            claimed.update((group.producer, *group.coupled))
     carried = {s.name: g.producer for g in out.groups for s in g.slices if s.role == "depthwise weight"}
     out.skipped = [Skipped(s.producer, s.node, f"depthwise convolution: its channels go with the group of "
                            f"{carried[s.producer]}") if s.producer in carried else s
@@ -107,20 +119,27 @@ def _layout(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> tup
     return dims[1], None, 1
 
 
-def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[str, int]) -> Group:
+def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[str, int],
+           part: tuple[int, int, int, int] | None = None) -> Group:
     """The group of the producer at ``index``: its channels followed to the consumers. Where an element-wise
     node combines them with another activation (a residual Add, a gate ``x * sigmoid(f(x))``), the layers
     that compute that activation's channels join the group (channel j of every one of them goes together,
-    as in DepGraph's grouping, Fang et al. 2023) and the walk is redone from all of them."""
+    as in DepGraph's grouping, Fang et al. 2023) and the walk is redone from all of them. ``part`` (k, parts,
+    start, count): only the producer's channels start..start+count, part k of a Split of its output."""
     weight = _weight(graph, sites, kind, graph.nodes[index])
-    size = _layout(graph, sites, kind, index, weight)[0]
+    size = _layout(graph, sites, kind, index, weight)[0] if part is None else part[3]
     if size < 2:
         raise Reject(f"only {size} output {kind}")
     producers = [index]
     while True:
         walker = Walker(graph, sites, size)
-        for i in producers:
-            _start(walker, graph, sites, kind, i, size)
+        try:
+            for n, i in enumerate(producers):
+                _start(walker, graph, sites, kind, i, size, part[2] if part is not None and n == 0 else None)
+        except SplitParts as exc:
+            if part is not None or len(producers) > 1:  # parts of parts, or of coupled producers: not modelled
+                raise Reject(str(exc)) from None
+            raise
         unresolved = [v for v in walker.pending if v not in walker.tensors]
         if not unresolved:
             break
@@ -139,26 +158,33 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[st
                      "a block's input and output channels are tied)")
     tensors = tuple((name, axis, block, span[1]) for name, (axis, block, span) in walker.tensors.items())
     return Group(kind, weight, graph.labels[index], graph.nodes[index].op_type, size, tuple(walker.slices),
-                 tuple(walker.consumers), tensors, tuple(walker.attributes), coupled, tuple(walker.shape_constants))
+                 tuple(walker.consumers), tensors, tuple(walker.attributes), coupled, tuple(walker.shape_constants),
+                 None if part is None else part[:2])
 
 
-def _start(walker: Walker, graph: GraphIndex, sites, kind: str, index: int, size: int) -> None:
-    """Add a producer's weight rows and bias to the group and walk its output."""
+def _start(walker: Walker, graph: GraphIndex, sites, kind: str, index: int, size: int, start: int | None = None) -> None:
+    """Add a producer's weight rows and bias to the group and walk its output (``start``: the group is the
+    ``size`` channels from ``start`` on, one part of a Split of the output)."""
     node = graph.nodes[index]
     weight = _weight(graph, sites, kind, node)
     if weight is None:
         raise Reject(f"{node.op_type} node {graph.labels[index]} computes coupled channels but is not a prunable layer")
     n, rank, w_axis = _layout(graph, sites, kind, index, weight)
-    if n != size:
+    if start is None and n != size:
         raise Reject(f"{graph.labels[index]} couples {n} channels with {size}")
-    walker.slices.append(Slice(weight, w_axis, role="producer weight"))
+    span = (0, 0) if start is None else (start, n - size)
+    walker.slices.append(Slice(weight, w_axis, role="producer weight", offset=span[0], extra=span[1]))
     if len(node.input) > 2 and node.input[2]:
         if node.op_type == "Conv":
             graph.own(node.input[2], index, "bias")
-            walker.slices.append(Slice(node.input[2], 0, role="producer bias"))
+            walker.slices.append(Slice(node.input[2], 0, role="producer bias", offset=span[0], extra=span[1]))
         else:
-            walker.vector(index, node.input[2], -1, 2, "producer bias")
-    walker.walk(node.output[0], -(rank - 1) if node.op_type == "Conv" else -1, rank, 1, (0, 0))
+            outer, walker.span = walker.span, span
+            try:
+                walker.vector(index, node.input[2], -1, 2, "producer bias")
+            finally:
+                walker.span = outer
+    walker.walk(node.output[0], -(rank - 1) if node.op_type == "Conv" else -1, rank, 1, span)
 
 
 def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: str, where: str,

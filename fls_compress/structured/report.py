@@ -85,7 +85,7 @@ def structure_sections(config, outcome, original: onnx.ModelProto, written: onnx
     structure = {
         "structure": config.structure, "selection": info["selection"], "groups": groups,
         "skipped": skipped, "channels": channels, "channels_removed": removed,
-        "constants_promoted": info.pop("constants_promoted", 0),
+        "constants_promoted": info.pop("constants_promoted", 0), "splits_made_explicit": info.pop("splits_made_explicit", 0),
         "parameters": params, "size_bytes": size, "speed_note": note,
         "tensor_shapes": shapes,
     }

@@ -38,6 +38,80 @@ def promote_constants(model: onnx.ModelProto) -> list[str]:
         helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
 
 
+def explicit_splits(model: onnx.ModelProto) -> list[str]:
+    """Give every ``Split`` its own constant sizes (:func:`_own_split_sizes`), and every one that divides by ``num_outputs`` (opset 18, as the torch dynamo exporter
+    writes ``chunk``) its sizes as a constant ``split`` input instead (in place), where the split dimension is
+    known from shape inference: the same function (ONNX: ceil(D / n) per output, the last one the rest), and
+    sizes that a structured prune can then change per output. Returns the changed Split nodes' outputs[0]."""
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    done = _own_split_sizes(model, splits)
+    todo = [n for n in splits if any(a.name == "num_outputs" for a in n.attribute) and not (len(n.input) > 1 and n.input[1])]
+    if not todo:
+        return done
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - unknown domains, > 2 GiB: left as they are (the walk refuses them)
+        return done
+    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    for node in todo:
+        shape = dims.get(node.input[0])
+        parts = int(next(a.i for a in node.attribute if a.name == "num_outputs"))
+        axis = int(next((a.i for a in node.attribute if a.name == "axis"), 0))
+        if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None or parts != len(node.output):
+            continue
+        total = int(shape[axis])
+        chunk = -(-total // parts)
+        sizes = [chunk] * (parts - 1) + [total - chunk * (parts - 1)]
+        if min(sizes) < 0:
+            continue
+        name, k = f"{node.output[0]}_split_sizes", 0
+        while name in names:
+            k += 1
+            name = f"{node.output[0]}_split_sizes_{k}"
+        names.add(name)
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), name))
+        kept = [a for a in node.attribute if a.name != "num_outputs"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        del node.input[1:]
+        node.input.append(name)
+        done.append(node.output[0])
+    return done
+
+
+def _own_split_sizes(model: onnx.ModelProto, splits: list[onnx.NodeProto]) -> list[str]:
+    """Splits whose constant sizes (initializer or Constant node) are also read by other nodes (the torch exporter shares equal
+    constants, e.g. two C2f blocks' ``[c, c]``) get a copy of their own (in place), so that pruning one Split's
+    parts leaves the other's sizes alone. Returns the Split nodes' outputs[0]."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    inits.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                  and len(n.output) == 1 for a in n.attribute if a.name == "value"})  # the legacy exporter's form
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for v in dict.fromkeys(n.input):
+            readers[v] = readers.get(v, 0) + 1
+    names = set(inits) | {o for n in model.graph.node for o in n.output}
+    graph_io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    done = []
+    for node in splits:
+        sizes = node.input[1] if len(node.input) > 1 else ""
+        if sizes not in inits or readers.get(sizes, 0) < 2 or sizes in graph_io:
+            continue
+        name, k = f"{node.output[0]}_split_sizes", 0
+        while name in names:
+            k += 1
+            name = f"{node.output[0]}_split_sizes_{k}"
+        names.add(name)
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(inits[sizes]).copy(), name))
+        node.input[1] = name
+        readers[sizes] -= 1
+        done.append(node.output[0])
+    return done
+
+
 def take(arr: np.ndarray, keep: np.ndarray, axis: int, block: int, offset: int = 0, extra: int = 0) -> np.ndarray:
     """``arr`` with only the kept channels (``block`` consecutive entries each) along ``axis``; after a
     Concat the group's channels start at channel ``offset`` and ``extra`` channels of other tensors stay."""
@@ -65,7 +139,9 @@ def replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) ->
             break
     else:
         raise KeyError(name)
-    for vi in model.graph.input:  # an initializer listed as a graph input declares its shape there
+    # an initializer listed as a graph input declares its shape there; the torch dynamo exporter also writes
+    # value_info entries for initializers (stale ones make shape inference fail)
+    for vi in list(model.graph.input) + list(model.graph.value_info):
         if vi.name == name and vi.type.HasField("tensor_type"):
             shape = vi.type.tensor_type.shape
             del shape.dim[:]

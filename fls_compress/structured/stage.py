@@ -35,7 +35,7 @@ from ..io.layer_rows import RowStatistics, count_rows, layer_input_rows
 from ..progress import stage_progress
 from .groups import Consumer, Group, Skipped, consumer_slice, find_groups
 from .report import stage_outcome
-from .rewrite import promote_constants, read, shrink
+from .rewrite import explicit_splits, promote_constants, read, shrink
 from .selection import ConsumerSystem, damped_inverse, l2_select, obs_select, step_removal_count
 from .walk import TRANSPOSED_READER
 
@@ -65,6 +65,10 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     if promoted:
         log.info("structured: %d float Constant-node tensors (weights, biases, BatchNorm vectors) moved to "
                  "initializers of the same name", len(promoted))
+    splits = explicit_splits(work)
+    if splits:
+        log.info("structured: %d Split node(s) given constant sizes of their own (num_outputs, or sizes shared with "
+                 "other nodes)", len(splits))
     analysis = find_groups(work, config.structure)
     skipped = list(analysis.skipped)
     groups: list[Group] = []
@@ -75,12 +79,12 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                 and len(read(work, c.weight).shape) > 4]
         transposed = [s.name for s in g.slices if s.role == TRANSPOSED_READER]
         if hit:
-            skipped.append(Skipped(g.producer, g.node, f"--exclude matches {', '.join(hit)}"))
+            skipped.append(Skipped(g.key, g.node, f"--exclude matches {', '.join(hit)}"))
         elif transposed and selection == "obs":
-            skipped.append(Skipped(g.producer, g.node, f"ConvTranspose weight {transposed[0]} reads the channels (structured "
+            skipped.append(Skipped(g.key, g.node, f"ConvTranspose weight {transposed[0]} reads the channels (structured "
                                    "OBS has no Hessian of a transposed convolution; -m magnitude can prune it)"))
         elif deep:
-            skipped.append(Skipped(g.producer, g.node, f"consumer {deep[0]} is a 3-D convolution (structured OBS "
+            skipped.append(Skipped(g.key, g.node, f"consumer {deep[0]} is a 3-D convolution (structured OBS "
                                    "captures 1-D/2-D convolution inputs only; -m magnitude can prune it)"))
         else:
             groups.append(g)
@@ -106,19 +110,21 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
     with stage_progress(len(groups), f"structured pruning ({selection})", enabled=opts.progress) as advance:
         while pending:
             g = pending.pop(0)
-            count = step_removal_count(g.size, target, config.channel_multiple, original.get(g.producer))
-            entry: dict = {"producer": g.producer, "node": g.node, "op_type": g.op_type, "size": g.size,
+            count = step_removal_count(g.size, target, config.channel_multiple, original.get(g.key))
+            entry: dict = {"producer": g.key, "node": g.node, "op_type": g.op_type, "size": g.size,
                            "coupled": list(g.coupled), "consumers": [c.node for c in g.consumers]}
+            if g.part is not None:  # one part of a channel Split of the producer's output
+                entry.update(weight=g.producer, part=list(g.part))
             new_values: dict[str, np.ndarray] = {}
             if count == 0:  # nothing to remove at this size / multiple: the group stays as it is
                 entry.update(kept=g.size, removed=[])
                 info_groups.append(entry)
-                advance(f"{g.producer}: {g.size}/{g.size}")
+                advance(f"{g.key}: {g.size}/{g.size}")
                 continue
             if selection == "l2":
-                rows = torch.from_numpy(np.concatenate(  # every producer's filters (coupled ones included)
-                    [np.moveaxis(read(work, p.name), p.axis, 0).reshape(g.size, -1) for p in g.slices
-                     if p.role == "producer weight"], axis=1))
+                rows = torch.from_numpy(np.concatenate(  # every producer's filters (coupled ones included; a part's own)
+                    [np.moveaxis(read(work, p.name), p.axis, 0)[p.offset:p.offset + g.size].reshape(g.size, -1)
+                     for p in g.slices if p.role == "producer weight"], axis=1))
                 keep = l2_select(rows, count)
             else:
                 if config.sequential:
@@ -141,19 +147,20 @@ def run_structured(model: onnx.ModelProto, config: PruneConfig, calib: Calibrati
                 pending, lost = _refresh(work, config.structure, pending)
                 skipped += lost
             info_groups.append(entry)
-            log.info("structured: %s keeps %d of %d %s", g.producer, len(keep_np), g.size, config.structure)
-            advance(f"{g.producer}: {len(keep_np)}/{g.size}")
+            log.info("structured: %s keeps %d of %d %s", g.key, len(keep_np), g.size, config.structure)
+            advance(f"{g.key}: {len(keep_np)}/{g.size}")
     return stage_outcome(model, work, config, selection=selection, groups=info_groups, skipped=skipped, shapes=shapes,
-                         unit="channels", group="group", extra={"constants_promoted": len(promoted)}, target=target)
+                         unit="channels", group="group", target=target,
+                         extra={"constants_promoted": len(promoted), "splits_made_explicit": len(splits)})
 
 
 def _refresh(model: onnx.ModelProto, kind: str, pending: list[Group]) -> tuple[list[Group], list[Skipped]]:
     """``pending`` re-analysed on the shrunk ``model`` (a group that shares a Concat with one already pruned
     sees new channel offsets and counts there)."""
-    fresh = {g.producer: g for g in find_groups(model, kind).groups}
-    lost = [Skipped(g.producer, g.node, "no longer removable once an earlier group shrank") for g in pending
-            if g.producer not in fresh]
-    return [fresh[g.producer] for g in pending if g.producer in fresh], lost
+    fresh = {g.key: g for g in find_groups(model, kind).groups}
+    lost = [Skipped(g.key, g.node, "no longer removable once an earlier group shrank") for g in pending
+            if g.key not in fresh]
+    return [fresh[g.key] for g in pending if g.key in fresh], lost
 
 
 def capture_hessians(model: onnx.ModelProto, consumers: list[Consumer], feeds: dict[str, np.ndarray],

@@ -48,6 +48,15 @@ class Group:
     #: (shape constant, entry, other channels, Reshape output, features per channel): the entry is set to
     #: (kept + other channels) x features per channel
     shape_constants: tuple[tuple[str, int, int, str, int], ...] = ()
+    #: (k, parts) when the producer's output is split on the channel axis into ``parts`` tensors (YOLOv8's
+    #: C2f ``cv1(x).split((c, c), 1)``) and this group is the channels of part k (the producer's slices then
+    #: carry their offset); None: all of the producer's channels
+    part: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> str:
+        """The group's name in reports and across re-analyses: the producer weight, with ``#k`` for a part."""
+        return self.producer if self.part is None else f"{self.producer}#{self.part[0]}"
 
 
 @dataclass(frozen=True)
@@ -70,3 +79,11 @@ class Analysis:
 
 class Reject(Exception):
     """A reason the group cannot be rewritten."""
+
+
+class SplitParts(Reject):
+    """A producer's whole output reaches a channel-axis Split: prunable as one group per part, (start, count)."""
+
+    def __init__(self, reason: str, parts: list[tuple[int, int]]):
+        super().__init__(reason)
+        self.parts = parts

@@ -201,7 +201,9 @@ class Walker(LayoutSteps):
         span = self.span if span is None else span
         if value in self.tensors:
             if self.tensors[value] != (axis, block, span):
-                raise Reject(f"'{value}' is reached twice with different channel layouts")
+                raise Reject(f"'{value}' is reached twice with different channel layouts (the group channels enter it "
+                             "at two places, e.g. a residual chain concatenated after every block as in YOLOv8's C2f "
+                             "with shortcuts)")
             return
         if value in g.outputs:
             raise Reject(f"'{value}' is a graph output (its shape must not change)")
@@ -224,6 +226,8 @@ class Walker(LayoutSteps):
             raise Reject(f"{where} ({node.domain}) reads the channels")
         op = node.op_type
         others = [v for v in node.input if v and v != value]
+        if op == "Split" and node.input[0] == value:
+            return self._split(i, axis, rank, block)
         if any(o and (o in g.readers or o in g.outputs) for o in node.output[1:]):
             raise Reject(f"{where} has a second output in use")
         channel_first = rank is not None and axis == -(rank - 1) and node.input[0] == value

@@ -1,7 +1,8 @@
 """Walker steps that move the channel axis or join other channels to it.
 
 :class:`LayoutSteps` is mixed into :class:`fls_compress.structured.walk.Walker`: ``Resize`` by constant
-scales, ``Concat`` along the channels (the group's channels at an offset among the other inputs'),
+scales, ``Concat`` along the channels (the group's channels at an offset among the other inputs'), ``Split``
+along the channels with constant sizes (the part that holds the group's channels),
 ``Transpose`` / ``Squeeze`` / ``Unsqueeze`` with constant axes, Reduce* over other axes, ``Flatten``
 (each channel a block of ``H*W`` features, also as a Reshape to a computed ``[N, -1]``) and Shape nodes
 that read other dimensions than the channels. Each follows the node's output at the new layout with
@@ -14,7 +15,7 @@ import numpy as np
 
 from .nodes import attr
 from .shape_expr import const_source, reads_only_other_dims, shape_expr
-from .types import Reject
+from .types import Reject, SplitParts
 
 
 class LayoutSteps:
@@ -41,6 +42,40 @@ class LayoutSteps:
         if len(scales) != len(axes) or (pos in axes and scales[axes.index(pos)] != 1.0):
             raise Reject(f"{where} scales the channel axis")
         self.walk(node.output[0], axis, rank, block)
+
+    def _split(self, i: int, axis: int, rank: int | None, block: int) -> None:
+        """A Split on the channel axis with constant sizes: the output holding all of the group's channels
+        carries them on (at their offset in it) and its size entry becomes kept + the others' channels; the
+        other outputs hold other channels. A producer's whole output divided between parts raises
+        :class:`SplitParts` (one group per part). A Split on another axis, or one whose sizes are computed,
+        is refused with the reason."""
+        g = self.graph
+        node = g.nodes[i]
+        where = f"Split node {g.labels[i]}"
+        split_axis = int(attr(node, "axis", 0))
+        if rank is None or (split_axis - rank if split_axis >= 0 else split_axis) != axis:
+            raise Reject(f"{where} splits another axis than the channels'")
+        sizes_name = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        sizes = g.const_value(sizes_name) if sizes_name else None
+        if sizes is None:
+            raise Reject(f"{where} has no constant split sizes (computed sizes, or num_outputs on a dimension of "
+                         "unknown size, or a split attribute, are not rewritten)")
+        if g.readers.get(sizes_name, []) != [i] or sizes_name in g.outputs:
+            raise Reject(f"split sizes '{sizes_name}' of {where} are shared with other nodes")
+        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+        total = self.size + self.span[1]
+        if sum(sizes) != total:
+            raise Reject(f"{where} splits {sum(sizes)} channels, not {total}")
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        lo, hi = self.span[0], self.span[0] + self.size
+        inside = [k for k, (s, n) in enumerate(zip(starts, sizes)) if s <= lo and hi <= s + n]
+        if not inside:
+            if self.span == (0, 0):
+                raise SplitParts(f"{where} divides the channels into parts of {sizes}", list(zip(starts, sizes)))
+            raise Reject(f"{where} divides the group's channels between its outputs (parts of {sizes})")
+        k = inside[0]
+        self.shape_constants.append((sizes_name, k, sizes[k] - self.size, node.output[k], 1))
+        self.walk(node.output[k], axis, rank, block, (lo - starts[k], sizes[k] - self.size))
 
     def _concat(self, i: int, value: str, axis: int, rank: int | None, block: int) -> None:
         """Concat along the channel axis (FPN / YOLO / DenseNet joins): the group's channels go on at an
