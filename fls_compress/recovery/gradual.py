@@ -96,14 +96,22 @@ def run_gradual(pruner: OBSPruner, problem: FisherProblem, spec: SparsitySpec, s
     updates = sorted({str(i.get("update")) for i in layer_info.values()})
     if updates:
         info.setdefault("obs_update", ",".join(updates))
-    info["recovery"] = {
-        "settings": dict(settings), "schedule": targets, "likelihood": likelihood,
+    info["recovery"] = recovery_record(settings, targets, likelihood, problem.num_samples, extra_data, distiller,
+                                       dense_held, records, "prunable weights", t_start)
+    return steps, info
+
+
+def recovery_record(settings: dict[str, Any], schedule: list[float], likelihood: str, calibration: int, extra_data: Any,
+                    distiller: Distiller, dense_held: float, records: list[dict], trained: str, t_start: float) -> dict:
+    """The report's ``recovery`` section: settings, schedule, the loss, the input split, the per-step records
+    (``step``, ``stopped_early``, ... each) and the time since ``t_start``."""
+    return {
+        "settings": dict(settings), "schedule": schedule, "likelihood": likelihood,
         "loss": f"KL(dense || pruned) in the {likelihood} likelihood" + (
             f", mixed with the true-target NLL at weight {settings['label_weight']}" if settings["label_weight"] > 0 else ""),
-        "inputs": {"calibration": problem.num_samples, "recover_data": 0 if extra_data is None else extra_data.num_samples,
+        "inputs": {"calibration": calibration, "recover_data": 0 if extra_data is None else extra_data.num_samples,
                    "train": int(len(distiller.train_idx)), "heldout": int(len(distiller.held_idx))},
         "heldout_dense": dense_held, "steps": records,
         "stopped_early": [r["step"] for r in records if r["stopped_early"]],
-        "trained": "prunable weights", "batchnorm": BN_NOTE, "seconds": time.perf_counter() - t_start,
+        "trained": trained, "batchnorm": BN_NOTE, "seconds": time.perf_counter() - t_start,
     }
-    return steps, info

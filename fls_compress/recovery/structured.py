@@ -37,7 +37,7 @@ from ..io.onnx_model import write_back
 from ..progress import stage_progress
 from ..structured.selection import removal_count
 from .distill import CHECKS_PER_PHASE, Distiller
-from .gradual import BN_NOTE, distillation_pool
+from .gradual import distillation_pool, recovery_record
 from .schedule import sparsity_schedule
 
 log = logging.getLogger(__name__)
@@ -118,17 +118,11 @@ def run_structured_recovery(model, config, calib: CalibrationData, device: str, 
     outcome.likelihood = guess.likelihood
     outcome.convert_s = sum(o.convert_s for _, o in outcomes) + convert_s
     outcome.conversion = student.conversion  # type: ignore[union-attr]
+    trained = "the pruned graph's Conv/Gemm/MatMul weights" + (f" (not {', '.join(excluded)})" if excluded else "")
     outcome.info["recovery"] = {
-        "settings": dict(settings), "schedule": schedule, "likelihood": guess.likelihood,
-        "loss": f"KL(dense || pruned) in the {guess.likelihood} likelihood" + (
-            f", mixed with the true-target NLL at weight {settings['label_weight']}" if settings["label_weight"] > 0 else ""),
-        "inputs": {"calibration": calib.num_samples, "recover_data": 0 if extra is None else extra.num_samples,
-                   "train": int(len(distiller.train_idx)), "heldout": int(len(distiller.held_idx))},
-        "heldout_dense": dense_held, "steps": records,
-        "stopped_early": [r["step"] for r in records if r["stopped_early"]],
+        **recovery_record(settings, schedule, guess.likelihood, calib.num_samples, extra, distiller, dense_held, records,
+                          trained, t_start),
         "improved": bool(improved), "improved_steps": improved,
-        "trained": "the pruned graph's Conv/Gemm/MatMul weights" + (f" (not {', '.join(excluded)})" if excluded else ""),
-        "batchnorm": BN_NOTE, "seconds": time.perf_counter() - t_start,
     }
     return outcome
 

@@ -63,19 +63,18 @@ def find_groups(model: onnx.ModelProto, kind: str) -> Analysis:
     graph = GraphIndex(model)
     out = Analysis()
     sites = {s.name: s for s in prunable_initializers(model)}
-    producer_of = {o: i for i, n in enumerate(graph.nodes) for o in n.output if o}
     claimed: set[str] = set()  # producers already in a (coupled) group
     for i, node in enumerate(graph.nodes):
         weight = _weight(graph, sites, kind, node)
         if weight is None or weight in claimed:
             continue
         try:
-            made = [_group(graph, sites, kind, i, producer_of)]
+            made = [_group(graph, sites, kind, i)]
         except SplitParts as exc:  # one group per part of the Split (each part's channels go on their own way)
             made = []
             for k, (start, count) in enumerate(exc.parts):
                 try:
-                    made.append(_group(graph, sites, kind, i, producer_of, (k, len(exc.parts), start, count)))
+                    made.append(_group(graph, sites, kind, i, (k, len(exc.parts), start, count)))
                 except Reject as why:
                     out.skipped.append(Skipped(f"{weight}#{k}", graph.labels[i], f"part {k} of {exc}: {why}"))
         except Reject as exc:
@@ -119,8 +118,7 @@ def _layout(graph: GraphIndex, sites, kind: str, index: int, weight: str) -> tup
     return dims[1], None, 1
 
 
-def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[str, int],
-           part: tuple[int, int, int, int] | None = None) -> Group:
+def _group(graph: GraphIndex, sites, kind: str, index: int, part: tuple[int, int, int, int] | None = None) -> Group:
     """The group of the producer at ``index``: its channels followed to the consumers. Where an element-wise
     node combines them with another activation (a residual Add, a gate ``x * sigmoid(f(x))``), the layers
     that compute that activation's channels join the group (channel j of every one of them goes together,
@@ -143,7 +141,7 @@ def _group(graph: GraphIndex, sites, kind: str, index: int, producer_of: dict[st
         unresolved = [v for v in walker.pending if v not in walker.tensors]
         if not unresolved:
             break
-        more = [j for v in unresolved for j in _sources(graph, kind, producer_of, v, walker.pending[v][3])]
+        more = [j for v in unresolved for j in _sources(graph, kind, v, walker.pending[v][3])]
         more = [j for j in dict.fromkeys(more) if j not in producers]
         if not more:
             break
@@ -187,7 +185,7 @@ def _start(walker: Walker, graph: GraphIndex, sites, kind: str, index: int, size
     walker.walk(node.output[0], -(rank - 1) if node.op_type == "Conv" else -1, rank, 1, span)
 
 
-def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: str, where: str,
+def _sources(graph: GraphIndex, kind: str, value: str, where: str,
              seen: set[str] | None = None) -> list[int]:
     """The producer layers whose channels reach ``value`` element-wise (through activations, BatchNorm,
     pooling, Resize, depthwise convolutions and other element-wise nodes)."""
@@ -195,7 +193,7 @@ def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: s
     if value in seen:
         return []
     seen.add(value)
-    i = producer_of.get(value)
+    i = graph.producer.get(value)
     if i is None:
         raise Reject(f"{where} combines the channels with '{value}', a graph input (residual-coupled channels)")
     node = graph.nodes[i]
@@ -205,12 +203,12 @@ def _sources(graph: GraphIndex, kind: str, producer_of: dict[str, int], value: s
     if op in UNARY or op in POOLS or op in ("Clip", "Dropout", "BatchNormalization", "Resize", "Upsample") or (
             op == "Conv" and int(attr(node, "group", 1)) > 1 and node.input[1] in graph.inits
             and graph.dims(node.input[1])[:2] == [int(attr(node, "group", 1)), 1]):
-        return _sources(graph, kind, producer_of, node.input[0], where, seen)
+        return _sources(graph, kind, node.input[0], where, seen)
     if op in BINARY:
         found = []
         for v in dict.fromkeys(node.input):
             if v and v not in graph.inits and v not in graph.constants and graph.reshaped_constant(v) is None:
-                found += _sources(graph, kind, producer_of, v, where, seen)
+                found += _sources(graph, kind, v, where, seen)
         return found
     raise Reject(f"{where} combines the channels with '{value}', computed by {op} node {graph.labels[i]} "
                  "(not traced back to prunable layers: residual-coupled channels are left whole)")

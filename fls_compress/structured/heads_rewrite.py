@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from .groups import consumer_slice
 from .heads import HeadGroup
-from .rewrite import read, replace_initializer, take
+from .rewrite import fresh_name, read, replace_initializer, take, used_names
 from .shapes import Probe, ShapeEvaluator, resolve_reshape
 from .types import Reject
 from .walk import attr, label
@@ -102,13 +102,7 @@ def plan(model: onnx.ModelProto, probes: list[Probe], group: HeadGroup, kept: in
 
 
 def _fresh(model: onnx.ModelProto, base: str) -> str:
-    used = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    used |= {v.name for v in model.graph.input}
-    name, k = base, 0
-    while name in used:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+    return fresh_name(used_names(model), base)
 
 
 def _patch(model: onnx.ModelProto, patch: Patch, heads: int, kept: int, made: dict) -> None:

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .groups import Group, Slice
-from .walk import label
+from .walk import GraphIndex, label
 
 
 def promote_constants(model: onnx.ModelProto) -> list[str]:
@@ -38,6 +38,22 @@ def promote_constants(model: onnx.ModelProto) -> list[str]:
         helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
 
 
+def used_names(model: onnx.ModelProto) -> set[str]:
+    """Every name a new tensor must not take: initializers, node outputs and graph inputs."""
+    return ({t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+            | {v.name for v in model.graph.input})
+
+
+def fresh_name(used: set[str], base: str) -> str:
+    """``base``, or ``base_k`` with the least k >= 1 that is not in ``used``; the name is added to ``used``."""
+    name, k = base, 0
+    while name in used:
+        k += 1
+        name = f"{base}_{k}"
+    used.add(name)
+    return name
+
+
 def explicit_splits(model: onnx.ModelProto) -> list[str]:
     """Give every ``Split`` its own constant sizes (:func:`_own_split_sizes`), and every one that divides by ``num_outputs`` (opset 18, as the torch dynamo exporter
     writes ``chunk``) its sizes as a constant ``split`` input instead (in place), where the split dimension is
@@ -48,16 +64,10 @@ def explicit_splits(model: onnx.ModelProto) -> list[str]:
     todo = [n for n in splits if any(a.name == "num_outputs" for a in n.attribute) and not (len(n.input) > 1 and n.input[1])]
     if not todo:
         return done
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - unknown domains, > 2 GiB: left as they are (the walk refuses them)
-        return done
-    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
-    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    index = GraphIndex(model)  # its shapes: onnx shape inference, None where unknown (> 2 GiB, unknown domains)
+    used = used_names(model)
     for node in todo:
-        shape = dims.get(node.input[0])
+        shape = index.shape(node.input[0])
         parts = int(next(a.i for a in node.attribute if a.name == "num_outputs"))
         axis = int(next((a.i for a in node.attribute if a.name == "axis"), 0))
         if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None or parts != len(node.output):
@@ -67,11 +77,7 @@ def explicit_splits(model: onnx.ModelProto) -> list[str]:
         sizes = [chunk] * (parts - 1) + [total - chunk * (parts - 1)]
         if min(sizes) < 0:
             continue
-        name, k = f"{node.output[0]}_split_sizes", 0
-        while name in names:
-            k += 1
-            name = f"{node.output[0]}_split_sizes_{k}"
-        names.add(name)
+        name = fresh_name(used, f"{node.output[0]}_split_sizes")
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), name))
         kept = [a for a in node.attribute if a.name != "num_outputs"]
         del node.attribute[:]
@@ -93,18 +99,14 @@ def _own_split_sizes(model: onnx.ModelProto, splits: list[onnx.NodeProto]) -> li
     for n in model.graph.node:
         for v in dict.fromkeys(n.input):
             readers[v] = readers.get(v, 0) + 1
-    names = set(inits) | {o for n in model.graph.node for o in n.output}
+    used = used_names(model)
     graph_io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
     done = []
     for node in splits:
         sizes = node.input[1] if len(node.input) > 1 else ""
         if sizes not in inits or readers.get(sizes, 0) < 2 or sizes in graph_io:
             continue
-        name, k = f"{node.output[0]}_split_sizes", 0
-        while name in names:
-            k += 1
-            name = f"{node.output[0]}_split_sizes_{k}"
-        names.add(name)
+        name = fresh_name(used, f"{node.output[0]}_split_sizes")
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(inits[sizes]).copy(), name))
         node.input[1] = name
         readers[sizes] -= 1
